@@ -1,0 +1,217 @@
+"""The few interfaces every plugin of a kind honours.
+
+Feature contract (backbones)
+----------------------------
+A backbone is an ``nn.Module`` with
+
+- ``out_channels`` / ``out_stride``: channels and stride (input size / feature size) of the
+  final feature map that ``forward(x)`` returns (what a "split" head reads);
+- ``feature_info``: a list of :class:`Tap`, one per attention level, in execution order;
+- ``forward_taps(x) -> (final, [(gate, feature), ...])``: the same final features plus,
+  for each tap, the tensor an attention module reads (``gate``, ``gate_channels``
+  channels) and the tensor it masks (``feature``, ``channels`` channels at ``stride``).
+
+Taps have a ``role``. For an ``"encoder"`` tap, MTAN computes
+``mask = a(cat(gate, previous_attention))`` (level 0: ``a(gate)``), multiplies it with
+``feature``, applies the shared f conv (``channels -> channels of the next tap``) and, if
+``pool_after``, a 2x2 max pool. For a ``"decoder"`` tap it upsamples the previous attention
+output to ``feature``'s size (bilinear, align_corners=True), applies the shared f conv
+(``previous channels -> channels``), concatenates ``gate`` and takes the mask from that.
+SegNet: 5 encoder + 5 decoder taps (gate = a stage's first conv output, or the decoder
+stage's unpooled input); WRN: 4 encoder taps (gate = feature = the group output).
+
+Backbones that can run stage by stage (needed by ``cross_stitch`` and ``dense``) also
+implement :class:`StagedBackbone`.
+
+Data samples
+------------
+A data set yields dicts: ``"image"`` (float CHW tensor) plus one entry per target, keyed by
+the task's ``target`` (defaults: ``"segmentation"`` long HW with -1 = ignore, ``"depth"``
+1HW float with 0 = invalid, ``"normal"`` 3HW float with a zero vector = invalid, ``"label"``
+long scalar for classification). Collated batches keep the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One attention level of the feature contract (see the module docstring)."""
+
+    name: str
+    channels: int
+    gate_channels: int
+    stride: int
+    role: Literal["encoder", "decoder"] = "encoder"
+    pool_after: bool = False
+
+
+class Backbone(nn.Module):
+    """Base class for backbones (subclasses set the attributes in ``__init__``)."""
+
+    out_channels: int
+    out_stride: int
+    feature_info: list[Tap]
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        return self.forward_taps(x)[0]
+
+    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class StagedBackbone(Backbone):
+    """A backbone that runs as ``num_stages`` steps sharing a ``state`` dict (pool indices...).
+
+    ``forward`` equals ``run_stage(num_stages-1, ... run_stage(0, x, state) ...)``.
+    ``stage_out_channels[i]`` is the channel count after stage ``i``. ``stage_roles[i]`` is
+    ``"encoder"`` or ``"decoder"``. Cross-stitch mixes stage outputs; dense feeds them in.
+    """
+
+    num_stages: int
+    stage_out_channels: list[int]
+    stage_roles: list[str]
+
+    def run_stage(self, index: int, x: Tensor, state: dict[str, Any]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Task:
+    """A task: its loss, its output format and a factory of whole-split metric state.
+
+    Attributes: ``name`` (the key in the recipe and in model outputs), ``target`` (the key
+    in data samples), ``out_channels`` (what the head must produce), ``output_activation``
+    (``"identity"``, ``"log_softmax"`` or ``"l2_normalize"``: heads apply it).
+    """
+
+    name: str
+    target: str
+    out_channels: int
+    output_activation: str = "identity"
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def metrics(self) -> "MetricState":  # pragma: no cover
+        raise NotImplementedError
+
+
+class MetricState:
+    """Whole-split metric accumulator whose state is a dict of sum-reducible tensors.
+
+    ``update`` adds a batch; ``state`` holds only tensors that are correct to *sum* across
+    batches and DDP ranks (confusion matrices, pixel counts, histograms), so distributed
+    evaluation all-reduces ``state`` and calls ``compute``. ``higher_is_better`` maps each
+    metric name ``compute`` returns to its direction.
+    """
+
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+
+    def __init__(self) -> None:
+        self.state: dict[str, Tensor] = {}
+
+    def update(self, prediction: Tensor, target: Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def merge(self, other: "MetricState") -> None:
+        for key, value in other.state.items():
+            self.state[key] = self.state[key] + value.to(self.state[key].device)
+
+
+def apply_activation(name: str, x: Tensor) -> Tensor:
+    if name == "identity":
+        return x
+    if name == "log_softmax":
+        return torch.log_softmax(x, dim=1)
+    if name == "l2_normalize":
+        return x / x.norm(p=2, dim=1, keepdim=True).clamp_min(1e-12)
+    raise ValueError(f"unknown output activation '{name}'")
+
+
+class MultiTaskNetwork(nn.Module):
+    """What an attention plugin returns.
+
+    ``forward(x, tasks=None) -> {task: output}``: ``tasks`` selects which tasks' branches
+    run (``None``: all). In the many-to-many setting the engine passes the one active
+    domain, and only that branch runs.
+    """
+
+    task_names: list[str]
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters shared by several tasks (what gradient-level weightings combine).
+
+        Default: everything that is not in ``self.heads`` (an ``nn.ModuleDict``) or in
+        ``self.task_specific`` (an ``nn.ModuleDict`` of task name -> modules).
+        """
+        private = set()
+        for attr in ("heads", "task_specific"):
+            mod = getattr(self, attr, None)
+            if mod is not None:
+                private.update(id(p) for p in mod.parameters())
+        for p in self.parameters():
+            if id(p) not in private:
+                yield p
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """Parameters used by ``task`` alone."""
+        for attr in ("heads", "task_specific"):
+            mod = getattr(self, attr, None)
+            if mod is not None and task in mod:
+                yield from mod[task].parameters()
+
+
+class Weighting(nn.Module):
+    """Turns per-task losses (and, if asked, per-task gradients) into one update.
+
+    ``requires_grads``:
+      - ``None``: loss-level. The engine calls ``combine(losses)`` and backpropagates the
+        scalar it returns (one backward pass).
+      - ``"shared"``: gradient-level. The engine computes each task's gradient of the
+        shared parameters, flattened into the rows of ``grads`` (K x P, tasks in
+        ``task_names`` order), calls ``combine_grads(grads, losses)`` and uses the returned
+        P-vector as the shared parameters' gradient; task-specific parameters get the
+        gradient of ``combine(losses)``.
+
+    Epoch hooks see mean unweighted training losses per task. ``get_state``/``set_state``
+    carry JSON state (e.g. DWA's history) through checkpoints; tensor parameters (e.g.
+    uncertainty's log-variances) live in ``parameters()`` and are trained by the
+    engine's optimiser and saved with the model.
+    """
+
+    requires_grads: ClassVar[str | None] = None
+
+    def __init__(self, task_names: list[str]) -> None:
+        super().__init__()
+        self.task_names = list(task_names)
+
+    def combine(self, losses: dict[str, Tensor]) -> Tensor:
+        return sum(losses[t] for t in self.task_names if t in losses)
+
+    def combine_grads(self, grads: Tensor, losses: dict[str, Tensor]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, float]:
+        """The current per-task weights (for logs); gradient methods may return {}."""
+        return {t: 1.0 for t in self.task_names}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, mean_losses: dict[str, float]) -> None:
+        pass
+
+    def get_state(self) -> dict[str, Any]:
+        return {}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        pass

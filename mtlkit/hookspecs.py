@@ -1,0 +1,57 @@
+"""The hooks a plugin may implement. Each receives a ``register`` callback.
+
+``register(name, factory, params=None, description=None)`` adds one component:
+
+- ``name``: the name recipes use (unique within its kind);
+- ``factory``: ``factory(params, **context)`` builds the component; ``params`` is an
+  instance of ``params`` (validated), ``context`` depends on the kind (see
+  :mod:`mtlkit.contracts`);
+- ``params``: a pydantic model (``extra="forbid"``) of the component's parameters;
+  ``None`` means the component takes none;
+- ``description``: one line for ``mtlkit list``; defaults to the factory's docstring.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mtlkit")
+hookimpl = pluggy.HookimplMarker("mtlkit")
+
+
+@hookspec
+def register_backbones(register):
+    """Register backbones: shared feature extractors that honour the feature contract
+    (:class:`mtlkit.contracts.Backbone`). Factory context: none."""
+
+
+@hookspec
+def register_heads(register):
+    """Register task heads. Factory context: ``in_channels`` (int), ``task``
+    (:class:`mtlkit.contracts.Task`, which gives ``out_channels`` and ``output_activation``)."""
+
+
+@hookspec
+def register_attention(register):
+    """Register attention / sharing plugins: how tasks share or attend to the backbone.
+    Factory context: ``backbone`` (a zero-argument callable that builds a fresh backbone),
+    ``heads`` (task name -> callable(in_channels) building that task's head), ``tasks``
+    (task name -> Task). Returns a :class:`mtlkit.contracts.MultiTaskNetwork`."""
+
+
+@hookspec
+def register_weightings(register):
+    """Register loss-weighting or gradient-aggregation methods
+    (:class:`mtlkit.contracts.Weighting`). Factory context: ``task_names`` (list of str)."""
+
+
+@hookspec
+def register_tasks(register):
+    """Register tasks: a loss plus whole-split metrics (:class:`mtlkit.contracts.Task`).
+    Factory context: ``name`` (the task's key in the recipe)."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register data sets. Factory context: ``split`` ("train", "val" or "test").
+    Returns a ``torch.utils.data.Dataset`` of dict samples (:class:`mtlkit.contracts`)."""

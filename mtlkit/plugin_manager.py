@@ -1,0 +1,214 @@
+"""The pluggy PluginManager: built-in plugins, lazy entry points, recipe-named modules.
+
+Built-in plugins are ordinary plugins listed in ``DEFAULT_PLUGINS``; third-party plugins
+are loaded lazily (on the first registry access) from the ``mtlkit`` entry-point group,
+unless ``MTLKIT_LOAD_ENTRY_POINTS=0``. A plugin that fails to import is recorded in
+``failed_plugins`` and reported by ``mtlkit plugins``; commands that do not need it go on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .registry import KINDS, Registry
+
+ENTRY_POINT_GROUP = "mtlkit"
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "mtlkit.plugins.backbones.small_cnn",
+    "mtlkit.plugins.backbones.segnet",
+    "mtlkit.plugins.backbones.timm_backbone",
+    "mtlkit.plugins.backbones.wrn",
+    "mtlkit.plugins.backbones.resnet_adapters",
+    "mtlkit.plugins.heads.classifier",
+    "mtlkit.plugins.heads.dense_pred",
+    "mtlkit.plugins.attention.split",
+    "mtlkit.plugins.attention.single",
+    "mtlkit.plugins.attention.mtan",
+    "mtlkit.plugins.attention.dense",
+    "mtlkit.plugins.attention.cross_stitch",
+    "mtlkit.plugins.weightings.equal",
+    "mtlkit.plugins.weightings.uncertainty",
+    "mtlkit.plugins.weightings.dwa",
+    "mtlkit.plugins.weightings.pcgrad",
+    "mtlkit.plugins.tasks.classification",
+    "mtlkit.plugins.tasks.segmentation",
+    "mtlkit.plugins.tasks.depth",
+    "mtlkit.plugins.tasks.normal",
+    "mtlkit.plugins.datasets.synthetic_classification",
+    "mtlkit.plugins.datasets.synthetic_scenes",
+    "mtlkit.plugins.datasets.nyuv2",
+    "mtlkit.plugins.datasets.cityscapes",
+    "mtlkit.plugins.datasets.decathlon",
+    "mtlkit.plugins.datasets.synthetic_decathlon",
+)
+
+# hook name -> component kind
+HOOK_KINDS: dict[str, str] = {
+    "register_backbones": "backbone",
+    "register_heads": "head",
+    "register_attention": "attention",
+    "register_weightings": "weighting",
+    "register_tasks": "task",
+    "register_datasets": "dataset",
+}
+assert set(HOOK_KINDS.values()) == set(KINDS)
+
+
+class MtlkitPluginManager:
+    """Wraps ``pluggy.PluginManager`` with lazy loading and a cached registry."""
+
+    def __init__(self, load_entry_points: bool | None = None) -> None:
+        self.pm = pluggy.PluginManager("mtlkit")
+        self.pm.add_hookspecs(hookspecs)
+        self.failed_plugins: dict[str, str] = {}
+        self.sources: dict[str, str] = {}  # plugin name -> "builtin" | "entry point" | "recipe" | "api"
+        if load_entry_points is None:
+            load_entry_points = os.environ.get("MTLKIT_LOAD_ENTRY_POINTS", "1") != "0"
+        self._want_entry_points = load_entry_points
+        self._entry_points_loaded = False
+        self._registry: Registry | None = None
+        for module_name in DEFAULT_PLUGINS:
+            self._import_and_register(module_name, source="builtin")
+
+    # -- loading -----------------------------------------------------------------
+    def _import_and_register(self, module_name: str, source: str) -> Any | None:
+        if self.pm.has_plugin(module_name):
+            return self.pm.get_plugin(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # a broken plugin must not break other commands
+            self.failed_plugins[module_name] = f"{type(exc).__name__}: {exc}"
+            return None
+        self.register(module, name=module_name, source=source)
+        return module
+
+    def register(self, plugin: Any, name: str | None = None, source: str = "api") -> str:
+        """Register a plugin object or module; returns its name."""
+        name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        if self.pm.has_plugin(name):
+            return name
+        self.pm.register(plugin, name=name)
+        self.pm.check_pending()
+        self.sources[name] = source
+        self._registry = None
+        return name
+
+    def unregister(self, name: str) -> None:
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+            self.sources.pop(name, None)
+            self._registry = None
+
+    def load_entry_points(self) -> None:
+        if self._entry_points_loaded or not self._want_entry_points:
+            return
+        self._entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if self.pm.has_plugin(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                self.failed_plugins[ep.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            self.register(plugin, name=ep.name, source="entry point")
+
+    def load_module(self, spec: str, where: str = "plugins") -> str:
+        """Load a plugin named in a recipe: a dotted module name or a path to a .py file.
+
+        Unlike built-ins, a recipe's plugin is required: failure raises a one-line PluginError.
+        """
+        if spec.endswith(".py") or os.sep in spec or "/" in spec:
+            path = Path(spec).expanduser().resolve()
+            if not path.is_file():
+                raise PluginError(f"{where}: plugin file '{spec}' does not exist")
+            name = f"mtlkit_user_plugin_{path.stem}"
+            if self.pm.has_plugin(name):
+                return name
+            try:
+                module_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module
+                module_spec.loader.exec_module(module)
+            except Exception as exc:
+                sys.modules.pop(name, None)
+                raise PluginError(f"{where}: plugin '{spec}' failed to import: {type(exc).__name__}: {exc}") from None
+            return self.register(module, name=name, source="recipe")
+        if self.pm.has_plugin(spec):
+            return spec
+        try:
+            module = importlib.import_module(spec)
+        except Exception as exc:
+            raise PluginError(f"{where}: plugin '{spec}' failed to import: {type(exc).__name__}: {exc}") from None
+        return self.register(module, name=spec, source="recipe")
+
+    # -- the registry ------------------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        self.load_entry_points()
+        if self._registry is None:
+            self._registry = self._build_registry()
+        return self._registry
+
+    def _build_registry(self) -> Registry:
+        registry = Registry()
+        for hook_name, kind in HOOK_KINDS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            # Call each implementation on its own so every component knows its plugin.
+            for impl in reversed(hook.get_hookimpls()):  # registration order
+                plugin_name = impl.plugin_name
+
+                def register(name, factory, params=None, description=None, *, _kind=kind, _plugin=plugin_name):
+                    registry.register(_kind, name, factory, params=params, description=description, plugin=_plugin)
+
+                impl.function(register=register)
+        return registry
+
+    def plugin_rows(self) -> list[dict[str, Any]]:
+        """One row per plugin (loaded or failed), for ``mtlkit plugins``."""
+        registry = self.registry
+        rows = []
+        for name, plugin in self.pm.list_name_plugin():
+            hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            comps = [c for c in registry.list() if c.plugin == name]
+            rows.append({"name": name, "source": self.sources.get(name, "?"), "hooks": hooks,
+                         "components": [f"{c.kind}:{c.name}" for c in comps], "error": None})
+        for name, err in self.failed_plugins.items():
+            rows.append({"name": name, "source": "failed", "hooks": [], "components": [], "error": err})
+        return rows
+
+
+_MANAGER: MtlkitPluginManager | None = None
+
+
+def get_plugin_manager() -> MtlkitPluginManager:
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = MtlkitPluginManager()
+    return _MANAGER
+
+
+def reset_plugin_manager(load_entry_points: bool | None = None) -> MtlkitPluginManager:
+    """A fresh manager (tests use this to isolate plugins)."""
+    global _MANAGER
+    _MANAGER = MtlkitPluginManager(load_entry_points=load_entry_points)
+    return _MANAGER
+
+
+def get_registry() -> Registry:
+    return get_plugin_manager().registry
+
+
+def get_component(kind: str, name: str):
+    return get_registry().get(kind, name)

@@ -1,0 +1,31 @@
+"""Split (hard sharing): one shared backbone, one head per task on its final features."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from mtlkit.contracts import MultiTaskNetwork
+from mtlkit.hookspecs import hookimpl
+
+
+class SplitParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitNetwork(MultiTaskNetwork):
+    def __init__(self, params: SplitParams, backbone, heads, tasks) -> None:
+        super().__init__()
+        self.task_names = list(tasks)
+        self.backbone = backbone()
+        self.heads = nn.ModuleDict({t: heads[t](self.backbone.out_channels) for t in self.task_names})
+
+    def forward(self, x: Tensor, tasks: list[str] | None = None) -> dict[str, Tensor]:
+        features = self.backbone(x)
+        return {t: self.heads[t](features) for t in (tasks or self.task_names)}
+
+
+@hookimpl
+def register_attention(register):
+    register("split", SplitNetwork, params=SplitParams,
+             description="Hard sharing: one backbone, a head per task (Split)")
