@@ -215,3 +215,16 @@ class Weighting(nn.Module):
 
     def set_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+def activate_task(module: nn.Module, task: str) -> None:
+    """Switch every submodule with task/domain-specific layers to ``task``.
+
+    Backbones with domain-specific layers (BatchNorm, adapters; many-to-many setting) give
+    those layers a ``set_active_task(name)`` method; attention plugins call this before a
+    forward pass that runs exactly one task.
+    """
+    for sub in module.modules():
+        setter = getattr(sub, "set_active_task", None)
+        if setter is not None:
+            setter(task)

@@ -22,7 +22,9 @@ hookimpl = pluggy.HookimplMarker("mtlkit")
 @hookspec
 def register_backbones(register):
     """Register backbones: shared feature extractors that honour the feature contract
-    (:class:`mtlkit.contracts.Backbone`). Factory context: none."""
+    (:class:`mtlkit.contracts.Backbone`). Factory context: ``task_names`` (list of str),
+    passed only to factories whose signature accepts it (backbones with task- or
+    domain-specific layers)."""
 
 
 @hookspec

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from mtlkit.contracts import MultiTaskNetwork
+from mtlkit.contracts import MultiTaskNetwork, activate_task
 from mtlkit.hookspecs import hookimpl
 
 
@@ -21,8 +21,11 @@ class SplitNetwork(MultiTaskNetwork):
         self.heads = nn.ModuleDict({t: heads[t](self.backbone.out_channels) for t in self.task_names})
 
     def forward(self, x: Tensor, tasks: list[str] | None = None) -> dict[str, Tensor]:
+        tasks = tasks or self.task_names
+        if len(tasks) == 1:
+            activate_task(self.backbone, tasks[0])  # domain-specific layers, if any
         features = self.backbone(x)
-        return {t: self.heads[t](features) for t in (tasks or self.task_names)}
+        return {t: self.heads[t](features) for t in tasks}
 
 
 @hookimpl
