@@ -94,6 +94,7 @@ class Task:
     target: str
     out_channels: int
     output_activation: str = "identity"
+    default_head: str = "dense_pred"  # the head plugin a recipe gets when it names none
 
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -45,6 +45,7 @@ class Classification(Task):
     """Image classification (heads output log-probabilities)."""
 
     output_activation = "log_softmax"
+    default_head = "classifier"
 
     def __init__(self, params: ClassificationParams, name: str = "classification") -> None:
         self.name = name

@@ -1,0 +1,204 @@
+"""Builders: recipe (or Python arguments) -> model, tasks, data, weighting."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .contracts import MultiTaskNetwork, Task, Weighting
+from .errors import ConfigError, MtlkitError
+from .plugin_manager import get_registry
+from .recipe.schema import ComponentRef, Recipe
+
+RefLike = str | tuple[str, Mapping[str, Any]] | ComponentRef | Mapping[str, Any]
+
+
+def as_ref(value: RefLike, where: str) -> ComponentRef:
+    """Accept 'name', ('name', {params}), {'name':..., 'params':...} or a ComponentRef."""
+    if isinstance(value, ComponentRef):
+        return value
+    if isinstance(value, str):
+        return ComponentRef(name=value)
+    if isinstance(value, tuple) and len(value) == 2:
+        return ComponentRef(name=value[0], params=dict(value[1]))
+    if isinstance(value, Mapping):
+        return ComponentRef.model_validate(dict(value))
+    raise ConfigError(f"{where}: expected a component name, (name, params) or {{name, params}}, got {value!r}")
+
+
+def build_component(kind: str, ref: ComponentRef, where: str, **context: Any) -> Any:
+    component = get_registry().get(kind, ref.name)
+    params = component.validate_params(ref.params, where=f"[{where}.params]")
+    factory = component.factory
+    accepted = _accepted_kwargs(factory)
+    if accepted is not None:
+        context = {k: v for k, v in context.items() if k in accepted or k in _REQUIRED_CONTEXT.get(kind, ())}
+    try:
+        return factory(params, **context)
+    except MtlkitError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"[{where}] {kind} '{ref.name}': {exc}") from exc
+
+
+# context every factory of a kind must take; optional context (e.g. task_names for
+# backbones) is passed only to factories whose signature accepts it
+_REQUIRED_CONTEXT = {"head": ("in_channels", "task"), "attention": ("backbone", "heads", "tasks"),
+                     "weighting": ("task_names",), "task": ("name",), "dataset": ("split",)}
+
+
+def _accepted_kwargs(factory: Any) -> set[str] | None:
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return set(sig.parameters)
+
+
+def build_tasks(tasks: Mapping[str, RefLike | Task]) -> dict[str, Task]:
+    out = {}
+    for name, spec in tasks.items():
+        if isinstance(spec, Task):
+            out[name] = spec
+        else:
+            out[name] = build_component("task", as_ref(spec, f"tasks.{name}"), f"tasks.{name}", name=name)
+    return out
+
+
+def compose(
+    backbone: RefLike,
+    tasks: Mapping[str, RefLike | Task],
+    attention: RefLike = "split",
+    head: RefLike | None = None,
+    heads: Mapping[str, RefLike] | None = None,
+) -> MultiTaskNetwork:
+    """Build a multi-task network from parts, without a recipe.
+
+    ``tasks`` maps task names to Task objects or task plugin references; the model's heads
+    are sized from them. Example::
+
+        model = mtlkit.compose(backbone=("segnet", {"width": 0.25}), attention="mtan",
+                               tasks={"segmentation": ("segmentation", {"num_classes": 13}),
+                                      "depth": "depth"})
+    """
+    task_objs = build_tasks(tasks)
+    backbone_ref = as_ref(backbone, "model.backbone")
+    attention_ref = as_ref(attention, "model.attention")
+    head_refs: dict[str, ComponentRef] = {}
+    for t, task in task_objs.items():
+        if heads and t in heads:
+            head_refs[t] = as_ref(heads[t], f"model.heads.{t}")
+        elif head is not None:
+            head_refs[t] = as_ref(head, "model.head")
+        else:
+            head_refs[t] = ComponentRef(name=getattr(task, "default_head", "dense_pred"))
+    if heads:
+        unknown = [t for t in heads if t not in task_objs]
+        if unknown:
+            raise ConfigError(f"[model.heads] {unknown[0]}: not a task (tasks: {', '.join(task_objs)})")
+    task_names = list(task_objs)
+    registry = get_registry()
+    registry.get("backbone", backbone_ref.name)  # fail early on an unknown name
+    for t, ref in head_refs.items():
+        registry.get("head", ref.name)
+
+    def make_backbone() -> nn.Module:
+        return build_component("backbone", backbone_ref, "model.backbone", task_names=task_names)
+
+    def head_builder(t: str):
+        where = f"model.heads.{t}" if heads and t in heads else "model.head"
+
+        def make_head(in_channels: int) -> nn.Module:
+            module = build_component("head", head_refs[t], where, in_channels=in_channels, task=task_objs[t])
+            return module
+
+        return make_head
+
+    model = build_component(
+        "attention", attention_ref, "model.attention",
+        backbone=make_backbone, heads={t: head_builder(t) for t in task_names}, tasks=task_objs,
+    )
+    _check_head_outputs(model, task_objs)
+    return model
+
+
+def _check_head_outputs(model: nn.Module, tasks: Mapping[str, Task]) -> None:
+    """A head whose output channels do not match its task is a recipe error."""
+    heads = getattr(model, "heads", None)
+    if not isinstance(heads, nn.ModuleDict):
+        return
+    for t, head in heads.items():
+        out = _last_out_features(head)
+        if out is not None and t in tasks and out != tasks[t].out_channels:
+            raise ConfigError(
+                f"[model.heads.{t}] head gives {out} output channels but task '{t}' needs {tasks[t].out_channels}"
+            )
+
+
+def _last_out_features(module: nn.Module) -> int | None:
+    last = None
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            last = m.out_channels
+        elif isinstance(m, nn.Linear):
+            last = m.out_features
+    return last
+
+
+@dataclass
+class Parts:
+    model: MultiTaskNetwork
+    tasks: dict[str, Task]
+    weighting: Weighting
+    train_data: Dataset | dict[str, Dataset] | None
+    val_data: Dataset | dict[str, Dataset] | None
+
+
+def build_dataset(ref, where: str, split: str | None) -> Dataset | None:
+    if split is None:
+        return None
+    return build_component("dataset", ComponentRef(name=ref.name, params=ref.params), where, split=split)
+
+
+def build_model(recipe: Recipe) -> tuple[MultiTaskNetwork, dict[str, Task]]:
+    torch.manual_seed(recipe.training.seed)  # the same seed gives the same initial weights
+    tasks = build_tasks({t: ComponentRef(name=r.name, params=r.params) for t, r in recipe.tasks.items()})
+    m = recipe.model
+    model = compose(backbone=m.backbone, tasks=tasks, attention=m.attention, head=m.head, heads=m.heads)
+    return model, tasks
+
+
+def build_parts(recipe: Recipe, with_data: bool = True) -> Parts:
+    model, tasks = build_model(recipe)
+    weighting = build_component("weighting", recipe.weighting, "weighting", task_names=list(tasks))
+    train = val = None
+    if with_data:
+        if recipe.data is not None:
+            train = build_dataset(recipe.data, "data", recipe.data.train_split)
+            val = build_dataset(recipe.data, "data", recipe.data.val_split)
+        else:
+            train, val = {}, {}
+            for t, ref in recipe.tasks.items():
+                train[t] = build_dataset(ref.data, f"tasks.{t}.data", ref.data.train_split)
+                v = build_dataset(ref.data, f"tasks.{t}.data", ref.data.val_split)
+                if v is not None:
+                    val[t] = v
+            val = val or None
+    return Parts(model=model, tasks=tasks, weighting=weighting, train_data=train, val_data=val)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters per top-level part of the model (backbone, attention, heads, ...)."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        part = name.split(".", 1)[0]
+        counts[part] = counts.get(part, 0) + p.numel()
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts

@@ -1,0 +1,261 @@
+"""The ``mtlkit`` command line.
+
+Every user error is one line on stderr (several lines for several recipe errors) and exit
+code 2, without a traceback unless ``--debug``. Nothing is written before the recipe,
+the model and the data have been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CheckpointError, ConfigError, MtlkitError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+# -- helpers -------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def new_run_dir(base: str, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = Path(base) / name / stamp
+    i = 1
+    while run.exists():
+        run = Path(base) / name / f"{stamp}-{i}"
+        i += 1
+    return run
+
+
+def check_run_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a run folder (no such directory)")
+    if not (path / "recipe.toml").is_file():
+        raise CheckpointError(f"{path}: not a run folder (no recipe.toml)")
+    return path
+
+
+# -- run / validate / show ---------------------------------------------------------------
+def _load(args) -> Any:
+    from .recipe.loader import load_recipe
+
+    return load_recipe(args.recipe, overrides=args.set or [], synthetic=getattr(args, "synthetic", False))
+
+
+def _data_hint(loaded, exc: MtlkitError) -> MtlkitError:
+    """Append the one flag that switches to synthetic data when the recipe offers it."""
+    from .errors import DataError
+
+    r = loaded.recipe
+    has_stand_in = (r.data is not None and r.data.synthetic is not None) or any(
+        t.data is not None and t.data.synthetic is not None for t in r.tasks.values()
+    )
+    if isinstance(exc, DataError) and has_stand_in:
+        return DataError(f"{exc} (no data? run with --synthetic to use the built-in synthetic stand-in)")
+    return exc
+
+
+@command("run")
+def cmd_run(args) -> int:
+    from .build import build_parts
+    from .engine import Trainer
+    from .recipe.loader import load_recipe
+
+    resume_dir = None
+    if args.resume:
+        resume_dir = check_run_dir(Path(args.resume))
+        loaded = load_recipe(resume_dir / "recipe.toml", overrides=args.set or [])
+    else:
+        if not args.recipe:
+            raise ConfigError("run: give a RECIPE (or --resume RUN_DIR)")
+        loaded = _load(args)
+    recipe = loaded.recipe
+    try:
+        parts = build_parts(recipe)
+    except MtlkitError as exc:
+        raise _data_hint(loaded, exc) from None
+    if resume_dir is not None:
+        run_dir = resume_dir
+    else:
+        base = args.runs_dir or recipe.output.dir
+        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(base, recipe.output.name or loaded.name)
+        if is_rank_zero():
+            run_dir.mkdir(parents=True, exist_ok=False)
+            atomic_write_text(run_dir / "recipe.toml", loaded.toml())
+    trainer = Trainer(
+        parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
+        optimizer=recipe.optimizer, schedule=recipe.schedule, training=recipe.training,
+        run_dir=run_dir, recipe=loaded.resolved, quiet=args.quiet,
+    )
+    if recipe.model.init_from is not None and resume_dir is None:
+        from .engine import load_model_weights
+
+        src = Path(recipe.model.init_from.path)
+        if src.is_dir():
+            best = src / "checkpoints" / "best.safetensors"
+            src = best if best.is_file() else src / "checkpoints" / "last.safetensors"
+        load_model_weights(parts.model, src, include=recipe.model.init_from.include,
+                           exclude=recipe.model.init_from.exclude)
+    if recipe.model.freeze_shared:
+        from .domains import freeze_shared
+
+        freeze_shared(parts.model)
+    try:
+        trainer.fit(resume_from=resume_dir)
+    except KeyboardInterrupt:
+        if is_rank_zero():
+            print(f"interrupted: checkpoint saved in {run_dir}", file=sys.stderr)
+        return 130
+    if is_rank_zero():
+        print(f"run folder: {run_dir}")
+    return 0
+
+
+@command("validate")
+def cmd_validate(args) -> int:
+    loaded = _load(args)
+    print(f"{args.recipe}: ok ({len(loaded.recipe.tasks)} tasks, "
+          f"{'many-to-many' if loaded.recipe.many_to_many else 'one-to-many'})")
+    return 0
+
+
+@command("show")
+def cmd_show(args) -> int:
+    from .build import build_model, parameter_counts
+
+    loaded = _load(args)
+    out = console()
+    out.print(loaded.toml(), markup=False)
+    model, _ = build_model(loaded.recipe)
+    table = Table(title="parameters per part")
+    table.add_column("part")
+    table.add_column("parameters", justify="right")
+    for part, n in parameter_counts(model).items():
+        table.add_row(part, f"{n:,}")
+    out.print(table)
+    return 0
+
+
+# -- list / plugins ----------------------------------------------------------------------
+@command("list")
+def cmd_list(args) -> int:
+    from .plugin_manager import get_registry
+    from .registry import KINDS
+
+    kind, pattern = args.kind, args.glob or "*"
+    if kind is not None and kind not in KINDS:
+        # `mtlkit list seg*` means a glob over all kinds
+        kind, pattern = None, kind if args.glob is None else args.glob
+    rows = get_registry().list(kind, pattern)
+    table = Table(title="mtlkit components")
+    for col in ("name", "kind", "plugin", "description", "parameters"):
+        table.add_column(col, overflow="fold")
+    for c in rows:
+        table.add_row(c.name, c.kind, c.plugin.removeprefix("mtlkit.plugins."), c.description, c.param_summary())
+    console().print(table)
+    return 0
+
+
+@command("plugins")
+def cmd_plugins(args) -> int:
+    from .plugin_manager import get_plugin_manager
+
+    table = Table(title="mtlkit plugins")
+    for col in ("plugin", "source", "components", "status"):
+        table.add_column(col, overflow="fold")
+    for row in get_plugin_manager().plugin_rows():
+        status = f"[red]failed: {row['error']}[/red]" if row["error"] else "ok"
+        table.add_row(row["name"], row["source"], ", ".join(row["components"]), status)
+    console().print(table)
+    return 0
+
+
+# -- argument parsing -----------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtlkit", description="Multi-task learning with swappable parts.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_args(p, required=True):
+        p.add_argument("recipe", nargs=None if required else "?", help="recipe file or built-in name")
+        p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a field (TOML value)")
+        p.add_argument("--synthetic", action="store_true", help="use the recipe's synthetic stand-in data")
+
+    p = sub.add_parser("run", help="train a recipe")
+    recipe_args(p, required=False)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="plain progress lines")
+    p.add_argument("--runs-dir", help="base folder for run folders (default: the recipe's output.dir)")
+    p.add_argument("--run-dir", help="exact run folder to create")
+    recipe_args(sub.add_parser("validate", help="check a recipe"))
+    recipe_args(sub.add_parser("show", help="print the resolved recipe and parameter counts"))
+    p = sub.add_parser("list", help="list registered components")
+    p.add_argument("kind", nargs="?")
+    p.add_argument("glob", nargs="?")
+    sub.add_parser("plugins", help="list loaded plugins")
+    for register in EXTRA_PARSERS:
+        register(sub)
+    return parser
+
+
+# Sub-commands defined in other modules add their parsers here.
+EXTRA_PARSERS: list[Callable[[Any], None]] = []
+
+
+def _load_extra_commands() -> None:
+    from . import cli_extra  # noqa: F401  (registers params/compare/plot/data/decathlon)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        _load_extra_commands()
+    except ImportError:
+        if debug:
+            raise
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MtlkitError as exc:
+        if args.debug:
+            raise
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""Sub-commands beyond run/validate/show: params, compare, plot, data, decathlon."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from .cli import COMMANDS, EXTRA_PARSERS, atomic_write_text, check_run_dir, command, console
+from .errors import CheckpointError, ConfigError, MtlkitError
+
+
+def _add_parsers(sub) -> None:
+    p = sub.add_parser("params", help="parameter counts and the paper's #P column")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
+
+    p = sub.add_parser("compare", help="paper-style table of several runs")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--last", type=int, default=10, help="average the last N evaluations (the paper: 10)")
+    p.add_argument("--baseline", action="append", default=[], metavar="RUN_DIR",
+                   help="single-task runs giving Delta_m baselines (one per task)")
+    p.add_argument("--out", help="write OUT.md and OUT.csv (default: compare.md/.csv in the current folder)")
+
+    p = sub.add_parser("plot", help="training curves and prediction panels (PNG) in the run folder")
+    p.add_argument("run")
+    p.add_argument("--images", type=int, default=3)
+    p.add_argument("--attention", action="store_true", help="also draw each task's attention masks")
+    p.add_argument("--levels", default="0,4,9", help="attention levels to draw (comma separated)")
+
+    p = sub.add_parser("data", help="write synthetic data sets in the real layouts")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("synth-scenes", help="synthetic indoor scenes in the NYUv2 (or CityScapes) layout")
+    q.add_argument("out")
+    q.add_argument("--n", type=int, default=200, help="training images")
+    q.add_argument("--n-val", type=int, default=None, help="validation images (default: n/4)")
+    q.add_argument("--height", type=int, default=None)
+    q.add_argument("--width", type=int, default=None)
+    q.add_argument("--num-classes", type=int, default=13)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--layout", choices=["nyuv2", "cityscapes"], default="nyuv2")
+    q = dsub.add_parser("synth-decathlon", help="ten synthetic domains in the official Decathlon layout")
+    q.add_argument("out")
+    q.add_argument("--n-train", type=int, default=64)
+    q.add_argument("--n-val", type=int, default=16)
+    q.add_argument("--n-test", type=int, default=16)
+    q.add_argument("--image-size", type=int, default=72)
+    q.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("decathlon", help="Visual Decathlon tools")
+    dsub = p.add_subparsers(dest="decathlon_command", required=True)
+    q = dsub.add_parser("submit", help="write the test-set predictions as the server's results.json in a zip")
+    q.add_argument("run")
+    q.add_argument("--out", help="zip path (default: RUN/submission.zip)")
+    q.add_argument("--checkpoint", choices=["best", "last"], default="best")
+
+
+EXTRA_PARSERS.append(_add_parsers)
+
+
+# -- params ------------------------------------------------------------------------------
+@command("params")
+def cmd_params(args) -> int:
+    from .build import build_component, build_model, compose
+    from .recipe.loader import load_recipe
+
+    table = Table(title="parameters (#P relative to one single-task network)")
+    for col in ("recipe", "architecture", "parameters", "#P", "paper #P"):
+        table.add_column(col, justify="right" if col != "recipe" else "left")
+    rows = []
+    for spec in args.recipes:
+        loaded = load_recipe(spec, overrides=args.set or [])
+        recipe = loaded.recipe
+        model, tasks = build_model(recipe)
+        total = sum(p.numel() for p in model.parameters())
+        base = _params_base(recipe, tasks)
+        paper = recipe.paper
+        ratio = total / base
+        rows.append((spec, paper.architecture if paper else "", total, ratio, paper.params_ratio if paper else None))
+        del model
+    for spec, arch, total, ratio, paper_ratio in rows:
+        table.add_row(str(spec), arch, f"{total:,}", f"{ratio:.3f}", "" if paper_ratio is None else f"{paper_ratio:g}")
+    console().print(table)
+    return 0
+
+
+def _params_base(recipe, tasks) -> int:
+    """Parameters of the paper's unit: one single-task network (split, first task), or the
+    backbone alone (the Decathlon's convention)."""
+    from .build import build_component, compose
+
+    mode = recipe.paper.params_base if recipe.paper else "single_task"
+    first = next(iter(tasks))
+    if mode == "backbone":
+        backbone = build_component("backbone", recipe.model.backbone, "model.backbone", task_names=[first])
+        return sum(p.numel() for p in backbone.parameters())
+    heads = {first: recipe.model.heads[first]} if first in recipe.model.heads else None
+    single = compose(backbone=recipe.model.backbone, tasks={first: tasks[first]}, attention="split",
+                     head=recipe.model.head, heads=heads)
+    return sum(p.numel() for p in single.parameters())
+
+
+# -- compare -----------------------------------------------------------------------------
+def read_log(run: Path) -> list[dict[str, Any]]:
+    log = run / "log.jsonl"
+    if not log.is_file():
+        raise CheckpointError(f"{run}: not a run folder (no log.jsonl)")
+    records = []
+    for i, line in enumerate(log.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{log}:{i}: not a JSON line") from None
+    return records
+
+
+def run_summary(run: Path, last: int) -> dict[str, Any]:
+    """Mean of the last N evaluations of every metric, with directions and #P."""
+    from .build import build_model
+    from .recipe.loader import load_recipe
+
+    check_run_dir(run)
+    loaded = load_recipe(run / "recipe.toml")
+    evals = [r for r in read_log(run) if r.get("type") == "eval"]
+    if not evals:
+        raise CheckpointError(f"{run}: no evaluation in log.jsonl yet")
+    chosen = evals[-last:]
+    metrics: dict[str, dict[str, float]] = {}
+    for task, values in chosen[-1]["metrics"].items():
+        metrics[task] = {}
+        for name in values:
+            vals = [e["metrics"][task][name] for e in chosen if name in e["metrics"].get(task, {})]
+            vals = [v for v in vals if v is not None and not math.isnan(v)]
+            metrics[task][name] = sum(vals) / len(vals) if vals else float("nan")
+    model, tasks = build_model(loaded.recipe)
+    directions = {t: dict(task.metrics().higher_is_better) for t, task in tasks.items()}
+    recipe = loaded.recipe
+    return {
+        "run": str(run), "name": loaded.name,
+        "architecture": recipe.paper.architecture if recipe.paper and recipe.paper.architecture else recipe.model.attention.name,
+        "weighting": recipe.weighting.name, "params": sum(p.numel() for p in model.parameters()),
+        "params_ratio": sum(p.numel() for p in model.parameters()) / _params_base(recipe, tasks),
+        "metrics": metrics, "higher_is_better": directions, "evaluations": len(chosen),
+    }
+
+
+@command("compare")
+def cmd_compare(args) -> int:
+    from .delta_m import delta_m
+
+    summaries = [run_summary(Path(r), args.last) for r in args.runs]
+    baseline: dict[str, dict[str, float]] = {}
+    for b in args.baseline:
+        s = run_summary(Path(b), args.last)
+        for task, values in s["metrics"].items():
+            baseline.setdefault(task, values)
+    columns: list[tuple[str, str]] = []
+    for s in summaries:
+        for task, values in s["metrics"].items():
+            for name in values:
+                if (task, name) not in columns:
+                    columns.append((task, name))
+    header = ["run", "architecture", "weighting", "#P"] + [f"{t}/{m}" for t, m in columns]
+    if baseline:
+        header.append("delta_m%")
+    rows = []
+    for s in summaries:
+        row = [s["name"], s["architecture"], s["weighting"], f"{s['params_ratio']:.3f}"]
+        row += [_fmt(s["metrics"].get(t, {}).get(m)) for t, m in columns]
+        if baseline:
+            common = {t: v for t, v in s["metrics"].items() if t in baseline}
+            dm = delta_m(common, {t: baseline[t] for t in common},
+                         {t: s["higher_is_better"][t] for t in common}) if common else float("nan")
+            row.append(f"{dm:+.2f}")
+        rows.append(row)
+    table = Table(title=f"mean of the last {args.last} evaluations")
+    for h in header:
+        table.add_column(h, justify="left" if h in ("run", "architecture", "weighting") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console().print(table)
+    out = Path(args.out) if args.out else Path("compare")
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header] + rows)
+    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
+    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
+    return 0
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+# -- plot --------------------------------------------------------------------------------
+@command("plot")
+def cmd_plot(args) -> int:
+    from .plots import plot_run
+
+    run = check_run_dir(Path(args.run))
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    for path in plot_run(run, n_images=args.images, attention=args.attention, levels=levels):
+        print(path)
+    return 0
+
+
+# -- data --------------------------------------------------------------------------------
+@command("data")
+def cmd_data(args) -> int:
+    if args.data_command == "synth-scenes":
+        from .plugins.datasets import synthetic_scenes
+
+        n_val = args.n_val if args.n_val is not None else max(1, args.n // 4)
+        if args.layout == "nyuv2":
+            h, w = args.height or 288, args.width or 384
+            synthetic_scenes.write_nyuv2_layout(args.out, args.n, n_val, height=h, width=w,
+                                                num_classes=args.num_classes, seed=args.seed)
+        else:
+            h, w = args.height or 128, args.width or 256
+            synthetic_scenes.write_cityscapes_layout(args.out, args.n, n_val, height=h, width=w, seed=args.seed)
+        print(f"wrote {args.n} train + {n_val} val scenes ({h}x{w}, {args.layout} layout) to {args.out}")
+        return 0
+    if args.data_command == "synth-decathlon":
+        from .plugins.datasets import synthetic_decathlon
+
+        synthetic_decathlon.write_decathlon_layout(args.out, args.n_train, args.n_val, args.n_test,
+                                                   image_size=args.image_size, seed=args.seed)
+        print(f"wrote ten synthetic domains (official layout) to {args.out}")
+        return 0
+    raise ConfigError(f"unknown data command '{args.data_command}'")
+
+
+# -- decathlon ---------------------------------------------------------------------------
+@command("decathlon")
+def cmd_decathlon(args) -> int:
+    from .decathlon_submit import submit_run
+
+    run = check_run_dir(Path(args.run))
+    out = Path(args.out) if args.out else run / "submission.zip"
+    n = submit_run(run, out, checkpoint=args.checkpoint)
+    print(f"wrote {n} predictions to {out}")
+    return 0

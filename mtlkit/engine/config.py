@@ -1,0 +1,110 @@
+"""Training settings: the ``[optimizer]``, ``[schedule]``, ``[training]`` and ``[output]``
+sections of a recipe. Field descriptions feed the generated recipe reference."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError
+
+
+class OptimizerConfig(BaseModel):
+    """The optimiser of the model's (and the weighting's) parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimiser: adam, adamw or sgd.")
+    lr: float = Field(1e-4, gt=0, description="Base learning rate (the schedule scales it per epoch).")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw). "
+                                "Not applied to the weighting's own parameters.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (sgd only).")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd only; needs momentum > 0).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW moment decay rates.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimizerConfig":
+        if self.name != "sgd" and (self.momentum or self.nesterov):
+            raise ValueError("momentum/nesterov apply to name = \"sgd\" only")
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov needs momentum > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must lie in [0, 1)")
+        return self
+
+
+class ScheduleConfig(BaseModel):
+    """Learning-rate schedule, applied once per epoch (before it starts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["none", "step", "cosine"] = Field("none", description="none: constant; step: multiply by "
+                                                    "gamma every step_size epochs; cosine: cosine decay to 0 "
+                                                    "over training.epochs.")
+    step_size: int = Field(100, ge=1, description="Epochs between decays (step).")
+    gamma: float = Field(0.5, gt=0, description="Decay factor (step).")
+
+
+class TrainingConfig(BaseModel):
+    """The training loop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, description="Number of epochs.")
+    batch_size: int = Field(8, ge=1, description="Samples per batch (per process under torchrun).")
+    drop_last: bool = Field(False, description="Drop each epoch's last incomplete batch (per domain).")
+    seed: int = Field(0, ge=0, description="Seed of weights init order, data order, dropout and augmentation.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu.")
+    eval_interval: int = Field(1, ge=1, description="Evaluate every this many epochs (and after the last).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cap on batches per epoch (quick runs).")
+    best_metric: Optional[str] = Field(None, description="\"task/metric\" that selects checkpoints/best "
+                                       "(direction from the metric's higher_is_better).")
+    domain_order: Literal["sequential", "round_robin", "proportional"] = Field(
+        "sequential", description="Many-to-many only. sequential: a full pass over each domain in turn; "
+        "round_robin: one batch per domain in turn until all are exhausted; proportional: each batch's "
+        "domain drawn with probability ~ size^(1/proportional_temperature).")
+    proportional_temperature: float = Field(1.0, gt=0, description="Temperature T of domain_order = "
+                                            "\"proportional\" (1: by size; large: uniform).")
+    domain_batch_size: dict[str, int] = Field(default_factory=dict, description="Many-to-many only: "
+                                              "batch size per domain (others use batch_size).")
+    domain_loss_weight: dict[str, float] = Field(default_factory=dict, description="Many-to-many only: "
+                                                 "factor on a domain's loss (default 1).")
+    log_interval: int = Field(10, ge=1, description="Steps between plain-text progress lines.")
+    metrics_last_n: Optional[int] = Field(None, ge=1, description="Also report the mean of the last n "
+                                          "evaluations in results.json (the MTAN paper uses 10).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainingConfig":
+        if self.best_metric is not None and (self.best_metric.count("/") != 1 or
+                                             not all(self.best_metric.split("/"))):
+            raise ValueError("best_metric must read \"task/metric\"")
+        if any(v < 1 for v in self.domain_batch_size.values()):
+            raise ValueError("domain_batch_size values must be >= 1")
+        if any(v < 0 for v in self.domain_loss_weight.values()):
+            raise ValueError("domain_loss_weight values must be >= 0")
+        return self
+
+
+class OutputConfig(BaseModel):
+    """Where runs go (the caller creates the run folder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = Field("runs", description="Parent folder of run folders.")
+    name: Optional[str] = Field(None, description="Run folder name (default: recipe name + time stamp).")
+
+
+def coerce(model: type[BaseModel], value, section: str) -> BaseModel:
+    """``value`` (None, dict or instance) as ``model``; one-line ConfigError naming the section."""
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(dict(value or {}))
+    except ValidationError as exc:
+        from ..recipe.errors import format_validation_errors
+
+        raise ConfigError("; ".join(format_validation_errors(exc, prefix=f"[{section}]", model=model))) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}] must be a table of settings: {exc}") from None

@@ -1,0 +1,223 @@
+"""TOML -> validated Recipe: every error at once, each with its file and TOML location."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import ConfigError, MtlkitError, did_you_mean
+from ..plugin_manager import get_plugin_manager
+from .errors import format_validation_errors
+from .schema import ComponentRef, Recipe
+from .toml_writer import dumps
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path | None
+    resolved: dict[str, Any] = field(default_factory=dict)  # params filled in with defaults
+
+    @property
+    def name(self) -> str:
+        if self.recipe.name:
+            return self.recipe.name
+        return self.path.stem if self.path else "recipe"
+
+    def toml(self) -> str:
+        return dumps(self.resolved)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.resolved, sort_keys=True).encode()).hexdigest()
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Shipped recipes by name: 'quickstart', 'nyuv2/mtan', ..."""
+    root = Path(str(resources.files("mtlkit.recipes")))
+    return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.toml"))}
+
+
+def find_recipe(spec: str | Path) -> Path:
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = builtin_recipes()
+    key = str(spec).removesuffix(".toml").removeprefix("recipes/")
+    if key in shipped:
+        return shipped[key]
+    raise ConfigError(
+        f"recipe '{spec}' not found: no such file and no built-in recipe of that name"
+        f"{did_you_mean(key, shipped)} (built-in: {', '.join(shipped) or 'none'})"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set '{text}': empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare words are strings: --set model.attention.name=mtan
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set '{text}': '{k}' is not a table")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+
+
+def _component_refs(recipe: Recipe):
+    """(kind, toml location, ref) for every component the recipe names."""
+    m = recipe.model
+    yield "backbone", "model.backbone", m.backbone
+    yield "attention", "model.attention", m.attention
+    if m.head is not None:
+        yield "head", "model.head", m.head
+    for t, ref in m.heads.items():
+        yield "head", f"model.heads.{t}", ref
+    for t, ref in recipe.tasks.items():
+        yield "task", f"tasks.{t}", ref
+        if ref.data is not None:
+            yield "dataset", f"tasks.{t}.data", ref.data
+            if ref.data.synthetic is not None:
+                yield "dataset", f"tasks.{t}.data.synthetic", ref.data.synthetic
+    if recipe.data is not None:
+        yield "dataset", "data", recipe.data
+        if recipe.data.synthetic is not None:
+            yield "dataset", "data.synthetic", recipe.data.synthetic
+    yield "weighting", "weighting", recipe.weighting
+
+
+def _set_path(d: dict[str, Any], location: str, value: Any) -> None:
+    node = d
+    for k in location.split("."):
+        node = node[k]
+    node["params"] = value
+
+
+def use_synthetic(data: dict[str, Any]) -> dict[str, Any]:
+    """Swap every data set that names a ``synthetic`` stand-in for that stand-in."""
+    data = copy.deepcopy(data)
+    refs = []
+    if isinstance(data.get("data"), dict):
+        refs.append(data["data"])
+    for task in (data.get("tasks") or {}).values():
+        if isinstance(task, dict) and isinstance(task.get("data"), dict):
+            refs.append(task["data"])
+    found = False
+    for ref in refs:
+        stand_in = ref.pop("synthetic", None)
+        if stand_in:
+            found = True
+            ref["name"] = stand_in.get("name")
+            ref["params"] = stand_in.get("params", {})
+    if not found:
+        raise ConfigError("--synthetic: the recipe names no [data.synthetic] stand-in data set")
+    return data
+
+
+def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, synthetic: bool = False) -> LoadedRecipe:
+    """Read, override, validate. Raises ConfigError listing every problem, one per line."""
+    if isinstance(spec, dict):
+        path, raw, where = None, spec, "<recipe>"
+    else:
+        path = find_recipe(spec)
+        raw, where = read_toml(path), str(spec) if Path(spec).is_file() else str(path)
+    raw = apply_overrides(raw, overrides or [])
+    if synthetic:
+        raw = use_synthetic(raw)
+
+    pm = get_plugin_manager()
+    errors: list[str] = []
+    for i, plugin in enumerate(raw.get("plugins", []) or []):
+        spec_text = str(plugin)
+        if path is not None and (spec_text.endswith(".py") or "/" in spec_text):
+            spec_text = str((path.parent / spec_text).resolve()) if not Path(spec_text).is_absolute() else spec_text
+        try:
+            pm.load_module(spec_text, where=f"{where} [plugins] {plugin}")
+        except MtlkitError as exc:
+            errors.append(str(exc))
+
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        errors.extend(format_validation_errors(exc, prefix=where, model=Recipe))
+        raise ConfigError("\n".join(errors)) from None
+
+    registry = pm.registry
+    resolved = recipe.model_dump(mode="json", exclude_none=True)
+    for kind, location, ref in _component_refs(recipe):
+        try:
+            component = registry.get(kind, ref.name)
+        except MtlkitError as exc:
+            errors.append(f"{where} [{location}] name: {exc}")
+            continue
+        try:
+            params = component.params.model_validate(ref.params)
+        except ValidationError as exc:
+            errors.extend(format_validation_errors(exc, prefix=f"{where} [{location}.params]", model=component.params))
+            continue
+        _set_path(resolved, location, params.model_dump(mode="json", exclude_none=True))
+
+    errors.extend(_cross_checks(recipe, where))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return LoadedRecipe(recipe=recipe, path=path, resolved=resolved)
+
+
+def _cross_checks(recipe: Recipe, where: str) -> list[str]:
+    errors = []
+    tasks = list(recipe.tasks)
+    with_data = [t for t, ref in recipe.tasks.items() if ref.data is not None]
+    if recipe.data is None and len(with_data) != len(tasks):
+        missing = [t for t in tasks if t not in with_data]
+        errors.append(
+            f"{where} [data] missing: give one [data] section (one-to-many) or a [tasks.<name>.data] "
+            f"for every task (many-to-many); tasks without data: {', '.join(missing)}"
+        )
+    if recipe.data is not None and with_data:
+        errors.append(f"{where} [tasks.{with_data[0]}.data]: not allowed together with a top-level [data] section")
+    for t in recipe.model.heads:
+        if t not in recipe.tasks:
+            errors.append(f"{where} [model.heads] {t}: not a task{did_you_mean(t, tasks)}")
+    best = recipe.training.best_metric
+    if best:
+        task = best.split("/", 1)[0]
+        if "/" not in best or task not in recipe.tasks:
+            errors.append(f"{where} [training] best_metric: '{best}' must be 'task/metric' with a task of this recipe")
+    for t in recipe.baselines:
+        if t not in recipe.tasks:
+            errors.append(f"{where} [baselines] {t}: not a task{did_you_mean(t, tasks)}")
+    return errors

@@ -1,0 +1,98 @@
+"""The recipe: a TOML file that names every component and its parameters.
+
+Every model forbids unknown keys. Component ``params`` are checked later against the
+plugin's own params model (:mod:`mtlkit.recipe.loader`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.config import OptimizerConfig, OutputConfig, ScheduleConfig, TrainingConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentRef(Strict):
+    """A registered component and its parameters."""
+
+    name: str = Field(..., description="registered name (see `mtlkit list KIND`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="validated against the plugin's params model")
+
+
+class DataRef(ComponentRef):
+    """A data set plugin; ``synthetic`` names a stand-in that needs no download."""
+
+    train_split: str = Field("train", description="split used for training")
+    val_split: Optional[str] = Field("val", description="split used for evaluation (none: no evaluation)")
+    synthetic: Optional[ComponentRef] = Field(
+        None, description="stand-in data set used with `mtlkit run --synthetic` (no download)"
+    )
+
+
+class InitFrom(Strict):
+    """Initialise (part of) the model from a safetensors checkpoint."""
+
+    path: str = Field(..., description="a .safetensors file or a run folder (its best, else last, checkpoint)")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns of parameter names to load")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of parameter names to skip")
+
+
+class ModelSection(Strict):
+    """How the network is composed from parts."""
+
+    backbone: ComponentRef = Field(..., description="the shared feature extractor")
+    attention: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="split"),
+        description="how tasks share or attend to the backbone (split, mtan, dense, cross_stitch, single)",
+    )
+    head: Optional[ComponentRef] = Field(None, description="head for every task (default: each task's default head)")
+    heads: dict[str, ComponentRef] = Field(default_factory=dict, description="per-task head, overriding `head`")
+    init_from: Optional[InitFrom] = Field(None, description="load weights before training")
+    freeze_shared: bool = Field(False, description="freeze every shared parameter (the 'feature' baseline)")
+
+
+class TaskSection(ComponentRef):
+    """A task plugin; in the many-to-many setting each task also names its own data set."""
+
+    data: Optional[DataRef] = Field(None, description="this task's own data set (many-to-many setting)")
+
+
+class PaperReference(Strict):
+    """Numbers the paper reports for this recipe, printed next to ours."""
+
+    architecture: str = Field("", description="the paper's name for the architecture")
+    params_ratio: Optional[float] = Field(None, description="the paper's #P column")
+    params_base: str = Field(
+        "single_task", description="'single_task': #P relative to the first task's split network; "
+        "'backbone': relative to the backbone alone"
+    )
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict, description="{task: {metric: value}}")
+
+
+class Recipe(Strict):
+    """A whole experiment."""
+
+    name: Optional[str] = Field(None, description="run name (default: the recipe file's stem)")
+    description: str = Field("", description="free text")
+    plugins: list[str] = Field(default_factory=list, description="extra plugin modules or .py files to load")
+    model: ModelSection
+    tasks: dict[str, TaskSection] = Field(..., min_length=1, description="task name -> task plugin")
+    data: Optional[DataRef] = Field(None, description="one data set with every task's targets (one-to-many)")
+    weighting: ComponentRef = Field(default_factory=lambda: ComponentRef(name="equal"))
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    paper: Optional["PaperReference"] = Field(None, description="what the paper reports for this recipe")
+    baselines: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="single-task results {task: {metric: value}} for Delta_m"
+    )
+
+    @property
+    def many_to_many(self) -> bool:
+        return self.data is None
