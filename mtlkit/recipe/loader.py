@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from ..errors import ConfigError, MtlkitError, did_you_mean
 from ..plugin_manager import get_plugin_manager
 from .errors import format_validation_errors
-from .schema import ComponentRef, Recipe
+from .schema import Recipe
 from .toml_writer import dumps
 
 
@@ -98,26 +98,34 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: malformed TOML: {exc}") from None
 
 
-def _component_refs(recipe: Recipe):
-    """(kind, toml location, ref) for every component the recipe names."""
-    m = recipe.model
-    yield "backbone", "model.backbone", m.backbone
-    yield "attention", "model.attention", m.attention
-    if m.head is not None:
-        yield "head", "model.head", m.head
-    for t, ref in m.heads.items():
-        yield "head", f"model.heads.{t}", ref
-    for t, ref in recipe.tasks.items():
-        yield "task", f"tasks.{t}", ref
-        if ref.data is not None:
-            yield "dataset", f"tasks.{t}.data", ref.data
-            if ref.data.synthetic is not None:
-                yield "dataset", f"tasks.{t}.data.synthetic", ref.data.synthetic
-    if recipe.data is not None:
-        yield "dataset", "data", recipe.data
-        if recipe.data.synthetic is not None:
-            yield "dataset", "data.synthetic", recipe.data.synthetic
-    yield "weighting", "weighting", recipe.weighting
+def _raw_component_refs(raw: dict[str, Any]):
+    """(kind, toml location, table) for every component table the raw recipe names."""
+
+    def table(d: Any, key: str) -> dict | None:
+        v = d.get(key) if isinstance(d, dict) else None
+        return v if isinstance(v, dict) else None
+
+    model = table(raw, "model") or {}
+    for key, kind in (("backbone", "backbone"), ("attention", "attention"), ("head", "head")):
+        if table(model, key) is not None:
+            yield kind, f"model.{key}", model[key]
+    for t, ref in (table(model, "heads") or {}).items():
+        if isinstance(ref, dict):
+            yield "head", f"model.heads.{t}", ref
+    data_refs = []
+    for t, ref in (table(raw, "tasks") or {}).items():
+        if isinstance(ref, dict):
+            yield "task", f"tasks.{t}", ref
+            if table(ref, "data") is not None:
+                data_refs.append((f"tasks.{t}.data", ref["data"]))
+    if table(raw, "data") is not None:
+        data_refs.append(("data", raw["data"]))
+    for location, ref in data_refs:
+        yield "dataset", location, ref
+        if table(ref, "synthetic") is not None:
+            yield "dataset", f"{location}.synthetic", ref["synthetic"]
+    weighting = table(raw, "weighting")
+    yield "weighting", "weighting", weighting if weighting is not None else {"name": "equal"}
 
 
 def _set_path(d: dict[str, Any], location: str, value: Any) -> None:
@@ -170,26 +178,34 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
         except MtlkitError as exc:
             errors.append(str(exc))
 
+    recipe = None
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         errors.extend(format_validation_errors(exc, prefix=where, model=Recipe))
-        raise ConfigError("\n".join(errors)) from None
 
+    # Component names and params are checked on the raw data too, so that one report
+    # lists every problem even when the recipe's own structure has errors.
     registry = pm.registry
-    resolved = recipe.model_dump(mode="json", exclude_none=True)
-    for kind, location, ref in _component_refs(recipe):
+    resolved = recipe.model_dump(mode="json", exclude_none=True) if recipe is not None else {}
+    for kind, location, ref in _raw_component_refs(raw):
+        name, params = ref.get("name"), ref.get("params", {})
+        if not isinstance(name, str) or not isinstance(params, dict):
+            continue  # the schema errors above already name it
         try:
-            component = registry.get(kind, ref.name)
+            component = registry.get(kind, name)
         except MtlkitError as exc:
             errors.append(f"{where} [{location}] name: {exc}")
             continue
         try:
-            params = component.params.model_validate(ref.params)
+            validated = component.params.model_validate(params)
         except ValidationError as exc:
             errors.extend(format_validation_errors(exc, prefix=f"{where} [{location}.params]", model=component.params))
             continue
-        _set_path(resolved, location, params.model_dump(mode="json", exclude_none=True))
+        if recipe is not None:
+            _set_path(resolved, location, validated.model_dump(mode="json", exclude_none=True))
+    if recipe is None:
+        raise ConfigError("\n".join(errors))
 
     errors.extend(_cross_checks(recipe, where))
     if errors:
