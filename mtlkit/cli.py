@@ -87,7 +87,6 @@ def _data_hint(loaded, exc: MtlkitError) -> MtlkitError:
 @command("run")
 def cmd_run(args) -> int:
     from .build import build_parts
-    from .engine import Trainer
     from .recipe.loader import load_recipe
 
     resume_dir = None
@@ -103,6 +102,8 @@ def cmd_run(args) -> int:
         parts = build_parts(recipe)
     except MtlkitError as exc:
         raise _data_hint(loaded, exc) from None
+    from .engine import Trainer
+
     if resume_dir is not None:
         run_dir = resume_dir
     else:
