@@ -32,7 +32,8 @@ def command(name: str):
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # A pipe or a file gets wide tables rather than 80-column folding.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -62,6 +63,29 @@ def check_run_dir(path: Path) -> Path:
     if not (path / "recipe.toml").is_file():
         raise CheckpointError(f"{path}: not a run folder (no recipe.toml)")
     return path
+
+
+def recipe_identity(resolved: dict) -> dict:
+    """What a checkpoint's recipe hash covers: everything but ``training.epochs``, so that
+    a resumed run may be extended, while any other change is refused."""
+    import copy
+
+    ident = copy.deepcopy(resolved)
+    ident.get("training", {}).pop("epochs", None)
+    return ident
+
+
+def init_from(model, spec) -> None:
+    """Load the weights a recipe's ``model.init_from`` names (include/exclude globs)."""
+    import fnmatch
+
+    from .engine import load_model_weights
+
+    def keep(key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) for p in spec.include) and not any(
+            fnmatch.fnmatchcase(key, p) for p in spec.exclude)
+
+    load_model_weights(model, spec.path, key_filter=keep)
 
 
 # -- run / validate / show ---------------------------------------------------------------
@@ -106,6 +130,8 @@ def cmd_run(args) -> int:
 
     if resume_dir is not None:
         run_dir = resume_dir
+        if is_rank_zero():  # e.g. more epochs: the run folder shows what it now runs
+            atomic_write_text(run_dir / "recipe.toml", loaded.toml())
     else:
         base = args.runs_dir or recipe.output.dir
         run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(base, recipe.output.name or loaded.name)
@@ -115,17 +141,10 @@ def cmd_run(args) -> int:
     trainer = Trainer(
         parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
         optimizer=recipe.optimizer, schedule=recipe.schedule, training=recipe.training,
-        run_dir=run_dir, recipe=loaded.resolved, quiet=args.quiet,
+        run_dir=run_dir, recipe=recipe_identity(loaded.resolved), quiet=args.quiet,
     )
     if recipe.model.init_from is not None and resume_dir is None:
-        from .engine import load_model_weights
-
-        src = Path(recipe.model.init_from.path)
-        if src.is_dir():
-            best = src / "checkpoints" / "best.safetensors"
-            src = best if best.is_file() else src / "checkpoints" / "last.safetensors"
-        load_model_weights(parts.model, src, include=recipe.model.init_from.include,
-                           exclude=recipe.model.init_from.exclude)
+        init_from(parts.model, recipe.model.init_from)
     if recipe.model.freeze_shared:
         from .domains import freeze_shared
 

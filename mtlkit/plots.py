@@ -1,0 +1,212 @@
+"""PNG figures for a run folder: training curves, prediction panels, attention masks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .errors import CheckpointError  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def read_records(run: Path) -> list[dict[str, Any]]:
+    log = run / "log.jsonl"
+    if not log.is_file():
+        raise CheckpointError(f"{run}: not a run folder (no log.jsonl)")
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(run: Path) -> Path:
+    """Per-task mean training loss per epoch, and every evaluated metric per epoch."""
+    records = read_records(run)
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    metric_keys = []
+    for r in evals:
+        for task, values in r["metrics"].items():
+            for name in values:
+                if (task, name) not in metric_keys:
+                    metric_keys.append((task, name))
+    n = 1 + len(metric_keys)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    ax = axes[0][0]
+    tasks = sorted({t for r in epochs for t in r.get("losses", {})})
+    for t in tasks:
+        xs = [r["epoch"] for r in epochs if t in r["losses"]]
+        ax.plot(xs, [r["losses"][t] for r in epochs if t in r["losses"]], marker="o", label=t)
+    ax.set_title("training loss (epoch mean)")
+    ax.set_xlabel("epoch")
+    if tasks:
+        ax.legend(fontsize=8)
+    for i, (task, name) in enumerate(metric_keys, start=1):
+        ax = axes[i // cols][i % cols]
+        pts = [(r["epoch"], r["metrics"][task][name]) for r in evals if name in r["metrics"].get(task, {})]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_title(f"{task} / {name}")
+        ax.set_xlabel("epoch")
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    return _save(fig, run / "curves.png")
+
+
+def load_run_model(run: Path):
+    """Rebuild a run's model, tasks and validation data; load its best (else last) weights."""
+    from .build import build_parts
+    from .engine import load_model_weights
+    from .recipe.loader import load_recipe
+
+    loaded = load_recipe(run / "recipe.toml")
+    parts = build_parts(loaded.recipe)
+    ckpt = run / "checkpoints" / "best.json"
+    if not ckpt.is_file():
+        ckpt = run / "checkpoints" / "last.json"
+    if not ckpt.is_file():
+        raise CheckpointError(f"{run}: no checkpoint in {run / 'checkpoints'}")
+    load_model_weights(parts.model, ckpt)
+    parts.model.eval()
+    return parts
+
+
+def _first_samples(data, n: int):
+    if isinstance(data, dict):  # many-to-many: the first domain
+        domain, data = next(iter(data.items()))
+    else:
+        domain = None
+    n = min(n, len(data))
+    samples = [data[i] for i in range(n)]
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
+    return domain, batch
+
+
+def _show(ax, kind: str, value: torch.Tensor, num_classes: int | None = None) -> None:
+    ax.axis("off")
+    v = value.detach().float().cpu()
+    if kind == "image":
+        ax.imshow(v[:3].permute(1, 2, 0).clamp(0, 1).numpy())
+    elif kind == "segmentation":
+        ax.imshow(v.numpy(), cmap="tab20", vmin=-1, vmax=max(19, (num_classes or 1) - 1), interpolation="nearest")
+    elif kind == "normal":
+        ax.imshow(((v[:3] + 1) / 2).permute(1, 2, 0).clamp(0, 1).numpy())
+    else:
+        ax.imshow(v.squeeze(0).numpy(), cmap="viridis")
+
+
+def _display(task, pred: torch.Tensor) -> tuple[str, torch.Tensor]:
+    act = getattr(task, "output_activation", "identity")
+    if pred.dim() == 3 and act == "log_softmax":  # C x H x W scores
+        return "segmentation", pred.argmax(0)
+    if pred.dim() == 3 and pred.shape[0] == 3:
+        return "normal", pred
+    if pred.dim() == 3:
+        return "depth", pred
+    return "class", pred.argmax(-1) if pred.dim() == 1 else pred
+
+
+def plot_predictions(run: Path, n_images: int = 3, parts=None) -> Path:
+    parts = parts or load_run_model(run)
+    if parts.val_data is None:
+        raise CheckpointError(f"{run}: the recipe has no validation split to draw")
+    domain, batch = _first_samples(parts.val_data, n_images)
+    tasks = [domain] if domain else list(parts.tasks)
+    with torch.no_grad():
+        out = parts.model(batch["image"], tasks=tasks)
+    n = batch["image"].shape[0]
+    cols = 1 + 2 * len(tasks)
+    fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.2 * n), squeeze=False)
+    for i in range(n):
+        _show(axes[i][0], "image", batch["image"][i])
+        axes[0][0].set_title("input")
+        for j, t in enumerate(tasks):
+            task = parts.tasks[t]
+            kind, pred = _display(task, out[t][i])
+            target = batch[task.target][i]
+            ax_t, ax_p = axes[i][1 + 2 * j], axes[i][2 + 2 * j]
+            if kind == "class":
+                for ax, label, val in ((ax_t, "target", target), (ax_p, "prediction", pred)):
+                    ax.axis("off")
+                    ax.text(0.5, 0.5, f"{label}: {int(val)}", ha="center", va="center")
+            else:
+                _show(ax_t, kind, target, task.out_channels)
+                _show(ax_p, kind, pred, task.out_channels)
+            if i == 0:
+                ax_t.set_title(f"{t} target")
+                ax_p.set_title(f"{t} prediction")
+    return _save(fig, run / "predictions.png")
+
+
+def capture_attention_masks(model: nn.Module, x: torch.Tensor, tasks: list[str]) -> dict[str, list[torch.Tensor]]:
+    """Each task's attention masks (the outputs of its Sigmoid layers), in execution order."""
+    owners = getattr(model, "task_specific", None)
+    if not isinstance(owners, nn.ModuleDict):
+        raise CheckpointError("this model has no task-specific attention modules (use an mtan recipe)")
+    masks: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
+    handles = []
+    for t in tasks:
+        if t not in owners:
+            continue
+        for m in owners[t].modules():
+            if isinstance(m, nn.Sigmoid):
+                handles.append(m.register_forward_hook(lambda mod, inp, out, t=t: masks[t].append(out.detach())))
+    try:
+        with torch.no_grad():
+            model(x, tasks=tasks)
+    finally:
+        for h in handles:
+            h.remove()
+    if not any(masks.values()):
+        raise CheckpointError("this model's task-specific modules have no sigmoid attention masks")
+    return masks
+
+
+def plot_attention(run: Path, n_images: int = 2, levels: list[int] | None = None, parts=None) -> Path:
+    """The paper's 'attention masks as feature selectors': each task's mask (channel mean)
+    at chosen levels, for a few validation images."""
+    parts = parts or load_run_model(run)
+    domain, batch = _first_samples(parts.val_data, n_images)
+    tasks = [domain] if domain else list(parts.tasks)
+    masks = capture_attention_masks(parts.model, batch["image"], tasks)
+    n_levels = min(len(v) for v in masks.values() if v)
+    levels = [lv for lv in (levels or [0, n_levels // 2, n_levels - 1]) if 0 <= lv < n_levels] or [0]
+    n = batch["image"].shape[0]
+    cols = 1 + len(tasks) * len(levels)
+    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.2 * n), squeeze=False)
+    for i in range(n):
+        _show(axes[i][0], "image", batch["image"][i])
+        col = 1
+        for t in tasks:
+            for lv in levels:
+                ax = axes[i][col]
+                ax.axis("off")
+                ax.imshow(masks[t][lv][i].mean(0).cpu().numpy(), cmap="magma", vmin=0, vmax=1)
+                if i == 0:
+                    ax.set_title(f"{t} L{lv}", fontsize=8)
+                col += 1
+    return _save(fig, run / "attention.png")
+
+
+def plot_run(run: Path, n_images: int = 3, attention: bool = False, levels: list[int] | None = None) -> list[Path]:
+    written = [plot_curves(run)]
+    parts = load_run_model(run)
+    written.append(plot_predictions(run, n_images, parts=parts))
+    if attention:
+        written.append(plot_attention(run, n_images, levels, parts=parts))
+    return written
