@@ -104,6 +104,9 @@ class Regression(Task):
 class LossShare(Weighting):
     """Weights K * L_k / sum(L): harder tasks (larger losses) count more."""
 
+    def __init__(self, params, task_names: list[str]) -> None:
+        super().__init__(task_names)
+
     def combine(self, losses):
         values = torch.stack([losses[t] for t in self.task_names])
         w = len(values) * values.detach() / values.detach().sum()
