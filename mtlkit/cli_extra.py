@@ -28,6 +28,19 @@ def _add_parsers(sub) -> None:
                    help="single-task runs giving Delta_m baselines (one per task)")
     p.add_argument("--out", help="write OUT.md and OUT.csv (default: compare.md/.csv in the current folder)")
 
+    p = sub.add_parser("sweep", help="run recipes x a grid of overrides, then compare them")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY[+KEY]=V1,V2",
+                   help="values to sweep; keys joined by + take the same value "
+                        "(e.g. weighting.name=equal,uncertainty,dwa)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--synthetic", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--runs-dir", default=None)
+    p.add_argument("--last", type=int, default=10)
+    p.add_argument("--out", default=None, help="table prefix (default: RUNS_DIR/sweep)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs without training")
+
     p = sub.add_parser("plot", help="training curves and prediction panels (PNG) in the run folder")
     p.add_argument("run")
     p.add_argument("--images", type=int, default=3)
@@ -201,6 +214,53 @@ def _fmt(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+# -- sweep -------------------------------------------------------------------------------
+def grid_combinations(grid: list[str]) -> list[list[str]]:
+    """--grid specs -> one list of --set overrides per combination (cartesian product)."""
+    import itertools
+
+    axes = []
+    for spec in grid:
+        if "=" not in spec:
+            raise ConfigError(f"--grid '{spec}': expected KEY[+KEY]=V1,V2,...")
+        keys, values = spec.split("=", 1)
+        values = [v for v in values.split(",") if v != ""]
+        if not values:
+            raise ConfigError(f"--grid '{spec}': no values")
+        axes.append([[f"{k}={v}" for k in keys.split("+")] for v in values])
+    return [sum(combo, []) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+@command("sweep")
+def cmd_sweep(args) -> int:
+    from .recipe.loader import load_recipe
+
+    plan = []
+    for spec in args.recipes:
+        for overrides in grid_combinations(args.grid):
+            all_sets = list(args.set) + overrides
+            loaded = load_recipe(spec, overrides=all_sets, synthetic=args.synthetic)  # validate all first
+            values = [o.split("=", 1)[1].strip("'\"") for o in overrides]
+            tag = "-".join(dict.fromkeys(values))  # keys swept together share one value
+            plan.append((spec, all_sets, f"{loaded.name}{'-' + tag if tag else ''}"))
+    for spec, sets, name in plan:
+        print(f"{name}: {spec} {' '.join('--set ' + s for s in sets)}")
+    if args.dry_run:
+        return 0
+    runs_dir = Path(args.runs_dir or "runs")
+    finished = []
+    for spec, sets, name in plan:
+        run_dir = runs_dir / "sweep" / name
+        ns = argparse.Namespace(recipe=spec, set=sets, synthetic=args.synthetic, resume=None, quiet=args.quiet,
+                                runs_dir=None, run_dir=str(run_dir), debug=False)
+        rc = COMMANDS["run"](ns)
+        if rc != 0:
+            return rc
+        finished.append(str(run_dir))
+    out = args.out or str(runs_dir / "sweep" / "compare")
+    return COMMANDS["compare"](argparse.Namespace(runs=finished, last=args.last, baseline=[], out=out))
 
 
 # -- plot --------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""CityScapes (the MTAN preprocessed release): segmentation and disparity at 128 x 256.
+
+Layout: ``root/{train,val}/{image,label_7,label_19,depth}/{i}.npy``: image H x W x 3 float in
+[0, 1]; labels H x W with -1 = ignore (void); depth is inverse depth (disparity, about
+0..0.5) H x W or H x W x 1 with 0 = invalid. ``split="test"`` reads ``val`` unless a
+``test`` folder exists.
+
+``num_classes``: 19 reads ``label_19``, 7 reads ``label_7``, and 2 maps ``label_7`` to two
+classes. The 7 classes are the Cityscapes categories without void:
+0 flat, 1 construction, 2 object, 3 nature, 4 sky, 5 human, 6 vehicle (void = -1).
+The 2-class variant splits them into **stuff** (class 0: flat, construction, nature, sky)
+and **things** (class 1: object, human, vehicle: countable, movable or man-made items);
+void stays -1.
+
+Samples: ``image`` 3HW float32, ``segmentation`` HW int64, ``depth`` 1HW float32 (the
+disparity, under the task name "depth"). Validation and augmentation as in
+:mod:`mtlkit.plugins.datasets.nyuv2`, except that zooming in by s multiplies the disparity by
+s (disparity is inverse depth, so an object s times closer has s times the disparity);
+``reference_disparity_scaling=True`` divides by s as the reference code does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+
+from mtlkit.hookspecs import hookimpl
+from mtlkit.plugins.datasets.nyuv2 import DenseNpyDataset
+
+SEVEN_CLASS_NAMES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
+TWO_CLASS_NAMES = ("stuff", "things")
+# label_7 value -> 2-class value (index = 7-class id)
+SEVEN_TO_TWO = np.array([0, 0, 1, 0, 0, 1, 1], dtype=np.int64)
+
+
+class CityScapesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field(..., description="folder holding train/ and val/")
+    num_classes: Literal[2, 7, 19] = 7
+    targets: list[str] = Field(default_factory=lambda: ["segmentation", "depth"])
+    augment: bool = False
+    reference_disparity_scaling: bool = False
+    limit: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in ("segmentation", "depth")]
+        if bad:
+            raise ValueError(f"unknown target(s) {bad}; choose from ['segmentation', 'depth']")
+        if len(set(v)) != len(v):
+            raise ValueError("targets listed twice")
+        return v
+
+
+class CityScapes(DenseNpyDataset):
+    """CityScapes in the MTAN .npy layout (see the module docstring)."""
+
+    name = "cityscapes"
+
+    def __init__(self, params: CityScapesParams, split: str = "train") -> None:
+        label_folder = "label_19" if params.num_classes == 19 else "label_7"
+        self.folders = {"segmentation": label_folder, "depth": "depth"}
+        self.depth_scale_power = -1.0 if params.reference_disparity_scaling else 1.0
+        super().__init__(params, split)
+
+    def read_target(self, target: str, index: int, hw: tuple[int, int]) -> Tensor:
+        if target == "segmentation" and self.num_classes == 2:
+            label = self.read_label("label_7", index, hw, num_classes=7)
+            mapped = torch.from_numpy(SEVEN_TO_TWO)[label.clamp_min(0)]
+            return torch.where(label < 0, label, mapped)
+        return super().read_target(target, index, hw)
+
+
+def build_cityscapes(params: CityScapesParams, split: str = "train") -> CityScapes:
+    """CityScapes from root/{train,val}/{image,label_7,label_19,depth}/{i}.npy."""
+    return CityScapes(params, split=split)
+
+
+@hookimpl
+def register_datasets(register):
+    register("cityscapes", build_cityscapes, params=CityScapesParams,
+             description="CityScapes .npy release (2/7/19-class seg, disparity) at 128x256")

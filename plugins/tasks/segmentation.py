@@ -1,0 +1,120 @@
+"""Semantic segmentation: pixel NLL (ignore -1); mIoU and pixel accuracy over the whole split.
+
+Metrics come from one confusion matrix accumulated over every pixel of the split whose
+target lies in ``[0, num_classes)`` (so -1 "ignore" pixels, and any stray label >= C, are
+not counted). Both are reported in percent:
+
+- ``pixel_acc`` = trace / total;
+- ``miou``: IoU_c = diag_c / (row_c + col_c - diag_c), averaged over the classes that
+  *occur*, i.e. whose union (target or prediction pixels) is > 0. The reference gives NaN
+  as soon as one class has no pixel at all in the split; skipping such classes keeps the
+  number finite and is the usual convention. A class that occurs only in predictions has
+  IoU 0 and does count.
+
+``protocol="reference"`` keeps the same whole-split confusion matrix (the reference
+accumulates one too) but averages IoU over *all* classes, so mIoU is NaN when a class has
+no target or predicted pixel in the split, as in the reference. Never the default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from mtlkit.contracts import MetricState, Task
+from mtlkit.hookspecs import hookimpl
+
+IGNORE_INDEX = -1
+
+
+class SegmentationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_classes: int = Field(..., ge=2)
+    target: str = "segmentation"
+    protocol: Literal["exact", "reference"] = "exact"
+
+
+def _as_label_map(target: Tensor) -> Tensor:
+    """Targets come as B x H x W (or B x 1 x H x W from some collate paths)."""
+    if target.dim() == 4 and target.shape[1] == 1:
+        target = target[:, 0]
+    return target.long()
+
+
+def _check_shapes(prediction: Tensor, target: Tensor) -> None:
+    if prediction.dim() != 4 or target.shape != (prediction.shape[0], *prediction.shape[2:]):
+        raise ValueError(
+            f"segmentation: prediction {tuple(prediction.shape)} (B x C x H x W) does not match "
+            f"target {tuple(target.shape)} (B x H x W)"
+        )
+
+
+class ConfusionMatrixState(MetricState):
+    """Whole-split confusion matrix (rows: target class, columns: predicted class)."""
+
+    higher_is_better = {"miou": True, "pixel_acc": True}
+
+    def __init__(self, num_classes: int, protocol: str = "exact") -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.protocol = protocol
+        # float64 counts are exact up to 2**53 pixels and all-reduce on every backend
+        self.state = {"confusion": torch.zeros(num_classes, num_classes, dtype=torch.float64)}
+
+    def update(self, prediction: Tensor, target: Tensor) -> None:
+        target = _as_label_map(target.to(prediction.device))
+        _check_shapes(prediction, target)
+        c = self.num_classes
+        pred = prediction.detach().argmax(1)
+        keep = (target >= 0) & (target < c)
+        flat = target[keep] * c + pred[keep]
+        counts = torch.bincount(flat, minlength=c * c).reshape(c, c)
+        self.state["confusion"] += counts.to(torch.float64).cpu()
+
+    def compute(self) -> dict[str, float]:
+        conf = self.state["confusion"]
+        total = float(conf.sum())
+        if total == 0:
+            return {"miou": float("nan"), "pixel_acc": float("nan")}
+        diag = conf.diagonal()
+        union = conf.sum(0) + conf.sum(1) - diag
+        occurs = union > 0
+        if self.protocol == "reference":
+            iou = diag / union  # 0/0 = NaN for an absent class, as the reference gives
+        else:
+            iou = diag[occurs] / union[occurs]
+        return {"miou": 100.0 * float(iou.mean()), "pixel_acc": 100.0 * float(diag.sum()) / total}
+
+
+class Segmentation(Task):
+    """Per-pixel classification; heads output log-probabilities."""
+
+    output_activation = "log_softmax"
+
+    def __init__(self, params: SegmentationParams, name: str = "segmentation") -> None:
+        self.name = name
+        self.target = params.target
+        self.out_channels = params.num_classes
+        self.num_classes = params.num_classes
+        self.protocol = params.protocol
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        target = _as_label_map(target.to(prediction.device))
+        _check_shapes(prediction, target)
+        if not bool((target != IGNORE_INDEX).any()):
+            # nll_loss's mean would be 0/0 = NaN; a batch with nothing labelled teaches nothing
+            return prediction.sum() * 0.0
+        return F.nll_loss(prediction, target, ignore_index=IGNORE_INDEX)
+
+    def metrics(self) -> ConfusionMatrixState:
+        return ConfusionMatrixState(self.num_classes, self.protocol)
+
+
+@hookimpl
+def register_tasks(register):
+    register("segmentation", Segmentation, params=SegmentationParams,
+             description="Pixel NLL (ignore -1); whole-split mIoU and pixel accuracy (%)")
