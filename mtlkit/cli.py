@@ -65,6 +65,20 @@ def check_run_dir(path: Path) -> Path:
     return path
 
 
+def agree_on_run_dir(run_dir: Path, device: str) -> Path:
+    """Under torchrun every rank must use rank 0's run folder (time stamps may differ)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return run_dir
+    import torch.distributed as dist
+
+    from .engine.distributed import setup
+
+    setup(device)  # joins the process group (the Trainer reuses it)
+    box = [str(run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
 def recipe_identity(resolved: dict) -> dict:
     """What a checkpoint's recipe hash covers: everything but ``training.epochs``, so that
     a resumed run may be extended, while any other change is refused."""
@@ -135,26 +149,32 @@ def cmd_run(args) -> int:
     else:
         base = args.runs_dir or recipe.output.dir
         run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(base, recipe.output.name or loaded.name)
+        run_dir = agree_on_run_dir(run_dir, recipe.training.device)
         if is_rank_zero():
             run_dir.mkdir(parents=True, exist_ok=False)
             atomic_write_text(run_dir / "recipe.toml", loaded.toml())
-    trainer = Trainer(
-        parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
-        optimizer=recipe.optimizer, schedule=recipe.schedule, training=recipe.training,
-        run_dir=run_dir, recipe=recipe_identity(loaded.resolved), quiet=args.quiet,
-    )
+    # Before the Trainer: it wraps the model in DDP, which must see the final trainable set.
     if recipe.model.init_from is not None and resume_dir is None:
         init_from(parts.model, recipe.model.init_from)
     if recipe.model.freeze_shared:
         from .domains import freeze_shared
 
         freeze_shared(parts.model)
+    trainer = Trainer(
+        parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
+        optimizer=recipe.optimizer, schedule=recipe.schedule, training=recipe.training,
+        run_dir=run_dir, recipe=recipe_identity(loaded.resolved), quiet=args.quiet,
+    )
+    from .engine.distributed import shutdown
+
     try:
         trainer.fit(resume_from=resume_dir)
     except KeyboardInterrupt:
         if is_rank_zero():
             print(f"interrupted: checkpoint saved in {run_dir}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     if is_rank_zero():
         print(f"run folder: {run_dir}")
     return 0

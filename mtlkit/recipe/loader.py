@@ -153,7 +153,10 @@ def use_synthetic(data: dict[str, Any]) -> dict[str, Any]:
             ref["params"] = stand_in.get("params", {})
     if not found:
         raise ConfigError("--synthetic: the recipe names no [data.synthetic] stand-in data set")
-    return data
+    overrides = data.pop("synthetic_overrides", []) or []
+    if not isinstance(overrides, list):
+        raise ConfigError("synthetic_overrides: expected a list of KEY.PATH=VALUE strings")
+    return apply_overrides(data, [str(o) for o in overrides])
 
 
 def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, synthetic: bool = False) -> LoadedRecipe:
@@ -163,9 +166,9 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
     else:
         path = find_recipe(spec)
         raw, where = read_toml(path), str(spec) if Path(spec).is_file() else str(path)
-    raw = apply_overrides(raw, overrides or [])
-    if synthetic:
+    if synthetic:  # the stand-in's own overrides first, so that --set still wins
         raw = use_synthetic(raw)
+    raw = apply_overrides(raw, overrides or [])
 
     pm = get_plugin_manager()
     errors: list[str] = []

@@ -88,6 +88,10 @@ class Recipe(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    synthetic_overrides: list[str] = Field(
+        default_factory=list,
+        description="KEY.PATH=VALUE overrides applied with --synthetic (e.g. fewer epochs for the stand-in data)",
+    )
     paper: Optional["PaperReference"] = Field(None, description="what the paper reports for this recipe")
     baselines: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="single-task results {task: {metric: value}} for Delta_m"

@@ -1,0 +1,94 @@
+"""Two CPU processes under torch.distributed.run (gloo): same weights on both ranks, and the
+distributed evaluation equals a single-process evaluation of the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtlkit.engine import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_common import MeanGrad, Uncertainty, make_data, make_model, make_tasks  # noqa: E402
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from safetensors.torch import save_file
+    from test_engine_common import MeanGrad, Uncertainty, make_data, make_model, make_tasks
+    from mtlkit.engine import Trainer
+    from mtlkit.engine.distributed import shutdown
+
+    torch.set_num_threads(1)
+    out, kind = sys.argv[1], sys.argv[2]
+    rank = int(os.environ["RANK"])
+    tasks = make_tasks()
+    train, val = make_data(num_train=20, num_val=7)
+    model = make_model(tasks, seed=rank)  # different init per rank: DDP must broadcast rank 0's
+    weighting = MeanGrad(list(tasks)) if kind == "grad" else Uncertainty(list(tasks))
+    run_dir = os.path.join(out, "run")
+    os.makedirs(run_dir, exist_ok=True)
+    trainer = Trainer(model, tasks, train, val, weighting=weighting,
+                      training=dict(epochs=2, batch_size=3, seed=5, device="cpu"),
+                      run_dir=run_dir, quiet=True)
+    trainer.fit()
+    metrics = trainer.evaluate()
+    state = {{"model." + k: v.contiguous() for k, v in model.state_dict().items()}}
+    state.update({{"weighting." + k: v.contiguous() for k, v in weighting.state_dict().items()}})
+    save_file(state, os.path.join(out, f"rank{{rank}}.safetensors"))
+    with open(os.path.join(out, f"rank{{rank}}.json"), "w") as fh:
+        json.dump({{"metrics": metrics, "world": trainer.ctx.world_size,
+                   "steps": trainer.global_step}}, fh)
+    shutdown()
+''')
+
+
+def launch(tmp_path: Path, kind: str) -> None:
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MTLKIT_LOAD_ENTRY_POINTS="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(script), str(tmp_path), kind]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_ddp_two_ranks(tmp_path, kind):
+    launch(tmp_path, kind)
+    s0, s1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert s0.keys() == s1.keys()
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), f"ranks differ on {k}"
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["world"] == 2 and r0["metrics"] == r1["metrics"]
+    # 20 samples / 2 ranks = 10 per rank, batches of 3 -> 4 steps per epoch, 2 epochs
+    assert r0["steps"] == 8
+
+    # rank 0 alone wrote the run folder
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.json").is_file()
+    steps = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if '"step"' in l]
+    assert len([r for r in steps if r["type"] == "step"]) == 8
+
+    # single-process evaluation of the same weights on the whole (odd-sized) val set
+    tasks = make_tasks()
+    train, val = make_data(num_train=20, num_val=7)
+    model = make_model(tasks)
+    model.load_state_dict({k[len("model."):]: v for k, v in s0.items() if k.startswith("model.")})
+    single = Trainer(model, tasks, train, val, training=dict(batch_size=2, device="cpu"), quiet=True).evaluate()
+    assert single.keys() == r0["metrics"].keys()
+    for t in single:
+        # counts are exact; the summed NLL differs only by float summation order
+        assert single[t]["accuracy"] == r0["metrics"][t]["accuracy"]
+        assert single[t]["loss"] == pytest.approx(r0["metrics"][t]["loss"], rel=1e-5)
