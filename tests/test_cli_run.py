@@ -111,3 +111,34 @@ def test_console_script_and_module_entry(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mtlkit", "list", "task"], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and "classification" in proc.stdout
+
+
+def test_torchrun_cli_two_processes(tmp_path):
+    """`torchrun -m mtlkit run RECIPE`: both ranks agree on one run folder, rank 0 writes it,
+    and the distributed evaluation of the final weights equals a single-process one."""
+    env = dict(os.environ, MTLKIT_LOAD_ENTRY_POINTS="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         "-m", "mtlkit", "run", "shapes", *TINY, "--set", "training.epochs=1", "--set", "data.params.num_val=7",
+         "--quiet", "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list((tmp_path / "runs" / "shapes").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    # 16 training samples over 2 ranks, batch 8 each: one step per epoch
+    assert sum(r["type"] == "step" for r in records) == 1
+    logged = [r for r in records if r["type"] == "eval"][-1]["metrics"]
+
+    from mtlkit.build import build_parts
+    from mtlkit.engine import Trainer, load_model_weights
+    from mtlkit.recipe.loader import load_recipe
+
+    parts = build_parts(load_recipe(run / "recipe.toml").recipe)
+    load_model_weights(parts.model, run / "checkpoints" / "last.json")
+    single = Trainer(parts.model, parts.tasks, parts.train_data, parts.val_data, training={"device": "cpu"},
+                     quiet=True).evaluate()
+    for task, values in single.items():
+        assert logged[task]["accuracy"] == pytest.approx(values["accuracy"], abs=1e-9)
+        assert logged[task]["loss"] == pytest.approx(values["loss"], rel=1e-5)
