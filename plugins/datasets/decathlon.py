@@ -1,0 +1,303 @@
+"""Visual Decathlon: one domain's split, from the official release or an ImageFolder copy.
+
+Layouts (``layout``):
+
+- ``"official"``: ``root/data/<domain>/{train,val,test}/*.jpg`` and COCO-style
+  ``root/annotations/<domain>_{train,val}.json`` / ``<domain>_test_stripped.json``. File
+  names in the JSON are taken relative to ``root`` (or ``root/data`` if that is where they
+  resolve). Category ids are offset per domain; the loader subtracts the smallest id in the
+  file's ``categories`` (or the official offset when the list is empty).
+- ``"imagefolder"``: ``root/<domain>/<split>/<class>/*.jpg``. Classes are the train split's
+  class folders (sorted numerically if all names are integers, else by name) so that every
+  split shares one class order; a test split may be flat (no class folders, no labels).
+  Image ids are positions in the sorted file list.
+
+Preprocessing: every image is decoded
+once to RGB, its short side resized to ``image_size`` (72, the release's size) and centre
+cropped to ``image_size`` x ``image_size``; the network then sees a ``crop`` x ``crop``
+input. The MTAN WRN-28-4 facts give a 72x72 input (72 -> 36 -> 18 -> 9), so the default
+is ``crop = 72``, with a random crop after ``pad`` pixels of zero padding on each side
+(4) for training; the residual-adapter setting's 64x64 input is ``crop = 64`` (random
+64x64 window for training, centre crop for val/test; ``pad`` may then be 0). Training
+also flips horizontally with p = 0.5, except in gtsrb, omniglot and svhn.
+Normalisation uses the per-domain mean/std of ``decathlon_stats.json`` (shipped as data;
+its values are placeholders users may replace, see that file and
+:func:`mtlkit.decathlon.compute_mean_std`), or of ``stats_file``.
+
+Samples: ``{"image": 3HW float, "label": long (-1 for the unlabelled test split),
+"image_id": int}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.utils.data import Dataset
+
+from mtlkit.decathlon import DOMAINS, NO_FLIP_DOMAINS, category_offset, check_domain, load_stats
+from mtlkit.errors import DataError
+from mtlkit.hookspecs import hookimpl
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLITS = ("train", "val", "test")
+
+
+class DecathlonParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field(..., description="the release root (holding data/ and annotations/) or the ImageFolder root")
+    domain: str = Field(..., description="one of the ten Decathlon domains")
+    layout: Literal["official", "imagefolder"] = "official"
+    image_size: int = Field(72, ge=8, description="short side after resizing; images are centre-cropped to a square")
+    crop: int = Field(72, ge=8, description="network input side")
+    pad: int = Field(4, ge=0, description="zero padding before the training random crop")
+    augment: bool = Field(True, description="random crop + flip on the train split")
+    normalize: bool = True
+    stats_file: str | None = Field(None, description="per-domain mean/std JSON replacing the shipped one")
+    cache: bool = Field(False, description="keep decoded uint8 images in memory (per worker)")
+    check_files: bool = Field(True, description="check at start that every listed image exists")
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "DecathlonParams":
+        if self.crop > self.image_size + 2 * self.pad:
+            raise ValueError(f"crop ({self.crop}) must be at most image_size + 2 * pad ({self.image_size + 2 * self.pad})")
+        return self
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc})") from None
+
+
+def _as_int(value: Any, path: Path, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {what} {value!r} is not an integer") from None
+
+
+def read_official_index(root: Path, domain: str, split: str, check_files: bool = True) -> dict[str, Any]:
+    """Parse one split's annotation file: files, labels (-1 if unlabelled), ids, classes."""
+    ann = root / "annotations" / (f"{domain}_test_stripped.json" if split == "test" else f"{domain}_{split}.json")
+    raw = _read_json(ann)
+    if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
+        raise DataError(f"{ann}: expected a COCO-style object with an 'images' list")
+    categories = raw.get("categories") or []
+    if not isinstance(categories, list):
+        raise DataError(f"{ann}: 'categories' must be a list")
+    cat_ids = sorted(_as_int(c.get("id") if isinstance(c, dict) else None, ann, "category id") for c in categories)
+    offset = cat_ids[0] if cat_ids else category_offset(domain)
+    num_classes = len(cat_ids) if cat_ids else DOMAINS[domain]
+    class_names = [str(c.get("name", i)) for i, c in enumerate(sorted(categories, key=lambda c: int(c["id"])))]
+    if cat_ids and cat_ids != list(range(offset, offset + num_classes)):
+        raise DataError(f"{ann}: category ids are not consecutive from {offset}")
+
+    files: list[str] = []
+    ids: list[int] = []
+    position: dict[int, int] = {}
+    for entry in raw["images"]:
+        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
+            raise DataError(f"{ann}: every image needs 'id' and 'file_name'")
+        image_id = _as_int(entry["id"], ann, "image id")
+        if image_id in position:
+            raise DataError(f"{ann}: image id {image_id} listed twice")
+        position[image_id] = len(files)
+        ids.append(image_id)
+        files.append(str(entry["file_name"]))
+    if not files:
+        raise DataError(f"{ann}: the {split} split lists no images")
+
+    labels = [-1] * len(files)
+    for a in raw.get("annotations") or []:
+        if not isinstance(a, dict):
+            raise DataError(f"{ann}: every annotation must be an object")
+        image_id = _as_int(a.get("image_id"), ann, "annotation image_id")
+        if image_id not in position:
+            raise DataError(f"{ann}: annotation for image id {image_id}, which is not in 'images'")
+        cid = _as_int(a.get("category_id"), ann, "category_id")
+        cls = cid - offset
+        if not 0 <= cls < num_classes:
+            raise DataError(
+                f"{ann}: category id {cid} of image {image_id} is outside domain '{domain}' "
+                f"(ids {offset}..{offset + num_classes - 1})"
+            )
+        labels[position[image_id]] = cls
+    if split != "test":
+        missing = [ids[i] for i, lab in enumerate(labels) if lab < 0]
+        if missing:
+            raise DataError(f"{ann}: image id {missing[0]} has no annotation ({len(missing)} unlabelled)")
+
+    # File names are relative to the release root; accept them relative to root/data too.
+    base = root
+    if not (root / files[0]).is_file() and (root / "data" / files[0]).is_file():
+        base = root / "data"
+    paths = [base / f for f in files]
+    if check_files:
+        for f, p in zip(files, paths):
+            if not p.is_file():
+                raise DataError(f"{ann}: lists '{f}' but {p} is missing")
+    return {"paths": paths, "labels": labels, "ids": ids, "offset": offset,
+            "num_classes": num_classes, "class_names": class_names, "source": ann}
+
+
+def _sorted_names(names: list[str]) -> list[str]:
+    if names and all(n.isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_imagefolder_index(root: Path, domain: str, split: str) -> dict[str, Any]:
+    folder = root / domain / split
+    if not folder.is_dir():
+        raise DataError(f"{folder}: split folder does not exist (ImageFolder layout root/<domain>/<split>/<class>/)")
+    class_ref = root / domain / "train"
+    if not class_ref.is_dir():
+        class_ref = folder
+    classes = _sorted_names([p.name for p in class_ref.iterdir() if p.is_dir()])
+    if len(classes) > DOMAINS[domain]:
+        raise DataError(f"{class_ref}: {len(classes)} class folders, more than domain '{domain}' has ({DOMAINS[domain]})")
+    index = {c: i for i, c in enumerate(classes)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    subdirs = _sorted_names([p.name for p in folder.iterdir() if p.is_dir()])
+    if subdirs:
+        for name in subdirs:
+            if name not in index:
+                raise DataError(f"{folder / name}: class folder not among the train split's classes")
+            for p in _image_files(folder / name):
+                paths.append(p)
+                labels.append(index[name])
+    else:
+        if split != "test":
+            raise DataError(f"{folder}: no class folders (only a test split may be unlabelled)")
+        paths = _image_files(folder)
+        labels = [-1] * len(paths)
+    if not paths:
+        raise DataError(f"{folder}: the {split} split holds no images")
+    return {"paths": paths, "labels": labels, "ids": list(range(len(paths))), "offset": category_offset(domain),
+            "num_classes": len(classes) or DOMAINS[domain], "class_names": classes, "source": folder}
+
+
+def decode_image(path: Path, image_size: int) -> np.ndarray:
+    """Decode to RGB, resize the short side to ``image_size``, centre crop a square: HWC uint8."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            if min(w, h) != image_size:
+                scale = image_size / min(w, h)
+                im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
+                               Image.Resampling.BILINEAR)
+                w, h = im.size
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            im = im.crop((left, top, left + image_size, top + image_size))
+            return np.asarray(im, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file is missing") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: image does not decode ({type(exc).__name__}: {exc})") from None
+
+
+class DecathlonDataset(Dataset):
+    """One Visual Decathlon domain's split (see the module docstring)."""
+
+    def __init__(self, params: DecathlonParams, split: str = "train") -> None:
+        if split not in SPLITS:
+            raise DataError(f"decathlon: unknown split '{split}' (splits: {', '.join(SPLITS)})")
+        check_domain(params.domain, where=f"decathlon data set (root {params.root})", error=DataError)
+        root = Path(params.root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{root}: decathlon root folder does not exist")
+        self.params = params
+        self.split = split
+        self.domain = params.domain
+        if params.layout == "official":
+            index = read_official_index(root, params.domain, split, params.check_files)
+        else:
+            index = read_imagefolder_index(root, params.domain, split)
+        self.paths: list[Path] = index["paths"]
+        self.labels: list[int] = index["labels"]
+        self.image_ids: list[int] = index["ids"]
+        self.category_offset: int = index["offset"]
+        self.num_classes: int = index["num_classes"]
+        self.class_names: list[str] = index["class_names"]
+        self.source = index["source"]
+        self.augment = params.augment and split == "train"
+        self.flip = self.augment and params.domain not in NO_FLIP_DOMAINS
+        if params.normalize:
+            stats_file = params.stats_file
+            stats = load_stats(stats_file)
+            if params.domain not in stats:
+                raise DataError(f"{stats_file or 'decathlon_stats.json'}: no mean/std for domain '{params.domain}'")
+            self.mean = torch.tensor(stats[params.domain]["mean"]).view(3, 1, 1)
+            self.std = torch.tensor(stats[params.domain]["std"]).view(3, 1, 1)
+        else:
+            self.mean = self.std = None
+        self._cache: dict[int, np.ndarray] | None = {} if params.cache else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def decoded(self, index: int) -> np.ndarray:
+        """The decoded ``image_size`` x ``image_size`` uint8 image (cached if asked)."""
+        if self._cache is not None:
+            arr = self._cache.get(index)
+            if arr is None:
+                arr = self._cache[index] = decode_image(self.paths[index], self.params.image_size)
+            return arr
+        return decode_image(self.paths[index], self.params.image_size)
+
+    def _geometry(self, image: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if self.augment:
+            if p.pad:
+                image = F.pad(image, (p.pad, p.pad, p.pad, p.pad))
+            h, w = image.shape[1:]
+            top = int(torch.randint(h - p.crop + 1, ()))
+            left = int(torch.randint(w - p.crop + 1, ()))
+            image = image[:, top:top + p.crop, left:left + p.crop]
+            if self.flip and bool(torch.rand(()) < 0.5):
+                image = image.flip(-1)
+            return image
+        h, w = image.shape[1:]
+        if p.crop > h:  # crop larger than the image: centred zero padding
+            extra = p.crop - h
+            image = F.pad(image, (extra // 2, extra - extra // 2, extra // 2, extra - extra // 2))
+            return image
+        top, left = (h - p.crop) // 2, (w - p.crop) // 2
+        return image[:, top:top + p.crop, left:left + p.crop]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.paths):
+            raise IndexError(index)
+        arr = self.decoded(index)
+        image = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+        image = self._geometry(image)
+        if self.mean is not None:
+            image = (image - self.mean) / self.std
+        return {"image": image.contiguous(), "label": torch.tensor(self.labels[index], dtype=torch.long),
+                "image_id": int(self.image_ids[index])}
+
+
+@hookimpl
+def register_datasets(register):
+    register("decathlon", DecathlonDataset, params=DecathlonParams,
+             description="Visual Decathlon domain (official release or ImageFolder layout)")
+
+
+__all__ = ["DecathlonDataset", "DecathlonParams", "decode_image", "read_official_index",
+           "read_imagefolder_index"]
