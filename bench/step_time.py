@@ -1,0 +1,193 @@
+"""Step time of the SegNet zoo on this machine: forward + backward, batch 2.
+
+For each architecture and size (288x384 with the NYUv2 tasks, 128x256 with the CityScapes
+tasks) it prints seconds per step, FLOPs (torch.utils.flop_counter.FlopCounterMode, counted
+on the meta device, so free), achieved GFLOP/s, peak resident memory of the process that ran
+the step, and the fp32 GEMM peak of this machine measured in the same run (torch.mm), with
+ratios. Each configuration runs in its own subprocess so that peak RSS is its own.
+
+    python bench/step_time.py            # full size (minutes on a 2-core CPU)
+    python bench/step_time.py --quick    # 64x96 / 32x64, quarter width: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ARCHS = {
+    # name: (attention, attention params, segnet params)
+    "single-seg": ("split", {}, {}),  # one single-task SegNet (segmentation head only)
+    "one-task": ("single", {}, {}),
+    "stan": ("single", {"inner": "mtan"}, {}),
+    "split-standard": ("split", {}, {}),
+    "split-wide": ("split", {}, {"widths": [64, 128, 256, 512, 1024]}),
+    "split-deep": ("split", {}, {"deep": True}),
+    "dense": ("dense", {}, {}),
+    "cross-stitch": ("cross_stitch", {}, {}),
+    "mtan": ("mtan", {}, {}),
+    "mtan-fast": ("mtan", {"fast": True, "channels_last": True}, {}),
+}
+
+
+@dataclass
+class StandInTask:
+    name: str
+    target: str
+    out_channels: int
+    output_activation: str = "identity"
+
+
+def tasks_for(height: int, only_seg: bool):
+    if height >= 200:  # NYUv2
+        tasks = {"segmentation": StandInTask("segmentation", "segmentation", 13, "log_softmax"),
+                 "depth": StandInTask("depth", "depth", 1),
+                 "normal": StandInTask("normal", "normal", 3, "l2_normalize")}
+    else:  # CityScapes
+        tasks = {"segmentation": StandInTask("segmentation", "segmentation", 7, "log_softmax"),
+                 "depth": StandInTask("depth", "depth", 1)}
+    return {"segmentation": tasks["segmentation"]} if only_seg else tasks
+
+
+def build(arch: str, height: int, width_mult: float):
+    from mtlkit.plugin_manager import get_registry
+
+    reg = get_registry()
+    attention, att_params, bb_params = ARCHS[arch]
+    bb_params = dict(bb_params, width=width_mult)
+    tasks = tasks_for(height, arch == "single-seg")
+    heads = {t: (lambda c, t=t: reg.get("head", "dense_pred").build({}, in_channels=c, task=tasks[t])) for t in tasks}
+    return reg.get("attention", attention).build(
+        att_params, backbone=lambda: reg.get("backbone", "segnet").build(bb_params), heads=heads, tasks=tasks)
+
+
+def loss_of(out):
+    return sum(o.float().mean() for o in out.values())
+
+
+def count_flops(arch, h, w, batch, width_mult):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = build(arch, h, width_mult)
+        x = torch.randn(batch, 3, h, w)
+        with FlopCounterMode(display=False) as fwd:
+            out = net(x)
+        with FlopCounterMode(display=False) as bwd:
+            loss_of(out).backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+def run_one(arch: str, h: int, w: int, batch: int, steps: int, width_mult: float) -> dict:
+    """One configuration (in a fresh process): the measured numbers as a dict."""
+    import torch
+
+    torch.manual_seed(0)
+    fwd_flops, bwd_flops = count_flops(arch, h, w, batch, width_mult)
+    net = build(arch, h, width_mult).train()
+    x = torch.randn(batch, 3, h, w)
+    params = sum(p.numel() for p in net.parameters())
+    times = []
+    for i in range(steps + 1):  # the first step warms up allocators and kernels
+        net.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss_of(net(x)).backward()
+        dt = time.perf_counter() - t0
+        if i > 0:
+            times.append(dt)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"arch": arch, "size": f"{h}x{w}", "params": params, "step_s": min(times),
+            "fwd_gflop_per_image": fwd_flops / batch / 1e9, "step_gflop": (fwd_flops + bwd_flops) / 1e9,
+            "peak_rss_gb": peak_kb * 1024 / 1e9}
+
+
+def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of torch.mm on n x n matrices."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes and quarter width (seconds)")
+    ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of: " + ", ".join(ARCHS))
+    ap.add_argument("--sizes", default=None, help="e.g. 288x384,128x256")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step (best is kept)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    width_mult = 0.25 if args.quick else 1.0
+    if args._one:  # child process: one configuration, JSON on stdout
+        arch, size = args._one.split("@")
+        h, w = map(int, size.split("x"))
+        print(json.dumps(run_one(arch, h, w, args.batch, args.steps, width_mult)))
+        return 0
+
+    sizes = args.sizes or ("64x96,32x64" if args.quick else "288x384,128x256")
+    archs = [a for a in args.archs.split(",") if a]
+    peak = gemm_peak(1024 if args.quick else 2048)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 GEMM peak "
+          f"(torch.mm): {peak:.1f} GFLOP/s; batch {args.batch}; width x{width_mult}")
+    rows = []
+    for size in sizes.split(","):
+        for arch in archs:
+            cmd = [sys.executable, os.path.abspath(__file__), "--_one", f"{arch}@{size}", "--batch", str(args.batch),
+                   "--steps", str(args.steps)] + (["--quick"] if args.quick else []) + \
+                  (["--threads", str(args.threads)] if args.threads else [])
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{arch} {size}: failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row["gflops"] = row["step_gflop"] / row["step_s"]
+            row["of_peak"] = row["gflops"] / peak
+            rows.append(row)
+            print(f"  done {arch} {size}: {row['step_s']:.2f} s", file=sys.stderr, flush=True)
+
+    # contention from other processes lowers a single reading: keep the best of two
+    peak = max(peak, gemm_peak(1024 if args.quick else 2048))
+    for r in rows:
+        r["of_peak"] = r["gflops"] / peak
+    print(f"fp32 GEMM peak, best of the readings before and after: {peak:.1f} GFLOP/s")
+    header = (f"{'architecture':<15} {'size':>8} {'params':>12} {'fwd GF/img':>10} {'step GF':>8} "
+              f"{'step s':>8} {'x base':>7} {'GFLOP/s':>8} {'of peak':>7} {'peak GB':>8}")
+    print(header)
+    print("-" * len(header))
+    for size in sizes.split(","):
+        size_rows = [r for r in rows if r["size"] == size]
+        base = next((r for r in size_rows if r["arch"] == "split-standard"), size_rows[0] if size_rows else None)
+        for r in size_rows:
+            print(f"{r['arch']:<15} {r['size']:>8} {r['params']:>12,} {r['fwd_gflop_per_image']:>10.1f} "
+                  f"{r['step_gflop']:>8.1f} {r['step_s']:>8.2f} {r['step_s'] / base['step_s']:>7.2f} "
+                  f"{r['gflops']:>8.1f} {r['of_peak']:>7.2f} {r['peak_rss_gb']:>8.2f}")
+    print("x base: step time relative to split-standard; of peak: achieved GFLOP/s / GEMM peak.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"gemm_peak_gflops": peak, "rows": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
