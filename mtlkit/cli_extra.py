@@ -104,17 +104,20 @@ def cmd_params(args) -> int:
 
 
 def _params_base(recipe, tasks) -> int:
-    """Parameters of the paper's unit: one single-task network (split, first task), or the
-    backbone alone (the Decathlon's convention)."""
+    """Parameters of the paper's unit: one standard single-task network (the backbone with
+    its default parameters, split, the first task's head), or that backbone alone (the
+    Decathlon's convention, ``paper.params_base = "backbone"``)."""
     from .build import build_component, compose
+    from .recipe.schema import ComponentRef
 
     mode = recipe.paper.params_base if recipe.paper else "single_task"
     first = next(iter(tasks))
+    standard = ComponentRef(name=recipe.model.backbone.name)  # e.g. plain SegNet, not Wide/Deep
     if mode == "backbone":
-        backbone = build_component("backbone", recipe.model.backbone, "model.backbone", task_names=[first])
+        backbone = build_component("backbone", standard, "model.backbone", task_names=[first])
         return sum(p.numel() for p in backbone.parameters())
     heads = {first: recipe.model.heads[first]} if first in recipe.model.heads else None
-    single = compose(backbone=recipe.model.backbone, tasks={first: tasks[first]}, attention="split",
+    single = compose(backbone=standard, tasks={first: tasks[first]}, attention="split",
                      head=recipe.model.head, heads=heads)
     return sum(p.numel() for p in single.parameters())
 

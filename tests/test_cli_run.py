@@ -142,3 +142,14 @@ def test_torchrun_cli_two_processes(tmp_path):
     for task, values in single.items():
         assert logged[task]["accuracy"] == pytest.approx(values["accuracy"], abs=1e-9)
         assert logged[task]["loss"] == pytest.approx(values["loss"], rel=1e-5)
+
+
+def test_params_prints_the_papers_column(capsys):
+    rc, out, err = run_main(["params", "nyuv2/mtan", "nyuv2/split_wide"], capsys)
+    assert rc == 0, err
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.splitlines() if line.startswith("│")}
+    # MTAN: 44,229,073 parameters over one single-task SegNet (24,981,069), paper 1.77
+    assert rows["nyuv2/mtan"][1:] == ["44,229,073", f"{44_229_073 / 24_981_069:.3f}", "1.77"]
+    # Split Wide is measured against the standard SegNet, not the widened one
+    assert rows["nyuv2/split_wide"][1:] == ["43,934,161", f"{43_934_161 / 24_981_069:.3f}", "1.75"]
