@@ -1,6 +1,6 @@
 """The hooks a plugin may implement. Each receives a ``register`` callback.
 
-``register(name, factory, params=None, description=None)`` adds one component:
+``register(name, factory, params=None, description=None, tiny=None)`` adds one component:
 
 - ``name``: the name recipes use (unique within its kind);
 - ``factory``: ``factory(params, **context)`` builds the component; ``params`` is an
@@ -8,7 +8,9 @@
   :mod:`mtlkit.contracts`);
 - ``params``: a pydantic model (``extra="forbid"``) of the component's parameters;
   ``None`` means the component takes none;
-- ``description``: one line for ``mtlkit list``; defaults to the factory's docstring.
+- ``description``: one line for ``mtlkit list``; defaults to the factory's docstring;
+- ``tiny``: params of a tiny variant that runs in a CPU test (``None``: the defaults are
+  small; ``False``: it needs files on disk and its own test module covers it).
 """
 
 from __future__ import annotations

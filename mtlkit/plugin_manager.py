@@ -176,8 +176,10 @@ class MtlkitPluginManager:
             for impl in reversed(hook.get_hookimpls()):  # registration order
                 plugin_name = impl.plugin_name
 
-                def register(name, factory, params=None, description=None, *, _kind=kind, _plugin=plugin_name):
-                    registry.register(_kind, name, factory, params=params, description=description, plugin=_plugin)
+                def register(name, factory, params=None, description=None, tiny=None, *, _kind=kind,
+                             _plugin=plugin_name):
+                    registry.register(_kind, name, factory, params=params, description=description,
+                                      plugin=_plugin, tiny=tiny)
 
                 impl.function(register=register)
         return registry

@@ -41,6 +41,9 @@ class Component:
     params: type[BaseModel] = NoParams
     description: str = ""
     plugin: str = "?"
+    # params of a tiny CPU variant for tests (None: the defaults are tiny already;
+    # False: it needs files on disk and is tested by its own test module)
+    tiny: dict | bool | None = None
 
     def validate_params(self, params: dict | BaseModel | None = None, where: str = "") -> BaseModel:
         """Validate raw params against this component's model; one-line error on failure."""
@@ -90,6 +93,7 @@ class Registry:
         params: type[BaseModel] | None = None,
         description: str | None = None,
         plugin: str = "?",
+        tiny: dict | bool | None = None,
     ) -> Component:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin '{plugin}' registered a {kind} without a name")
@@ -102,6 +106,7 @@ class Registry:
             params=params or NoParams,
             description=description if description is not None else first_doc_line(factory),
             plugin=plugin,
+            tiny=tiny,
         )
         self.add(component)
         return component

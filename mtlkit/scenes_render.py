@@ -20,6 +20,13 @@ Classes (``num_classes = C >= 7``): 0 floor, 1 wall, 2 ceiling, 3 picture (on a 
 ``C - 4`` object classes: object class ``4 + j`` has shape ``j % 3`` (0 box, 1 sphere,
 2 cylinder) and colour family ``j // 3``, so beyond 7 classes objects split by colour.
 
+Two classes (``num_classes = 2``, the coarsest level of a task-complexity study): the scene
+is the ``TWO_CLASS_BASE`` (13) class scene of the same seed words, image, depth and normals
+included, with its labels coarsened by ``TWO_CLASS_MAP``: 0 = room structure (floor, wall,
+ceiling, picture: classes 0-3), 1 = object (every class >= 4). So the 2- and 13-class
+versions of a sample show the same room, and the 2-class label is a function of the 13-class
+one (the 7-class scene is a different draw: objects are sampled from a different palette).
+
 Everything is drawn from ``numpy.random.Generator`` seeded by a SeedSequence, so
 :func:`render` with the same seed words gives the same scene everywhere (pixels may differ
 in the last bit across platforms whose numpy math functions round differently).
@@ -34,6 +41,9 @@ import numpy as np
 
 FLOOR, WALL, CEILING, PICTURE = 0, 1, 2, 3
 NUM_STUFF = 4
+STRUCTURE, OBJECT = 0, 1  # the two classes of num_classes = 2
+TWO_CLASS_BASE = 13  # num_classes = 2 coarsens the scene rendered at this many classes
+TWO_CLASS_MAP = np.array([STRUCTURE] * NUM_STUFF + [OBJECT] * (TWO_CLASS_BASE - NUM_STUFF), dtype=np.int64)
 SHAPES = ("box", "sphere", "cylinder")
 FOV_DEG = 60.0
 _EPS = 1e-6
@@ -363,9 +373,16 @@ def render_scene(scene: Scene, height: int, width: int, noise: float, rng: np.ra
 
 
 def render(seed_words: list[int], height: int, width: int, num_classes: int, noise: float) -> dict[str, np.ndarray]:
-    """Render the scene of ``seed_words`` (a numpy SeedSequence entropy list)."""
+    """Render the scene of ``seed_words`` (a numpy SeedSequence entropy list).
+
+    ``num_classes`` is 2 (structure / object, see the module docstring) or at least 7.
+    """
+    if num_classes == 2:
+        out = render(seed_words, height, width, TWO_CLASS_BASE, noise)
+        out["label"] = TWO_CLASS_MAP[out["label"]]
+        return out
     if num_classes < 7:
-        raise ValueError("num_classes must be at least 7")
+        raise ValueError(f"num_classes must be 2 or at least 7, got {num_classes}")
     rng = np.random.default_rng(np.random.SeedSequence(seed_words))
     scene = sample_scene(rng, num_classes)
     return render_scene(scene, height, width, noise, rng)

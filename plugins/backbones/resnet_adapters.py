@@ -191,7 +191,7 @@ def build_resnet26(params: ResNet26Params, task_names: list[str] | None = None) 
 
 @hookimpl
 def register_backbones(register):
-    register("resnet26", build_resnet26, params=ResNet26Params,
+    register("resnet26", build_resnet26, params=ResNet26Params, tiny={"stem_width": 4, "widths": [4, 8], "blocks_per_stage": 1},
              description="ResNet-26 (64 px) with series/parallel residual adapters, domain BN")
 
 

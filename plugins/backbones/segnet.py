@@ -185,5 +185,5 @@ def build_segnet(params: SegNetParams) -> SegNet:
 
 @hookimpl
 def register_backbones(register):
-    register("segnet", build_segnet, params=SegNetParams,
+    register("segnet", build_segnet, params=SegNetParams, tiny={"width": 0.0625},
              description="VGG-16 SegNet encoder-decoder (MTAN one-to-many; width/deep/widths variants)")

@@ -51,4 +51,4 @@ class SmallCNN(Backbone):
 
 @hookimpl
 def register_backbones(register):
-    register("small_cnn", SmallCNN, params=SmallCNNParams, description="Small plain CNN (tests, quick starts)")
+    register("small_cnn", SmallCNN, params=SmallCNNParams, tiny={"widths": [4, 8]}, description="Small plain CNN (tests, quick starts)")

@@ -82,5 +82,5 @@ def build_timm(params: TimmParams) -> TimmBackbone:
 
 @hookimpl
 def register_backbones(register):
-    register("timm", build_timm, params=TimmParams,
+    register("timm", build_timm, params=TimmParams, tiny={"name": "test_resnet"},
              description="Any timm model by name (features_only), local safetensors weights")

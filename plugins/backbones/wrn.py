@@ -149,5 +149,5 @@ def build_wrn(params: WRNParams, task_names: list[str] | None = None) -> WideRes
 
 @hookimpl
 def register_backbones(register):
-    register("wrn", build_wrn, params=WRNParams,
+    register("wrn", build_wrn, params=WRNParams, tiny={"depth": 10, "widen_factor": 1},
              description="Pre-activation Wide ResNet (WRN-28-4, 72x72; optional domain BN)")

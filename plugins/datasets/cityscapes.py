@@ -84,5 +84,5 @@ def build_cityscapes(params: CityScapesParams, split: str = "train") -> CityScap
 
 @hookimpl
 def register_datasets(register):
-    register("cityscapes", build_cityscapes, params=CityScapesParams,
+    register("cityscapes", build_cityscapes, params=CityScapesParams, tiny=False,
              description="CityScapes .npy release (2/7/19-class seg, disparity) at 128x256")

@@ -295,7 +295,7 @@ class DecathlonDataset(Dataset):
 
 @hookimpl
 def register_datasets(register):
-    register("decathlon", DecathlonDataset, params=DecathlonParams,
+    register("decathlon", DecathlonDataset, params=DecathlonParams, tiny=False,
              description="Visual Decathlon domain (official release or ImageFolder layout)")
 
 

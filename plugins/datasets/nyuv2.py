@@ -264,5 +264,5 @@ def build_nyuv2(params: NYUv2Params, split: str = "train") -> NYUv2:
 
 @hookimpl
 def register_datasets(register):
-    register("nyuv2", build_nyuv2, params=NYUv2Params,
+    register("nyuv2", build_nyuv2, params=NYUv2Params, tiny=False,
              description="NYUv2 .npy release (13-class seg, depth, normals); optional MTAN augmentation")

@@ -79,5 +79,5 @@ class SyntheticClassification(Dataset):
 
 @hookimpl
 def register_datasets(register):
-    register("synthetic_classification", SyntheticClassification, params=SyntheticClassificationParams,
+    register("synthetic_classification", SyntheticClassification, params=SyntheticClassificationParams, tiny={"size": 8, "num_train": 4, "num_val": 4},
              description="Generated shapes with shape/colour/size labels (embedded, no download)")

@@ -429,5 +429,5 @@ class SyntheticDecathlon(Dataset):
 
 @hookimpl
 def register_datasets(register):
-    register("synthetic_decathlon", SyntheticDecathlon, params=SyntheticDecathlonParams,
+    register("synthetic_decathlon", SyntheticDecathlon, params=SyntheticDecathlonParams, tiny={"domain": "svhn", "size": 16, "n": 4},
              description="Ten generated Decathlon-like domains (2..20 classes, no download)")

@@ -7,6 +7,11 @@ consistent: ``depth`` is z-depth in metres and ``normal`` the unit surface norma
 camera frame (x right, y down, z forward), so normals estimated from the back-projected
 depth map agree with ``normal`` on planar surfaces.
 
+``num_classes`` is 2 or at least 7. With 2, labels are 0 = room structure (floor, wall,
+ceiling, picture) and 1 = object: the 13-class scene of the same seed, coarsened (see
+:mod:`mtlkit.scenes_render`), so 2 / 7 / 13 classes give a task-complexity ladder like the
+paper's 2 / 7 / 19 CityScapes classes.
+
 Samples match the NYUv2 loader: ``image`` 3HW float32 in [0, 1], ``segmentation`` HW int64,
 ``depth`` 1HW float32, ``normal`` 3HW float32. Sample ``i`` of split ``s`` is rendered on the
 fly from the seed words ``(seed, split id, i)``, so it is the same in every worker and on
@@ -48,10 +53,18 @@ class SyntheticScenesParams(BaseModel):
     width: int = Field(384, ge=8)
     num_train: int = Field(795, ge=1)
     num_val: int = Field(654, ge=1)
-    num_classes: int = Field(13, ge=7, description="4 room classes + object classes (shape x colour family)")
+    num_classes: int = Field(13, ge=2, description="4 room classes + object classes (shape x colour family); "
+                             "or 2: room structure (floor, wall, ceiling, picture) vs objects")
     seed: int = 0
     noise: float = Field(0.02, ge=0.0, description="std of Gaussian pixel noise")
     targets: list[str] = Field(default_factory=lambda: list(TARGETS))
+
+    @field_validator("num_classes")
+    @classmethod
+    def _known_class_count(cls, v: int) -> int:
+        if 2 < v < 7:
+            raise ValueError(f"num_classes must be 2 (structure vs objects) or at least 7, got {v}")
+        return v
 
     @field_validator("targets")
     @classmethod

@@ -67,5 +67,5 @@ class Classification(Task):
 
 @hookimpl
 def register_tasks(register):
-    register("classification", Classification, params=ClassificationParams,
+    register("classification", Classification, params=ClassificationParams, tiny={"num_classes": 3},
              description="Cross-entropy; top-1 accuracy (%) over the whole split")

@@ -116,5 +116,5 @@ class Segmentation(Task):
 
 @hookimpl
 def register_tasks(register):
-    register("segmentation", Segmentation, params=SegmentationParams,
+    register("segmentation", Segmentation, params=SegmentationParams, tiny={"num_classes": 3},
              description="Pixel NLL (ignore -1); whole-split mIoU and pixel accuracy (%)")
