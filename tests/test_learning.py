@@ -1,0 +1,105 @@
+"""Learning checks: trained briefly on synthetic scenes, the architectures beat trivial
+predictors (majority class, mean training depth, mean training normal), computed here with
+numpy from the data set's samples. The training and the table live in
+``bench/learning_check.py`` (run it for the numbers); margins below leave headroom under
+the ones measured there (see its docstring for the sign convention: positive = better)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "learning_check.py"
+
+
+def _bench():
+    name = "mtlkit_bench_learning_check"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_trivial_baselines_by_hand():
+    """The numpy trivial predictors on a hand-made two-sample set."""
+    lc = _bench()
+    seg_tr = torch.tensor([[0, 0], [0, 1]])
+    seg_va = torch.tensor([[0, 1], [2, -1]])
+    n_tr = torch.zeros(3, 2, 2)
+    n_tr[2] = -1.0  # all facing the camera
+    n_va = torch.zeros(3, 2, 2)
+    n_va[0, 0, 0] = 1.0  # 90 degrees off
+    n_va[2, 0, 1] = -1.0  # 0 degrees
+    train = [{"segmentation": seg_tr, "depth": torch.tensor([[[1.0, 3.0], [0.0, 2.0]]]), "normal": n_tr}]
+    val = [{"segmentation": seg_va, "depth": torch.tensor([[[2.0, 4.0], [0.0, 0.0]]]), "normal": n_va}]
+    t = lc.trivial_baselines(train, val, num_classes=3)
+    assert t["majority_class"] == 0
+    assert t["pixel_acc"] == pytest.approx(100 / 3)  # one of three labelled pixels is class 0
+    assert t["miou"] == pytest.approx(100 / 9)  # IoU 1/3 for class 0, 0 for classes 1 and 2
+    assert t["mean_depth"] == pytest.approx(2.0)
+    assert t["depth_abs"] == pytest.approx(1.0)  # |2 - 2|, |4 - 2| over two valid pixels
+    assert t["normal_mean"] == pytest.approx(45.0)  # 90 and 0 degrees over two valid pixels
+
+
+@pytest.fixture
+def one_thread():
+    """These small models train several times faster on one thread on a shared 2-core CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_mtan_tiny_beats_trivial_predictors(one_thread):
+    """MTAN (SegNet at 1/8 width, 32 x 48 images, 64 scenes, 128 steps of batch 2) beats the
+    majority-class pixel accuracy and the mean-depth abs error (constant lr). Measured: pixel acc 74.7 vs
+    57.1 (+17.6 points), depth 0.923 vs 1.077 m (+0.154 m); about 25 s on one thread."""
+    lc = _bench()
+    s = lc.Settings(height=32, width=48, num_train=64, num_val=32, epochs=4, batch_size=2, lr=3e-3, schedule="none")
+    metrics, data = lc.train_one("mtan", s)
+    trivial = lc.trivial_baselines(data[0], data[1], s.num_classes)
+    m = lc.margins(metrics, trivial)
+    assert all(np.isfinite(list(metrics.values())))
+    assert m["pixel_acc"] > 8.0, (metrics, trivial)
+    assert m["depth_abs"] > 0.05, (metrics, trivial)
+
+
+# minimum margins over trivial (mIoU and pixel acc in points, depth in metres, normal in
+# degrees). Measured with bench/learning_check.py's defaults (the smallest over the eight
+# architectures, split_wide's depth aside): mIoU +11.9, pixel acc +19.1, depth +0.140 m
+# (split_deep), normal +9.6 deg; the thresholds keep about half of that as headroom.
+SLOW_MARGINS = {"miou": 6.0, "pixel_acc": 10.0, "depth_abs": 0.07, "normal_mean": 5.0}
+# Known shortfall: split_wide at 1/8 width (widths [8, 16, 32, 64, 128]) ends with depth abs
+# err 1.218 m vs the mean-depth predictor's 1.045 (1.084 with a constant lr); the same
+# recipe with widths [8, 16, 32, 64, 64] reaches 0.613. Kept visible as an xfail.
+KNOWN_SHORTFALLS = {("split_wide", "depth_abs")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", _bench().ARCHS if BENCH.is_file() else [])
+def test_every_architecture_beats_trivial_predictors(arch, trivial_and_data, one_thread):
+    lc = _bench()
+    trivial, data = trivial_and_data
+    metrics, _ = lc.train_one(arch, lc.Settings(), data)
+    m = lc.margins(metrics, trivial)
+    failures = [f"{key} margin {m[key]:.3f} <= {need}" for key, need in SLOW_MARGINS.items() if not m[key] > need]
+    known = [f for f in failures if (arch, f.split()[0]) in KNOWN_SHORTFALLS]
+    unexpected = [f for f in failures if f not in known]
+    assert not unexpected, f"{arch}: {unexpected} ({metrics} vs trivial {trivial})"
+    if known:
+        pytest.xfail(f"{arch}: known shortfall {known}")
+
+
+@pytest.fixture(scope="module")
+def trivial_and_data():
+    lc = _bench()
+    s = lc.Settings()
+    data = lc.render_data(s)
+    return lc.trivial_baselines(data[0], data[1], s.num_classes), data
