@@ -77,6 +77,10 @@ def setup(device_name: str) -> DistContext:
 def shutdown() -> None:
     """Leave the process group (the CLI calls this once training and evaluation are over)."""
     if dist.is_initialized():
+        # Every rank reaches this point before any tears gloo down: a rank that destroys
+        # the group while a peer's last collective is still in flight aborts the peer
+        # ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
