@@ -79,6 +79,30 @@ def agree_on_run_dir(run_dir: Path, device: str) -> Path:
     return Path(box[0])
 
 
+def resolve_baselines(baselines: dict, recipe_path: Path | None) -> dict[str, dict[str, float]]:
+    """Recipe baselines: metric tables as given, or read from earlier runs' results.json."""
+    out = {}
+    for task, spec in baselines.items():
+        if isinstance(spec, dict):
+            out[task] = spec
+            continue
+        path = Path(spec)
+        if not path.is_absolute() and recipe_path is not None and not path.exists():
+            path = recipe_path.parent / path
+        results = path / "results.json" if path.is_dir() else path
+        if not results.is_file():
+            raise ConfigError(f"[baselines] {task}: '{spec}' is not a run folder with a results.json")
+        try:
+            data = json.loads(results.read_text())
+            table = (data.get("last_n_mean") or {}).get("metrics") or data.get("final") or {}
+        except (json.JSONDecodeError, AttributeError):
+            raise ConfigError(f"[baselines] {task}: {results} is not a results.json") from None
+        if task not in table:
+            raise ConfigError(f"[baselines] {task}: {results} has no results for task '{task}'")
+        out[task] = table[task]
+    return out
+
+
 def recipe_identity(resolved: dict) -> dict:
     """What a checkpoint's recipe hash covers: everything but ``training.epochs``, so that
     a resumed run may be extended, while any other change is refused."""
@@ -140,6 +164,7 @@ def cmd_run(args) -> int:
         parts = build_parts(recipe)
     except MtlkitError as exc:
         raise _data_hint(loaded, exc) from None
+    baselines = resolve_baselines(recipe.baselines, loaded.path)
     from .engine import Trainer
 
     if resume_dir is not None:
@@ -164,6 +189,7 @@ def cmd_run(args) -> int:
         parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
         optimizer=recipe.optimizer, schedule=recipe.schedule, training=recipe.training,
         run_dir=run_dir, recipe=recipe_identity(loaded.resolved), quiet=args.quiet,
+        baselines=baselines,
     )
     from .engine.distributed import shutdown
 

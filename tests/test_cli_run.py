@@ -153,3 +153,24 @@ def test_params_prints_the_papers_column(capsys):
     assert rows["nyuv2/mtan"][1:] == ["44,229,073", f"{44_229_073 / 24_981_069:.3f}", "1.77"]
     # Split Wide is measured against the standard SegNet, not the widened one
     assert rows["nyuv2/split_wide"][1:] == ["43,934,161", f"{43_934_161 / 24_981_069:.3f}", "1.75"]
+
+
+def test_delta_m_per_evaluation_against_an_earlier_run(finished_run, tmp_path, capsys):
+    """baselines = {task: RUN_DIR}: every evaluation logs Delta_m% against that run's result."""
+    baseline = json.loads((finished_run / "results.json").read_text())["final"]
+    run = tmp_path / "mtl"
+    rc, out, err = run_main(["run", "shapes", *TINY, "--set", "training.epochs=1", "--set", "training.seed=3",
+                             "--set", f"baselines.shape='{finished_run}'",
+                             "--set", "baselines.size={accuracy = 50.0}", "--run-dir", str(run)], capsys)
+    assert rc == 0, err
+    assert "Delta_m" in out
+    ev = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if '"eval"' in l][-1]
+    m = ev["metrics"]
+    # by hand: accuracy is higher-is-better, loss lower-is-better; mean over the 3 metrics
+    changes = [-(m["shape"]["accuracy"] - baseline["shape"]["accuracy"]) / baseline["shape"]["accuracy"],
+               (m["shape"]["loss"] - baseline["shape"]["loss"]) / baseline["shape"]["loss"],
+               -(m["size"]["accuracy"] - 50.0) / 50.0]
+    assert ev["delta_m"] == pytest.approx(100 * sum(changes) / 3, rel=1e-9)
+    rc, _, err = run_main(["run", "shapes", *TINY, "--set", "baselines.shape='/no/such/run'",
+                           "--run-dir", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "[baselines] shape" in err and not (tmp_path / "x").exists()

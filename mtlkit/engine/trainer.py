@@ -158,19 +158,26 @@ class Trainer:
     (default: equal weights, the sum of task losses); ``optimizer``, ``schedule``,
     ``training`` (config objects or dicts); ``run_dir`` (an existing folder to write logs,
     checkpoints and results to; None writes nothing); ``recipe`` (dict, hashed into
-    checkpoints: resuming with a different recipe is refused); ``quiet`` (no live display).
+    checkpoints: resuming with a different recipe is refused); ``quiet`` (no live display);
+    ``baselines`` (single-task results ``{task: {metric: value}}``: each evaluation then also
+    reports Delta_m%, the mean signed relative change over the baselines' metrics).
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, Task], train_data, val_data=None,
                  weighting: Weighting | None = None, optimizer: OptimizerConfig | dict | None = None,
                  schedule: ScheduleConfig | dict | None = None, training: TrainingConfig | dict | None = None,
-                 run_dir: str | os.PathLike | None = None, recipe: dict | None = None, quiet: bool = False) -> None:
+                 run_dir: str | os.PathLike | None = None, recipe: dict | None = None, quiet: bool = False,
+                 baselines: Mapping[str, Mapping[str, float]] | None = None) -> None:
         self.opt_cfg: OptimizerConfig = coerce(OptimizerConfig, optimizer, "optimizer")
         self.sched_cfg: ScheduleConfig = coerce(ScheduleConfig, schedule, "schedule")
         self.cfg: TrainingConfig = coerce(TrainingConfig, training, "training")
         self.tasks = dict(tasks)
         if not self.tasks:
             raise ConfigError("tasks: at least one task is needed")
+        self.baselines = {t: dict(v) for t, v in (baselines or {}).items()}
+        unknown = [t for t in self.baselines if t not in self.tasks]
+        if unknown:
+            raise ConfigError(f"baselines: '{unknown[0]}' is not a task (tasks: {', '.join(self.tasks)})")
         self.many_to_many = isinstance(train_data, Mapping)
         self.train_data = train_data
         self.val_data = val_data
@@ -555,16 +562,27 @@ class Trainer:
         stems = ["last"]
         if self.val_data is not None and (self.epoch % self.cfg.eval_interval == 0 or self.epoch == self.cfg.epochs):
             metrics = self.evaluate()
-            self.history.append({"epoch": self.epoch, "global_step": self.global_step, "metrics": metrics})
-            self._log({"type": "eval", "epoch": self.epoch, "global_step": self.global_step, "metrics": metrics,
-                       "time": time.time()}, flush=True)
-            self.reporter.metrics(epoch, metrics)
+            record = {"epoch": self.epoch, "global_step": self.global_step, "metrics": metrics}
+            shown = dict(metrics)
+            if self.baselines:
+                record["delta_m"] = self.delta_m(metrics)
+                shown["Delta_m"] = {"% vs single-task": record["delta_m"]}
+            self.history.append(record)
+            self._log({"type": "eval", **record, "time": time.time()}, flush=True)
+            self.reporter.metrics(epoch, shown)
             if self._update_best(metrics):
                 stems.append("best")
         self._committed_rng = capture_rng()
         self._save(stems, rng=self._committed_rng)
         self._write_results()
         return means
+
+    def delta_m(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
+        """Delta_m% of ``metrics`` against ``self.baselines`` (their metrics, all tasks)."""
+        from ..delta_m import delta_m
+
+        directions = {t: dict(self.tasks[t].metrics().higher_is_better) for t in self.baselines}
+        return float(delta_m(metrics, self.baselines, directions))
 
     def _buffers(self) -> list[Tensor]:
         return list(self.raw_model.buffers()) + list(self.weighting.buffers())

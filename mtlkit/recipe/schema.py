@@ -6,7 +6,7 @@ plugin's own params model (:mod:`mtlkit.recipe.loader`).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -93,8 +93,10 @@ class Recipe(Strict):
         description="KEY.PATH=VALUE overrides applied with --synthetic (e.g. fewer epochs for the stand-in data)",
     )
     paper: Optional["PaperReference"] = Field(None, description="what the paper reports for this recipe")
-    baselines: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description="single-task results {task: {metric: value}} for Delta_m"
+    baselines: dict[str, Union[dict[str, float], str]] = Field(
+        default_factory=dict,
+        description="single-task results for Delta_m: {task: {metric: value}}, or {task: 'RUN_DIR'} "
+        "(that run's results.json: the mean of its last n evaluations if recorded, else its final one)",
     )
 
     @property
