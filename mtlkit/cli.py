@@ -153,7 +153,10 @@ def cmd_run(args) -> int:
 
     resume_dir = None
     if args.resume:
+        from .engine.checkpoint import load_checkpoint
+
         resume_dir = check_run_dir(Path(args.resume))
+        load_checkpoint(resume_dir)  # refuse a missing, truncated or foreign checkpoint before writing anything
         loaded = load_recipe(resume_dir / "recipe.toml", overrides=args.set or [])
     else:
         if not args.recipe:

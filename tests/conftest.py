@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MTLKIT_LOAD_ENTRY_POINTS", "0")
+# One intra-op thread: the tests' tensors are tiny, and OpenMP threads that spin-wait for
+# each other are slowed a hundredfold whenever another process holds a core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -24,5 +27,5 @@ def fresh_pm():
 def _torch_threads():
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield

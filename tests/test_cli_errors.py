@@ -112,3 +112,40 @@ def test_debug_shows_traceback(tmp_path):
     name = write(tmp_path, GOOD.replace('name = "small_cnn"', 'name = "smal_cnn"'))
     proc = run_cli(["--debug", "validate", name], tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_missing_data_path_names_layout_and_flag(tmp_path):
+    line = expect_error(tmp_path, ["run", "nyuv2/mtan"], "data/nyuv2", "{image,label,depth,normal}", "--synthetic")
+    assert "does not exist" in line
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from mtlkit.cli import main
+
+    base = tmp_path_factory.mktemp("runs")
+    run = base / "r"
+    (base / "r.toml").write_text(GOOD)
+    assert main(["run", str(base / "r.toml"), "--quiet", "--run-dir", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncate", "pickle", "foreign_json"])
+def test_resume_refuses_a_damaged_checkpoint(tiny_run, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    tensors = run / "checkpoints" / "last.safetensors"
+    if damage == "truncate":
+        tensors.write_bytes(tensors.read_bytes()[:100])
+        needle = "last"
+    elif damage == "pickle":
+        import pickle
+
+        tensors.write_bytes(pickle.dumps({"model.w": [1, 2, 3]}))
+        needle = "last"
+    else:
+        (run / "checkpoints" / "last.json").write_text('{"hello": 1}')
+        needle = "last.json"
+    expect_error(tmp_path, ["run", "--resume", "run"], "checkpoints", needle)

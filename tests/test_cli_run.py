@@ -174,3 +174,42 @@ def test_delta_m_per_evaluation_against_an_earlier_run(finished_run, tmp_path, c
     rc, _, err = run_main(["run", "shapes", *TINY, "--set", "baselines.shape='/no/such/run'",
                            "--run-dir", str(tmp_path / "x")], capsys)
     assert rc == 2 and "[baselines] shape" in err and not (tmp_path / "x").exists()
+
+
+def test_synth_scenes_command_writes_the_nyuv2_layout(tmp_path, capsys):
+    out = tmp_path / "scenes"
+    rc, _, err = run_main(["data", "synth-scenes", str(out), "--n", "3", "--n-val", "2", "--height", "32",
+                           "--width", "48", "--num-classes", "7"], capsys)
+    assert rc == 0, err
+    from mtlkit.plugin_manager import get_registry
+
+    val = get_registry().get("dataset", "nyuv2").build({"root": str(out), "num_classes": 7}, split="val")
+    same = get_registry().get("dataset", "synthetic_scenes").build(
+        {"height": 32, "width": 48, "num_train": 3, "num_val": 2, "num_classes": 7}, split="val")
+    assert len(val) == 2
+    for key in ("image", "segmentation", "depth", "normal"):
+        assert torch.allclose(val[1][key].float(), same[1][key].float(), atol=1e-6), key
+    before = sorted(p.name for p in out.rglob("*"))
+    rc, _, err = run_main(["data", "synth-scenes", str(out), "--n", "1"], capsys)
+    assert rc == 2 and str(out) in err and sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_plot_attention_masks_of_an_mtan_run(tmp_path, capsys):
+    run = tmp_path / "qs"
+    rc, _, err = run_main(["run", "quickstart", "--set", "model.backbone.params.width=0.0625",
+                           "--set", "data.params.height=32", "--set", "data.params.width=32",
+                           "--set", "data.params.num_train=4", "--set", "data.params.num_val=2",
+                           "--set", "training.epochs=1", "--set", "training.batch_size=2",
+                           "--set", "training.device='cpu'", "--quiet", "--run-dir", str(run)], capsys)
+    assert rc == 0, err
+    rc, out, err = run_main(["plot", str(run), "--attention", "--images", "2"], capsys)
+    assert rc == 0, err
+    assert (run / "attention.png").read_bytes()[:4] == b"\x89PNG"
+    from mtlkit.plots import capture_attention_masks, load_run_model
+
+    parts = load_run_model(run)
+    x = torch.rand(2, 3, 32, 32)
+    masks = capture_attention_masks(parts.model, x, list(parts.tasks))
+    # one sigmoid mask per SegNet tap (5 encoder + 5 decoder levels) for every task
+    assert all(len(v) == len(parts.model.backbone.feature_info) == 10 for v in masks.values())
+    assert all(0 <= float(m.min()) and float(m.max()) <= 1 for v in masks.values() for m in v)

@@ -98,7 +98,9 @@ class DenseNpyDataset(Dataset):
         self.epoch = 0
         root = Path(params.root).expanduser()
         if not root.is_dir():
-            raise DataError(f"{self.name}: root folder '{root}' does not exist")
+            kinds = ",".join(["image", *(self.folders[t] for t in self.targets)])
+            layout = f"{{train,val}}/{{{kinds}}}/{{i}}.npy"
+            raise DataError(f"{self.name}: root folder '{root}' does not exist (expected {root}/{layout})")
         split_dir = root / split
         if split == "test" and not split_dir.is_dir():
             split_dir = root / "val"  # the releases ship no test split; papers report val
