@@ -149,3 +149,74 @@ def test_resume_refuses_a_damaged_checkpoint(tiny_run, tmp_path, damage):
         (run / "checkpoints" / "last.json").write_text('{"hello": 1}')
         needle = "last.json"
     expect_error(tmp_path, ["run", "--resume", "run"], "checkpoints", needle)
+
+
+SEG = """
+[model.backbone]
+name = "segnet"
+params = { width = 0.0625 }
+[model.attention]
+name = "mtan"
+[tasks.segmentation]
+name = "segmentation"
+params = { num_classes = 7 }
+[data]
+name = "synthetic_scenes"
+params = { height = 32, width = 32, num_train = 2, num_val = 2, num_classes = 7 }
+[training]
+epochs = 1
+batch_size = 2
+device = "cpu"
+"""
+
+HEAD_PLUGIN = '''
+from torch import nn
+from mtlkit import hookimpl
+
+@hookimpl
+def register_heads(register):
+    def five(params, in_channels, task):
+        """Always five channels, whatever the task needs."""
+        return nn.Conv2d(in_channels, 5, 1)
+    register("five_channels", five)
+'''
+
+
+def test_head_output_channels_must_match_the_task(tmp_path):
+    (tmp_path / "heads.py").write_text(HEAD_PLUGIN)
+    name = write(tmp_path, 'plugins = ["heads.py"]\n' + SEG + '[model.heads.segmentation]\nname = "five_channels"\n')
+    expect_error(tmp_path, ["run", name], "[model.heads.segmentation]", "5 output channels", "needs 7")
+
+
+def test_attention_on_a_backbone_without_taps(tmp_path):
+    plugin = '''
+import torch
+from torch import nn
+from mtlkit import hookimpl
+
+class Flat(nn.Module):
+    out_channels, out_stride, feature_info = 4, 1, []
+    def __init__(self, params):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+    def forward(self, x):
+        return self.conv(x)
+
+@hookimpl
+def register_backbones(register):
+    register("flat", Flat)
+'''
+    (tmp_path / "flat.py").write_text(plugin)
+    name = write(tmp_path, 'plugins = ["flat.py"]\n' + SEG.replace('name = "segnet"\nparams = { width = 0.0625 }',
+                                                                    'name = "flat"'))
+    expect_error(tmp_path, ["run", name], "model.attention", "mtan")
+
+
+def test_weighting_that_cannot_take_the_task_count(tmp_path):
+    name = write(tmp_path, SEG + '[weighting]\nname = "pcgrad"\n')
+    expect_error(tmp_path, ["run", name], "weighting", "pcgrad", "at least 2 tasks")
+
+
+def test_width_that_empties_a_stage(tmp_path):
+    name = write(tmp_path, SEG.replace("width = 0.0625", "widths = [8, 16, 0, 32, 32]"))
+    expect_error(tmp_path, ["run", name], "model.backbone.params.width")
