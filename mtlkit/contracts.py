@@ -81,6 +81,20 @@ class StagedBackbone(Backbone):
     def run_stage(self, index: int, x: Tensor, state: dict[str, Any]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def run_stages(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """All stages in turn: (final output, every stage's output)."""
+        state: dict[str, Any] = {}
+        outputs = []
+        for i in range(self.num_stages):
+            x = self.run_stage(i, x, state)
+            outputs.append(x)
+        return x, outputs
+
+    def stage_output_taps(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Taps whose gate and feature are both a stage's output (WRN, ResNet styles)."""
+        final, outputs = self.run_stages(x)
+        return final, [(o, o) for o in outputs]
+
 
 class Task:
     """A task: its loss, its output format and a factory of whole-split metric state.

@@ -170,18 +170,10 @@ class ResNet26Adapters(StagedBackbone):
         return x
 
     def forward_taps(self, x: Tensor):
-        taps = []
-        state: dict[str, Any] = {}
-        for i in range(self.num_stages):
-            x = self.run_stage(i, x, state)
-            taps.append((x, x))
-        return x, taps
+        return self.stage_output_taps(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        state: dict[str, Any] = {}
-        for i in range(self.num_stages):
-            x = self.run_stage(i, x, state)
-        return x
+        return self.run_stages(x)[0]
 
 
 def build_resnet26(params: ResNet26Params, task_names: list[str] | None = None) -> ResNet26Adapters:

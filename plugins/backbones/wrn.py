@@ -128,18 +128,10 @@ class WideResNet(StagedBackbone):
         raise IndexError(f"wrn has 4 stages, got stage {index}")
 
     def forward_taps(self, x: Tensor):
-        taps = []
-        state: dict[str, Any] = {}
-        for i in range(self.num_stages):
-            x = self.run_stage(i, x, state)
-            taps.append((x, x))
-        return x, taps
+        return self.stage_output_taps(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        state: dict[str, Any] = {}
-        for i in range(self.num_stages):
-            x = self.run_stage(i, x, state)
-        return x
+        return self.run_stages(x)[0]
 
 
 def build_wrn(params: WRNParams, task_names: list[str] | None = None) -> WideResNet:
