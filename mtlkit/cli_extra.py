@@ -159,12 +159,52 @@ def run_summary(run: Path, last: int) -> dict[str, Any]:
     directions = {t: dict(task.metrics().higher_is_better) for t, task in tasks.items()}
     recipe = loaded.recipe
     return {
-        "run": str(run), "name": loaded.name,
+        "run": str(run), "name": loaded.name, "decathlon": decathlon_domains(recipe),
         "architecture": recipe.paper.architecture if recipe.paper and recipe.paper.architecture else recipe.model.attention.name,
         "weighting": recipe.weighting.name, "params": sum(p.numel() for p in model.parameters()),
         "params_ratio": sum(p.numel() for p in model.parameters()) / _params_base(recipe, tasks),
         "metrics": metrics, "higher_is_better": directions, "evaluations": len(chosen),
     }
+
+
+DECATHLON_DATASETS = ("decathlon", "synthetic_decathlon")
+
+
+def decathlon_domains(recipe) -> dict[str, str] | None:
+    """{task: Decathlon domain} for a many-to-many Decathlon run (every task's data set is
+    a Decathlon one, or every task is named after a domain), else None. The domain is the
+    data set's ``domain`` parameter when it has one, else the task's name."""
+    from .decathlon import DOMAINS
+
+    if not recipe.many_to_many:
+        return None
+    out: dict[str, str] = {}
+    for name, task in recipe.tasks.items():
+        data = task.data
+        domain = data.params.get("domain") if data is not None else None
+        if data is not None and data.name in DECATHLON_DATASETS and domain in DOMAINS:
+            out[name] = domain
+        elif name in DOMAINS:
+            out[name] = name
+        else:
+            return None
+    if len(set(out.values())) != len(out):  # two tasks on one domain: no per-domain score
+        return None
+    return out
+
+
+def decathlon_columns(s: dict[str, Any]) -> tuple[float, float] | None:
+    """(mean top-1 accuracy over the run's domains, Decathlon score over those domains),
+    or None when the run is not a Decathlon run or a domain has no accuracy."""
+    from .decathlon import decathlon_score
+
+    domains = s.get("decathlon")
+    if not domains:
+        return None
+    acc = {d: s["metrics"].get(t, {}).get("accuracy") for t, d in domains.items()}
+    if any(v is None or math.isnan(v) for v in acc.values()):
+        return None
+    return sum(acc.values()) / len(acc), decathlon_score(acc, kind="accuracy")
 
 
 @command("compare")
@@ -184,26 +224,43 @@ def cmd_compare(args) -> int:
                 if (task, name) not in columns:
                     columns.append((task, name))
     header = ["run", "architecture", "weighting", "#P"] + [f"{t}/{m}" for t, m in columns]
+    decathlon = any(s.get("decathlon") for s in summaries)
+    if decathlon:
+        header += ["mean", "score"]
     if baseline:
         header.append("delta_m%")
     rows = []
     for s in summaries:
         row = [s["name"], s["architecture"], s["weighting"], f"{s['params_ratio']:.3f}"]
         row += [_fmt(s["metrics"].get(t, {}).get(m)) for t, m in columns]
+        if decathlon:
+            cols = decathlon_columns(s)
+            row += ["-", "-"] if cols is None else [f"{cols[0]:.2f}", f"{cols[1]:.0f}"]
         if baseline:
             common = {t: v for t, v in s["metrics"].items() if t in baseline}
             dm = delta_m(common, {t: baseline[t] for t in common},
                          {t: s["higher_is_better"][t] for t in common}) if common else float("nan")
             row.append(f"{dm:+.2f}")
         rows.append(row)
-    table = Table(title=f"mean of the last {args.last} evaluations")
-    for h in header:
+    title = f"mean of the last {args.last} evaluations"
+    if decathlon:
+        title += ("; mean: top-1 accuracy (%) averaged over the domains; score: the Decathlon score over "
+                  "the domains present, from these accuracies and the real data's baseline errors "
+                  "(meaningful on real data only)")
+    table = Table(title=title)
+    # Ten domains x (accuracy, loss) do not fit a terminal: the printed table leaves the
+    # Decathlon tasks' losses out (OUT.md and OUT.csv keep every column).
+    hidden = {f"{t}/loss" for s in summaries for t in (s.get("decathlon") or {})}
+    shown = [i for i, h in enumerate(header) if h not in hidden]
+    for i in shown:
+        h = header[i]
         table.add_column(h, justify="left" if h in ("run", "architecture", "weighting") else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in shown))
     console().print(table)
     out = Path(args.out) if args.out else Path("compare")
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md = [title, ""] if decathlon else []
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
     buf = io.StringIO()
     csv.writer(buf).writerows([header] + rows)
