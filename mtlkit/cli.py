@@ -123,7 +123,17 @@ def init_from(model, spec) -> None:
         return any(fnmatch.fnmatchcase(key, p) for p in spec.include) and not any(
             fnmatch.fnmatchcase(key, p) for p in spec.exclude)
 
-    load_model_weights(model, spec.path, key_filter=keep)
+    load_model_weights(model, newest_run(Path(spec.path)), key_filter=keep)
+
+
+def newest_run(path: Path) -> Path:
+    """A file or run folder as it is; a folder of run folders (runs/<name>) -> its newest run."""
+    if path.is_dir() and not (path / "checkpoints").is_dir():
+        runs = sorted(p for p in path.iterdir() if (p / "checkpoints").is_dir())
+        if not runs:
+            raise ConfigError(f"[model.init_from] path: '{path}' holds no run folder with checkpoints")
+        return runs[-1]  # run folders are named by their start time
+    return path
 
 
 # -- run / validate / show ---------------------------------------------------------------

@@ -221,7 +221,9 @@ class DecathlonDataset(Dataset):
         check_domain(params.domain, where=f"decathlon data set (root {params.root})", error=DataError)
         root = Path(params.root).expanduser()
         if not root.is_dir():
-            raise DataError(f"{root}: decathlon root folder does not exist")
+            raise DataError(f"{root}: decathlon root folder does not exist (expected the official layout "
+                            f"{root}/data/<domain>/{{train,val,test}}/*.jpg with {root}/annotations/"
+                            f"<domain>_{{train,val}}.json and <domain>_test_stripped.json)")
         self.params = params
         self.split = split
         self.domain = params.domain
