@@ -33,6 +33,8 @@ ARCHS = {
     "cross-stitch": ("cross_stitch", {}, {}),
     "mtan": ("mtan", {}, {}),
     "mtan-fast": ("mtan", {"fast": True, "channels_last": True}, {}),
+    # activation-checkpointed attention branches: the same function in about half the memory
+    "mtan-lean": ("mtan", {"memory_efficient": True, "channels_last": True}, {}),
 }
 
 

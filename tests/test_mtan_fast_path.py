@@ -69,7 +69,15 @@ def assert_same(plain, fast, x, atol=1e-5):
         assert torch.allclose(ba[name].float(), bb[name].float(), atol=atol, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("params", [{"fast": True}, {"fast": True, "channels_last": True}, {"channels_last": True}])
+TRAIN_VARIANTS = [
+    {"fast": True}, {"fast": True, "channels_last": True}, {"channels_last": True},
+    # activation checkpointing: recomputation in backward must not touch the BN statistics
+    {"memory_efficient": True}, {"fast": True, "memory_efficient": True},
+    {"fast": True, "channels_last": True, "memory_efficient": True},
+]
+
+
+@pytest.mark.parametrize("params", TRAIN_VARIANTS)
 def test_fast_path_matches_the_loop_in_train_mode(params):
     plain, fast = twin(params)
     x = torch.randn(2, 3, 32, 64)
@@ -80,8 +88,10 @@ def test_fast_path_matches_the_loop_in_train_mode(params):
     assert_same(plain.train(), fast.train(), x)
 
 
-def test_fast_path_matches_the_loop_in_eval_mode():
-    plain, fast = twin({"fast": True})
+@pytest.mark.parametrize("params", [{"fast": True}, {"fast": True, "memory_efficient": True},
+                                    {"memory_efficient": True}])
+def test_fast_path_matches_the_loop_in_eval_mode(params):
+    plain, fast = twin(params)
     x = torch.randn(2, 3, 32, 64)
     assert_same(plain.train(), fast.train(), x)  # non-trivial running stats first
     plain.eval(), fast.eval()
@@ -89,6 +99,26 @@ def test_fast_path_matches_the_loop_in_eval_mode():
         a, b = plain(x), fast(x)
     for t in a:
         assert torch.allclose(a[t], b[t], atol=1e-5, rtol=1e-4)
+    # eval mode with gradients (checkpointing active): outputs, gradients, untouched buffers
+    assert_same(plain, fast, x)
+
+
+def test_memory_efficient_recomputation_counts_each_batch_once():
+    """After forward + backward, every BN has counted exactly one batch per task call, the
+    same as without checkpointing, even though the backward pass re-ran the attention."""
+    plain, eff = twin({"fast": True, "memory_efficient": True})
+    x = torch.randn(2, 3, 32, 64)
+    step(plain.train(), x), step(eff.train(), x)
+    nb_plain = {n: int(b) for n, b in plain.named_buffers() if n.endswith("num_batches_tracked")}
+    nb_eff = {n: int(b) for n, b in eff.named_buffers() if n.endswith("num_batches_tracked")}
+    assert nb_plain == nb_eff
+    assert nb_eff["shared_f.0.1.num_batches_tracked"] == 3  # once per task
+    assert nb_eff["task_specific.depth.0.1.num_batches_tracked"] == 1
+
+
+def test_memory_efficient_keeps_parameter_names_and_counts():
+    plain, eff = twin({"memory_efficient": True})
+    assert [(n, p.shape) for n, p in plain.named_parameters()] == [(n, p.shape) for n, p in eff.named_parameters()]
 
 
 def test_fast_path_on_an_encoder_only_backbone_with_momentum_none():
@@ -101,6 +131,17 @@ def test_fast_path_on_an_encoder_only_backbone_with_momentum_none():
     assert_same(plain.train(), fast.train(), torch.randn(4, 3, 16, 16))
 
 
+def test_memory_efficient_on_an_encoder_only_backbone_with_momentum_none():
+    tasks = {"a": StandInTask("a", "label", 4, "log_softmax"), "b": StandInTask("b", "label", 3, "log_softmax")}
+    for params in ({"fast": True, "memory_efficient": True}, {"memory_efficient": True}):
+        plain, eff = twin(params, backbone="small_cnn", bb_params={"widths": [8, 16, 32]}, tasks=tasks)
+        for net in (plain, eff):  # the cumulative average reads num_batches_tracked: counted once
+            for m in net.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = None
+        assert_same(plain.train(), eff.train(), torch.randn(4, 3, 16, 16))
+
+
 def test_fast_path_single_task_falls_back_to_the_loop():
     plain, fast = twin({"fast": True})
     plain.eval(), fast.eval()
@@ -108,3 +149,45 @@ def test_fast_path_single_task_falls_back_to_the_loop():
     with torch.no_grad():
         assert torch.allclose(plain(x, ["depth"])["depth"], fast(x, ["depth"])["depth"], atol=1e-6)
     assert copy.deepcopy(fast)(x, ["depth", "normal"]).keys() == {"depth", "normal"}
+
+
+def _saved_bytes(net, x):
+    """Bytes of the distinct storages autograd keeps from one forward pass."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return sum(storages.values())
+
+
+def test_memory_efficient_keeps_far_fewer_activations():
+    plain, eff = twin({"fast": True, "memory_efficient": True})
+    x = torch.randn(2, 3, 32, 64)
+    full, lean = _saved_bytes(plain.train(), x), _saved_bytes(eff.train(), x)
+    assert lean < 0.5 * full, (lean, full)  # the checkpointed attention keeps only level inputs
+
+
+def test_memory_efficient_with_a_retained_graph_and_per_task_gradients():
+    """Weightings that take per-task gradients backpropagate the same graph several times
+    (retain_graph): every pass recomputes, and none may touch the BN statistics."""
+    plain, eff = twin({"memory_efficient": True})
+    x = torch.randn(2, 3, 32, 64)
+    results = []
+    for net in (plain.train(), eff.train()):
+        net.zero_grad(set_to_none=True)
+        losses = [(o ** 2).mean() for o in net(x).values()]
+        shared = net.shared_f[0][0].weight
+        per_task = [torch.autograd.grad(loss, shared, retain_graph=True)[0] for loss in losses]
+        sum(losses).backward()
+        results.append((per_task, dict(net.named_buffers()), dict(net.named_parameters())))
+    (ga, ba, pa), (gb, bb, pb) = results
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for name in ba:
+        assert torch.allclose(ba[name].float(), bb[name].float(), atol=1e-5, rtol=1e-4), name
+    for name in pa:
+        assert torch.allclose(pa[name].grad, pb[name].grad, atol=1e-5, rtol=1e-4), name
