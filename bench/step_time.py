@@ -74,9 +74,15 @@ def loss_of(out):
 
 
 def count_flops(arch, h, w, batch, width_mult):
+    """The model's FLOPs per step. Recomputation (memory_efficient) is not useful work, so
+    the same network without it is counted."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    attention, att_params, bb_params = ARCHS[arch]
+    if att_params.get("memory_efficient"):
+        ARCHS["_math"] = (attention, dict(att_params, memory_efficient=False), bb_params)
+        arch = "_math"
     with torch.device("meta"):
         net = build(arch, h, width_mult)
         x = torch.randn(batch, 3, h, w)
@@ -87,39 +93,59 @@ def count_flops(arch, h, w, batch, width_mult):
     return fwd.get_total_flops(), bwd.get_total_flops()
 
 
-def run_one(arch: str, h: int, w: int, batch: int, steps: int, width_mult: float) -> dict:
-    """One configuration (in a fresh process): the measured numbers as a dict."""
+def run_one(arch: str, h: int, w: int, batch: int, steps: int, width_mult: float,
+            device: str = "cpu", amp: bool = False) -> dict:
+    """One configuration (in a fresh process): the measured numbers as a dict.
+
+    On CUDA, ``amp`` runs the step under bf16 autocast and the peak is the allocator's
+    (torch.cuda.max_memory_allocated); on the CPU the peak is the process's resident size."""
+    import contextlib
+
     import torch
 
     torch.manual_seed(0)
     fwd_flops, bwd_flops = count_flops(arch, h, w, batch, width_mult)
-    net = build(arch, h, width_mult).train()
-    x = torch.randn(batch, 3, h, w)
+    dev = torch.device(device)
+    net = build(arch, h, width_mult).train().to(dev)
+    x = torch.randn(batch, 3, h, w, device=dev)
     params = sum(p.numel() for p in net.parameters())
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
     for i in range(steps + 1):  # the first step warms up allocators and kernels
         net.zero_grad(set_to_none=True)
+        sync()
         t0 = time.perf_counter()
-        loss_of(net(x)).backward()
+        with autocast:
+            loss = loss_of(net(x))
+        loss.backward()
+        sync()
         dt = time.perf_counter() - t0
         if i > 0:
             times.append(dt)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    if dev.type == "cuda":
+        peak_gb = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
     return {"arch": arch, "size": f"{h}x{w}", "params": params, "step_s": min(times),
             "fwd_gflop_per_image": fwd_flops / batch / 1e9, "step_gflop": (fwd_flops + bwd_flops) / 1e9,
-            "peak_rss_gb": peak_kb * 1024 / 1e9}
+            "peak_rss_gb": peak_gb}
 
 
-def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of torch.mm on n x n matrices."""
+def gemm_peak(n: int = 2048, repeats: int = 5, device: str = "cpu", amp: bool = False) -> float:
+    """Best GFLOP/s of torch.mm on n x n matrices (fp32; bf16 with amp)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = torch.bfloat16 if amp else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -133,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step (best is kept)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA); GEMM peak then in bf16")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -144,19 +172,22 @@ def main(argv=None) -> int:
     if args._one:  # child process: one configuration, JSON on stdout
         arch, size = args._one.split("@")
         h, w = map(int, size.split("x"))
-        print(json.dumps(run_one(arch, h, w, args.batch, args.steps, width_mult)))
+        print(json.dumps(run_one(arch, h, w, args.batch, args.steps, width_mult, args.device, args.amp)))
         return 0
 
     sizes = args.sizes or ("64x96,32x64" if args.quick else "288x384,128x256")
     archs = [a for a in args.archs.split(",") if a]
-    peak = gemm_peak(1024 if args.quick else 2048)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 GEMM peak "
+    n = 1024 if args.quick else (8192 if args.device == "cuda" else 2048)
+    peak = gemm_peak(n, device=args.device, amp=args.amp)
+    print(f"torch {torch.__version__}, {args.device}{' bf16 autocast' if args.amp else ''}, "
+          f"{torch.get_num_threads()} threads; {'bf16' if args.amp else 'fp32'} GEMM peak "
           f"(torch.mm): {peak:.1f} GFLOP/s; batch {args.batch}; width x{width_mult}")
     rows = []
     for size in sizes.split(","):
         for arch in archs:
             cmd = [sys.executable, os.path.abspath(__file__), "--_one", f"{arch}@{size}", "--batch", str(args.batch),
-                   "--steps", str(args.steps)] + (["--quick"] if args.quick else []) + \
+                   "--steps", str(args.steps), "--device", args.device] + (["--amp"] if args.amp else []) + \
+                  (["--quick"] if args.quick else []) + \
                   (["--threads", str(args.threads)] if args.threads else [])
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
@@ -169,7 +200,7 @@ def main(argv=None) -> int:
             print(f"  done {arch} {size}: {row['step_s']:.2f} s", file=sys.stderr, flush=True)
 
     # contention from other processes lowers a single reading: keep the best of two
-    peak = max(peak, gemm_peak(1024 if args.quick else 2048))
+    peak = max(peak, gemm_peak(n, device=args.device, amp=args.amp))
     for r in rows:
         r["of_peak"] = r["gflops"] / peak
     print(f"fp32 GEMM peak, best of the readings before and after: {peak:.1f} GFLOP/s")
