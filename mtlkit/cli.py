@@ -316,12 +316,7 @@ def _load_extra_commands() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        _load_extra_commands()
-    except ImportError:
-        if debug:
-            raise
+    _load_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
