@@ -19,7 +19,6 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 ARCHS = {
     # name: (attention, attention params, segnet params)
@@ -38,12 +37,7 @@ ARCHS = {
 }
 
 
-@dataclass
-class StandInTask:
-    name: str
-    target: str
-    out_channels: int
-    output_activation: str = "identity"
+from mtlkit.testing import StandInTask
 
 
 def tasks_for(height: int, only_seg: bool):

@@ -5,7 +5,6 @@ outputs, gradients and BatchNorm running statistics, in train and eval mode."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,12 +13,7 @@ from torch import nn
 from mtlkit.plugin_manager import get_registry
 
 
-@dataclass
-class StandInTask:
-    name: str
-    target: str
-    out_channels: int
-    output_activation: str = "identity"
+from mtlkit.testing import StandInTask
 
 
 def build(params, backbone="segnet", bb_params=None, tasks=None):

@@ -18,7 +18,6 @@ asserted exactly:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -26,12 +25,7 @@ import torch
 from mtlkit.plugin_manager import get_registry
 
 
-@dataclass
-class StandInTask:
-    name: str
-    target: str
-    out_channels: int
-    output_activation: str = "identity"
+from mtlkit.testing import StandInTask
 
 
 NYU = {

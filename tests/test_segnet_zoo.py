@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,12 +14,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.plugin_manager import get_registry
 
 
-@dataclass
-class StandInTask:
-    name: str
-    target: str
-    out_channels: int
-    output_activation: str = "identity"
+from mtlkit.testing import StandInTask
 
 
 def nyu_tasks():

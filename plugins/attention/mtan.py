@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from mtlkit.contracts import MultiTaskNetwork, Tap, activate_task
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.init import xavier_init
 
 
 class MTANParams(BaseModel):
@@ -70,17 +71,6 @@ def attention_module(cin: int, mid: int, cout: int) -> nn.Sequential:
 
 def shared_conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-def _xavier(module: nn.Module) -> None:
-    # the reference initialises every conv of the model this way (attention and f included)
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_normal_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def plan_levels(info: list[Tap]) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]], int]:
@@ -184,8 +174,8 @@ class MTANNetwork(MultiTaskNetwork):
         self.task_specific = nn.ModuleDict({
             t: nn.ModuleList([attention_module(*s) for s in a_shapes]) for t in self.task_names
         })
-        _xavier(self.shared_f)
-        _xavier(self.task_specific)
+        xavier_init(self.shared_f)
+        xavier_init(self.task_specific)
         self.heads = nn.ModuleDict({t: heads[t](out_c) for t in self.task_names})
         self.out_channels = out_c
         self._fast = FastMTANBranches(self) if params.fast else None

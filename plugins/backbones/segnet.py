@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from mtlkit.contracts import StagedBackbone, Tap
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.init import xavier_init
 
 BASE_WIDTHS = (64, 128, 256, 512, 512)
 ENCODER_CONVS = (2, 2, 3, 3, 3)
@@ -45,16 +46,7 @@ class SegNetParams(BaseModel):
     stage_input_extra: bool = False
 
 
-def segnet_init(module: nn.Module) -> None:
-    """The reference initialisation: xavier-normal conv weights, zero biases, BN 1/0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+segnet_init = xavier_init  # the reference initialisation (mtlkit.init)
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mtlkit.contracts import StagedBackbone, Tap
 from mtlkit.domains import domain_specific_or_shared
 from mtlkit.hookspecs import hookimpl
+from mtlkit.init import xavier_init
 
 
 class WRNParams(BaseModel):
@@ -104,17 +105,7 @@ class WideResNet(StagedBackbone):
         self.num_stages = 4
         self.stage_out_channels = list(widths)
         self.stage_roles = ["encoder"] * 4
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # Xavier-normal convs with zero bias, unit BN: the reference's initialisation style.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_init(self)  # the reference initialisation (mtlkit.init)
 
     def run_stage(self, index: int, x: Tensor, state: dict[str, Any]) -> Tensor:
         if index == 0:
