@@ -213,3 +213,23 @@ def test_plot_attention_masks_of_an_mtan_run(tmp_path, capsys):
     # one sigmoid mask per SegNet tap (5 encoder + 5 decoder levels) for every task
     assert all(len(v) == len(parts.model.backbone.feature_info) == 10 for v in masks.values())
     assert all(0 <= float(m.min()) and float(m.max()) <= 1 for v in masks.values() for m in v)
+
+
+def test_freeze_shared_trains_only_task_specific_parts(tmp_path, capsys):
+    """model.freeze_shared (the Decathlon 'feature' baseline): the shared backbone's weights
+    and BatchNorm statistics stay as initialised, the heads train."""
+    from mtlkit.build import build_parts
+    from mtlkit.recipe.loader import load_recipe
+
+    sets = [*TINY, "--set", "training.epochs=1", "--set", "model.freeze_shared=true"]
+    run = tmp_path / "frozen"
+    rc, _, err = run_main(["run", "shapes", *sets, "--quiet", "--run-dir", str(run)], capsys)
+    assert rc == 0, err
+    fresh = build_parts(load_recipe(run / "recipe.toml").recipe, with_data=False).model.state_dict()
+    trained = {k[len("model."):]: v for k, v in load_file(str(run / "checkpoints" / "last.safetensors")).items()
+               if k.startswith("model.")}
+    backbone = [k for k in fresh if k.startswith("backbone.")]
+    heads = [k for k in fresh if k.startswith("heads.")]
+    assert backbone and heads
+    assert all(torch.equal(fresh[k], trained[k]) for k in backbone)  # weights and running stats
+    assert any(not torch.equal(fresh[k], trained[k]) for k in heads)
