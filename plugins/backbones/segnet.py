@@ -89,7 +89,14 @@ class SegNet(StagedBackbone):
         stages = []
         for i, ((cin, cout), n) in enumerate(zip(enc_io + dec_io, ENCODER_CONVS + DECODER_CONVS)):
             first_in = cin * extra if i > 0 else cin
-            layers = [_layer(first_in, cout, params.deep)] + [_layer(cout, cout, params.deep) for _ in range(n - 1)]
+            if extra > 1 and i == len(ENCODER_CONVS) + len(DECODER_CONVS) - 1:
+                # Dense's task networks keep the doubled width through their top stage and
+                # reduce at its last conv (128 -> 128 -> 64 in the reference).
+                layers = [_layer(first_in, first_in, params.deep) for _ in range(n - 1)]
+                layers.append(_layer(first_in, cout, params.deep))
+            else:
+                layers = [_layer(first_in, cout, params.deep)] + [_layer(cout, cout, params.deep)
+                                                                 for _ in range(n - 1)]
             stages.append(nn.ModuleList(layers))
         self.stages = nn.ModuleList(stages)
         self.pool = nn.MaxPool2d(2, 2, return_indices=True)
