@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtlkit.contracts import Weighting
 from mtlkit.errors import ConfigError
 
 
@@ -111,3 +112,35 @@ def generator_state(gen: torch.Generator) -> list[int]:
 
 def set_generator_state(gen: torch.Generator, state: Any) -> None:
     gen.set_state(torch.tensor(list(state), dtype=torch.uint8))
+
+
+class GramWeighting(Weighting):
+    """Gradient-level methods that choose K coefficients from the K x K Gram matrix of the
+    task gradients and return the coefficient-weighted sum of the gradients.
+
+    Subclasses set ``method`` (its registered name, for errors) and implement
+    ``coefficients(gram, losses)``; ``initial_coefficient`` (None: 1/K) is what ``weights()``
+    reports before the first step.
+    """
+
+    requires_grads = "shared"
+    method = "?"
+    initial_coefficient: float | None = None
+
+    def __init__(self, task_names: list[str]) -> None:
+        super().__init__(task_names)
+        require_tasks(self.method, self.task_names, 2)
+        k = len(self.task_names)
+        self._coefs = [1.0 / k if self.initial_coefficient is None else self.initial_coefficient] * k
+
+    def coefficients(self, m: Tensor, losses) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def combine_grads(self, grads: Tensor, losses) -> Tensor:
+        check_grads(self.method, grads, self.task_names)
+        coef = self.coefficients(gram(grads), losses)
+        self._coefs = coef.tolist()
+        return weighted_sum(coef, grads)
+
+    def weights(self):
+        return dict(zip(self.task_names, self._coefs))

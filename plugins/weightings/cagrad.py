@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
 
-from ._common import check_grads, gram, project_simplex, require_tasks, weighted_sum
+from ._common import GramWeighting, project_simplex
 
 
 class CAGradParams(BaseModel):
@@ -70,19 +69,17 @@ def solve_dual(m: np.ndarray, c: float, max_iter: int = 500, tol: float = 1e-9) 
     return w
 
 
-class CAGrad(Weighting):
-    requires_grads = "shared"
+class CAGrad(GramWeighting):
+    method = "cagrad"
 
     def __init__(self, params: CAGradParams, task_names: list[str]) -> None:
         super().__init__(task_names)
-        require_tasks("cagrad", self.task_names, 2)
         self.c = float(params.c)
         self.rescale = params.rescale
         self.max_iter = params.max_iter
         self.tol = params.tol
-        self._coefs = [1.0 / len(self.task_names)] * len(self.task_names)
 
-    def coefficients(self, m: torch.Tensor) -> torch.Tensor:
+    def coefficients(self, m: torch.Tensor, losses=None) -> torch.Tensor:
         """Coefficients of the update d = coef @ grads, from the Gram matrix."""
         mm = m.numpy()
         k = mm.shape[0]
@@ -99,15 +96,6 @@ class CAGrad(Weighting):
         elif self.rescale == "1+c":
             coef = coef / (1.0 + self.c)
         return torch.from_numpy(coef)
-
-    def combine_grads(self, grads, losses):
-        check_grads("cagrad", grads, self.task_names)
-        coef = self.coefficients(gram(grads))
-        self._coefs = coef.tolist()
-        return weighted_sum(coef, grads)
-
-    def weights(self):
-        return dict(zip(self.task_names, self._coefs))
 
 
 @hookimpl

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
 
-from ._common import check_grads, gram, require_tasks, weighted_sum
+from ._common import GramWeighting
 
 
 class IMTLGParams(BaseModel):
@@ -34,22 +33,14 @@ def imtl_g_weights(m: torch.Tensor) -> torch.Tensor:
     return torch.cat([(1.0 - rest.sum()).reshape(1), rest])
 
 
-class IMTLG(Weighting):
-    requires_grads = "shared"
+class IMTLG(GramWeighting):
+    method = "imtl_g"
 
     def __init__(self, params: IMTLGParams, task_names: list[str]) -> None:
         super().__init__(task_names)
-        require_tasks("imtl_g", self.task_names, 2)
-        self._alpha = [1.0 / len(self.task_names)] * len(self.task_names)
 
-    def combine_grads(self, grads, losses):
-        check_grads("imtl_g", grads, self.task_names)
-        alpha = imtl_g_weights(gram(grads))
-        self._alpha = alpha.tolist()
-        return weighted_sum(alpha, grads)
-
-    def weights(self):
-        return dict(zip(self.task_names, self._alpha))
+    def coefficients(self, m, losses=None):
+        return imtl_g_weights(m)
 
 
 @hookimpl

@@ -15,10 +15,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
 
-from ._common import check_grads, gram, min_norm_weights, require_tasks, weighted_sum
+from ._common import GramWeighting, min_norm_weights
 
 
 class MGDAParams(BaseModel):
@@ -28,16 +27,14 @@ class MGDAParams(BaseModel):
     tol: float = Field(1e-6, gt=0)  # relative duality gap at which Frank-Wolfe stops
 
 
-class MGDA(Weighting):
-    requires_grads = "shared"
+class MGDA(GramWeighting):
+    method = "mgda"
 
     def __init__(self, params: MGDAParams, task_names: list[str]) -> None:
         super().__init__(task_names)
-        require_tasks("mgda", self.task_names, 2)
         self.normalization = params.normalization
         self.max_iter = params.max_iter
         self.tol = params.tol
-        self._alpha = [1.0 / len(self.task_names)] * len(self.task_names)
 
     def normalizers(self, m: torch.Tensor, losses) -> torch.Tensor:
         k = m.shape[0]
@@ -52,18 +49,9 @@ class MGDA(Weighting):
         # a zero normaliser (zero gradient or loss) would divide by zero: leave that task unscaled
         return torch.where(n > 1e-20, n, torch.ones_like(n))
 
-    def solve(self, m: torch.Tensor, losses) -> torch.Tensor:
+    def coefficients(self, m: torch.Tensor, losses) -> torch.Tensor:
         n = self.normalizers(m, losses)
         return min_norm_weights(m / torch.outer(n, n), max_iter=self.max_iter, tol=self.tol)
-
-    def combine_grads(self, grads, losses):
-        check_grads("mgda", grads, self.task_names)
-        alpha = self.solve(gram(grads), losses)
-        self._alpha = alpha.tolist()
-        return weighted_sum(alpha, grads)
-
-    def weights(self):
-        return dict(zip(self.task_names, self._alpha))
 
 
 @hookimpl

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
 
-from ._common import check_grads, gram, require_tasks, weighted_sum
+from ._common import GramWeighting
 
 
 class NashMTLParams(BaseModel):
@@ -64,25 +63,18 @@ def nash_weights(m: np.ndarray, ridge: float = 1e-6, max_iter: int = 100, tol: f
     return alpha / np.sqrt(scale)
 
 
-class NashMTL(Weighting):
-    requires_grads = "shared"
+class NashMTL(GramWeighting):
+    method = "nash_mtl"
+    initial_coefficient = 1.0
 
     def __init__(self, params: NashMTLParams, task_names: list[str]) -> None:
         super().__init__(task_names)
-        require_tasks("nash_mtl", self.task_names, 2)
         self.ridge = float(params.ridge)
         self.max_iter = params.max_iter
         self.tol = params.tol
-        self._alpha = [1.0] * len(self.task_names)
 
-    def combine_grads(self, grads, losses):
-        check_grads("nash_mtl", grads, self.task_names)
-        alpha = nash_weights(gram(grads).numpy(), self.ridge, self.max_iter, self.tol)
-        self._alpha = alpha.tolist()
-        return weighted_sum(torch.from_numpy(alpha), grads)
-
-    def weights(self):
-        return dict(zip(self.task_names, self._alpha))
+    def coefficients(self, m, losses=None):
+        return torch.from_numpy(nash_weights(m.numpy(), self.ridge, self.max_iter, self.tol))
 
 
 @hookimpl
