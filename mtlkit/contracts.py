@@ -95,6 +95,13 @@ class StagedBackbone(Backbone):
         final, outputs = self.run_stages(x)
         return final, [(o, o) for o in outputs]
 
+    # Defaults for backbones whose taps are their stage outputs; SegNet overrides both.
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run_stages(x)[0]
+
+    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        return self.stage_output_taps(x)
+
 
 class Task:
     """A task: its loss, its output format and a factory of whole-split metric state.

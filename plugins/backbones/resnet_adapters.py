@@ -169,12 +169,6 @@ class ResNet26Adapters(StagedBackbone):
             x = F.relu(self.bn_final(x))
         return x
 
-    def forward_taps(self, x: Tensor):
-        return self.stage_output_taps(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.run_stages(x)[0]
-
 
 def build_resnet26(params: ResNet26Params, task_names: list[str] | None = None) -> ResNet26Adapters:
     """ResNet-26 with residual adapters (series/parallel/none) and domain BatchNorm."""

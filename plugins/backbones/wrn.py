@@ -118,12 +118,6 @@ class WideResNet(StagedBackbone):
             return self.relu(self.bn_final(self.layer3(x)))
         raise IndexError(f"wrn has 4 stages, got stage {index}")
 
-    def forward_taps(self, x: Tensor):
-        return self.stage_output_taps(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.run_stages(x)[0]
-
 
 def build_wrn(params: WRNParams, task_names: list[str] | None = None) -> WideResNet:
     """Pre-activation Wide ResNet (WRN-28-4 default; MTAN Visual Decathlon backbone)."""
