@@ -13,7 +13,7 @@ from typing import Any
 from rich.table import Table
 
 from .cli import COMMANDS, EXTRA_PARSERS, atomic_write_text, check_run_dir, command, console
-from .errors import CheckpointError, ConfigError, MtlkitError
+from .errors import CheckpointError, ConfigError
 
 
 def _add_parsers(sub) -> None:
@@ -80,7 +80,7 @@ EXTRA_PARSERS.append(_add_parsers)
 # -- params ------------------------------------------------------------------------------
 @command("params")
 def cmd_params(args) -> int:
-    from .build import build_component, build_model, compose
+    from .build import build_model
     from .recipe.loader import load_recipe
 
     table = Table(title="parameters (#P relative to one single-task network)")
