@@ -34,12 +34,11 @@ def as_ref(value: RefLike, where: str) -> ComponentRef:
 def build_component(kind: str, ref: ComponentRef, where: str, **context: Any) -> Any:
     component = get_registry().get(kind, ref.name)
     params = component.validate_params(ref.params, where=f"[{where}.params]")
-    factory = component.factory
-    accepted = _accepted_kwargs(factory)
+    accepted = _accepted_kwargs(component.factory)
     if accepted is not None:
         context = {k: v for k, v in context.items() if k in accepted or k in _REQUIRED_CONTEXT.get(kind, ())}
     try:
-        return factory(params, **context)
+        return component.build(params, **context)
     except MtlkitError:
         raise
     except (ValueError, TypeError) as exc:
@@ -109,15 +108,21 @@ def compose(
     for t, ref in head_refs.items():
         registry.get("head", ref.name)
 
+    built: dict[str, nn.Module] = {}
+
     def make_backbone() -> nn.Module:
-        return build_component("backbone", backbone_ref, "model.backbone", task_names=task_names)
+        built["backbone"] = build_component("backbone", backbone_ref, "model.backbone", task_names=task_names)
+        return built["backbone"]
 
     def head_builder(t: str):
         where = f"model.heads.{t}" if heads and t in heads else "model.head"
 
         def make_head(in_channels: int) -> nn.Module:
-            module = build_component("head", head_refs[t], where, in_channels=in_channels, task=task_objs[t])
-            return module
+            # in_stride: how much smaller than the input the features reaching the head are
+            # (a dense head upsamples its prediction back to the input's resolution)
+            stride = getattr(built.get("backbone"), "out_stride", 1)
+            return build_component("head", head_refs[t], where, in_channels=in_channels, task=task_objs[t],
+                                   in_stride=stride)
 
         return make_head
 

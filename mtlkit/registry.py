@@ -58,8 +58,17 @@ class Component:
             raise ConfigError("; ".join(lines)) from None
 
     def build(self, params: dict | BaseModel | None = None, **context: Any) -> Any:
-        """Validate ``params`` and call the factory with the kind's context."""
-        return self.factory(self.validate_params(params), **context)
+        """Validate ``params`` and call the factory with the kind's context.
+
+        A head's raw output gets its task's output activation here (the one build path
+        every head goes through), so a head never has to apply it itself.
+        """
+        built = self.factory(self.validate_params(params), **context)
+        if self.kind == "head" and "task" in context:
+            from .contracts import attach_output_activation
+
+            attach_output_activation(built, context["task"])
+        return built
 
     def param_summary(self) -> str:
         parts = []

@@ -360,6 +360,18 @@ class Trainer:
             k += len(b)
         return out
 
+    def _set_data_epoch(self, epoch: int) -> None:
+        """Tell data sets with their own seeded augmentation (``set_epoch``) which epoch this is.
+
+        Such a data set draws its crops and flips from (its seed, epoch, index): without this
+        call every epoch would see the same ones. Called before the epoch's loader is made,
+        so worker processes get the data set with the epoch already set.
+        """
+        datasets = self.train_data.values() if self.many_to_many else [self.train_data]
+        for ds in datasets:
+            if callable(getattr(ds, "set_epoch", None)):
+                ds.set_epoch(epoch)
+
     def _train_dataset(self) -> Dataset:
         if self.many_to_many:
             return _SeededSamples(_Concat([self.train_data[d] for d in self._domains()]))
@@ -521,6 +533,7 @@ class Trainer:
         if self.step_in_epoch == 0:
             self.weighting.on_epoch_start(epoch)
         self._apply_lr(epoch)
+        self._set_data_epoch(epoch)
         plan = self.epoch_plan(epoch)
         start = min(self.step_in_epoch, len(plan))
         loader = self._loader(self._train_dataset(), [b for _, b in plan[start:]], derive_seed(self.cfg.seed, epoch, 4))

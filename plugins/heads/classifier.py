@@ -1,11 +1,12 @@
-"""Classification head: global average pooling, then one linear layer."""
+"""Classification head: global average pooling, then one linear layer (raw scores: the build
+path applies the task's log-softmax)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from mtlkit.contracts import Task, apply_activation
+from mtlkit.contracts import Task
 from mtlkit.hookspecs import hookimpl
 
 
@@ -17,7 +18,6 @@ class ClassifierParams(BaseModel):
 class ClassifierHead(nn.Module):
     def __init__(self, params: ClassifierParams, in_channels: int, task: Task) -> None:
         super().__init__()
-        self.activation = task.output_activation
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(params.dropout) if params.dropout else nn.Identity()
         self.fc = nn.Linear(in_channels, task.out_channels)
@@ -25,7 +25,7 @@ class ClassifierHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4:
             x = self.pool(x).flatten(1)
-        return apply_activation(self.activation, self.fc(self.dropout(x)))
+        return self.fc(self.dropout(x))
 
 
 @hookimpl
