@@ -41,9 +41,10 @@ class Component:
     params: type[BaseModel] = NoParams
     description: str = ""
     plugin: str = "?"
-    # params of a tiny CPU variant for tests (None: the defaults are tiny already;
-    # False: it needs files on disk and is tested by its own test module)
-    tiny: dict | bool | None = None
+    # params of a tiny CPU variant for tests (None: the defaults are tiny already); for a
+    # component that reads files (a data set's published layout), a function that writes a
+    # tiny copy of that layout under the folder it is given and returns the params to read it
+    tiny: dict | Callable[[Any], dict] | None = None
 
     def validate_params(self, params: dict | BaseModel | None = None, where: str = "") -> BaseModel:
         """Validate raw params against this component's model; one-line error on failure."""
@@ -102,7 +103,7 @@ class Registry:
         params: type[BaseModel] | None = None,
         description: str | None = None,
         plugin: str = "?",
-        tiny: dict | bool | None = None,
+        tiny: dict | Callable[[Any], dict] | None = None,
     ) -> Component:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin '{plugin}' registered a {kind} without a name")

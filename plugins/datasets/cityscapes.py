@@ -82,7 +82,15 @@ def build_cityscapes(params: CityScapesParams, split: str = "train") -> CityScap
     return CityScapes(params, split=split)
 
 
+def tiny_cityscapes(root: Path) -> dict:
+    """Write a two-scene copy of the release's layout under ``root``; the params that read it."""
+    from .synthetic_scenes import write_cityscapes_layout
+
+    write_cityscapes_layout(root, n_train=2, n_val=1, height=32, width=64)
+    return {"root": str(root)}
+
+
 @hookimpl
 def register_datasets(register):
-    register("cityscapes", build_cityscapes, params=CityScapesParams, tiny=False,
+    register("cityscapes", build_cityscapes, params=CityScapesParams, tiny=tiny_cityscapes,
              description="CityScapes .npy release (2/7/19-class seg, disparity) at 128x256")

@@ -295,9 +295,17 @@ class DecathlonDataset(Dataset):
                 "image_id": int(self.image_ids[index])}
 
 
+def tiny_decathlon(root: Path) -> dict:
+    """Write a small copy of the official layout (two domains) under ``root``; params for one."""
+    from .synthetic_decathlon import write_decathlon_layout
+
+    write_decathlon_layout(root, n_train=2, n_val=1, n_test=1, image_size=72, domains=["cifar100", "svhn"])
+    return {"root": str(root), "domain": "svhn"}
+
+
 @hookimpl
 def register_datasets(register):
-    register("decathlon", DecathlonDataset, params=DecathlonParams, tiny=False,
+    register("decathlon", DecathlonDataset, params=DecathlonParams, tiny=tiny_decathlon,
              description="Visual Decathlon domain (official release or ImageFolder layout)")
 
 

@@ -264,7 +264,15 @@ def build_nyuv2(params: NYUv2Params, split: str = "train") -> NYUv2:
     return NYUv2(params, split=split)
 
 
+def tiny_nyuv2(root: Path) -> dict:
+    """Write a two-scene copy of the release's layout under ``root``; the params that read it."""
+    from .synthetic_scenes import write_nyuv2_layout
+
+    write_nyuv2_layout(root, n_train=2, n_val=1, height=32, width=32)
+    return {"root": str(root)}
+
+
 @hookimpl
 def register_datasets(register):
-    register("nyuv2", build_nyuv2, params=NYUv2Params, tiny=False,
+    register("nyuv2", build_nyuv2, params=NYUv2Params, tiny=tiny_nyuv2,
              description="NYUv2 .npy release (13-class seg, depth, normals); optional MTAN augmentation")
