@@ -207,3 +207,29 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         counts[part] = counts.get(part, 0) + p.numel()
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+def params_ratio(recipe: Recipe, model: nn.Module, tasks: Mapping[str, Task]) -> float:
+    """The model's #P as the paper counts it: its parameters (without the heads where the
+    paper leaves them out), times the runs the paper's number covers, over the unit."""
+    paper = recipe.paper
+    heads = getattr(model, "heads", None)
+    skip = {id(p) for p in heads.parameters()} if paper is not None and not paper.params_heads and heads else set()
+    counted = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return counted * (paper.params_runs if paper is not None else 1) / params_unit(recipe, tasks)
+
+
+def params_unit(recipe: Recipe, tasks: Mapping[str, Task]) -> int:
+    """Parameters of the paper's unit: one standard single-task network (the backbone with
+    its default parameters, split, the first task's head), or that backbone alone (the
+    Decathlon's convention, ``paper.params_base = "backbone"``)."""
+    mode = recipe.paper.params_base if recipe.paper else "single_task"
+    first = next(iter(tasks))
+    standard = ComponentRef(name=recipe.model.backbone.name)  # e.g. plain SegNet, not Wide/Deep
+    if mode == "backbone":
+        backbone = build_component("backbone", standard, "model.backbone", task_names=[first])
+        return sum(p.numel() for p in backbone.parameters())
+    heads = {first: recipe.model.heads[first]} if first in recipe.model.heads else None
+    single = compose(backbone=standard, tasks={first: tasks[first]}, attention="split",
+                     head=recipe.model.head, heads=heads)
+    return sum(p.numel() for p in single.parameters())

@@ -80,7 +80,7 @@ EXTRA_PARSERS.append(_add_parsers)
 # -- params ------------------------------------------------------------------------------
 @command("params")
 def cmd_params(args) -> int:
-    from .build import build_model
+    from .build import build_model, params_ratio
     from .recipe.loader import load_recipe
 
     table = Table(title="parameters (#P relative to one single-task network)")
@@ -92,34 +92,14 @@ def cmd_params(args) -> int:
         recipe = loaded.recipe
         model, tasks = build_model(recipe)
         total = sum(p.numel() for p in model.parameters())
-        base = _params_base(recipe, tasks)
         paper = recipe.paper
-        ratio = total / base
+        ratio = params_ratio(recipe, model, tasks)
         rows.append((spec, paper.architecture if paper else "", total, ratio, paper.params_ratio if paper else None))
         del model
     for spec, arch, total, ratio, paper_ratio in rows:
         table.add_row(str(spec), arch, f"{total:,}", f"{ratio:.3f}", "" if paper_ratio is None else f"{paper_ratio:g}")
     console().print(table)
     return 0
-
-
-def _params_base(recipe, tasks) -> int:
-    """Parameters of the paper's unit: one standard single-task network (the backbone with
-    its default parameters, split, the first task's head), or that backbone alone (the
-    Decathlon's convention, ``paper.params_base = "backbone"``)."""
-    from .build import build_component, compose
-    from .recipe.schema import ComponentRef
-
-    mode = recipe.paper.params_base if recipe.paper else "single_task"
-    first = next(iter(tasks))
-    standard = ComponentRef(name=recipe.model.backbone.name)  # e.g. plain SegNet, not Wide/Deep
-    if mode == "backbone":
-        backbone = build_component("backbone", standard, "model.backbone", task_names=[first])
-        return sum(p.numel() for p in backbone.parameters())
-    heads = {first: recipe.model.heads[first]} if first in recipe.model.heads else None
-    single = compose(backbone=standard, tasks={first: tasks[first]}, attention="split",
-                     head=recipe.model.head, heads=heads)
-    return sum(p.numel() for p in single.parameters())
 
 
 # -- compare -----------------------------------------------------------------------------

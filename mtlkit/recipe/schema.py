@@ -71,6 +71,11 @@ class PaperReference(Strict):
         "single_task", description="'single_task': #P relative to the first task's split network; "
         "'backbone': relative to the backbone alone"
     )
+    params_heads: bool = Field(
+        True, description="whether the paper's #P counts the task heads (the Decathlon baselines of "
+        "Rebuffi et al. count the feature extractor only)")
+    params_runs: int = Field(
+        1, ge=1, description="how many runs of this recipe the paper's #P counts (Finetune: one per domain, 10)")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict, description="{task: {metric: value}}")
 
 
