@@ -26,9 +26,11 @@ The model is wrapped in DistributedDataParallel (``find_unused_parameters`` in t
 many-to-many setting, where one branch runs per step). Parameters of the weighting
 (outside DDP) get their gradients averaged by hand. Gradient-level weightings run the
 forward under ``model.no_sync()`` and compute every gradient with ``torch.autograd.grad``
-(no DDP reducer involved); the K x P per-task gradient matrix and the task-specific
-gradients are averaged across ranks by all-reduce before ``combine_grads``, so every rank
-applies the same update. Rank 0 alone writes files and prints.
+(no DDP reducer involved); the K x P per-task gradient matrix, the task losses and the
+task-specific gradients are averaged across ranks by all-reduce before ``combine_grads``,
+so every rank's weighting sees the same values and applies the same update. Tasks with no
+valid target in the batch (a zero gradient row) are left out of ``combine_grads``. Rank 0
+alone writes files and prints.
 """
 
 from __future__ import annotations
@@ -446,26 +448,36 @@ class Trainer:
             offset += n
 
     def _gradient_level_backward(self, losses: dict[str, Tensor]) -> None:
+        """Shared parameters: ``combine_grads`` of the global batch; the rest: ``combine``.
+
+        Everything the weighting reads is averaged across ranks first, the K x P gradient
+        matrix and the K task losses alike: with a rank's own losses (MGDA's loss
+        normalisation) the ranks would choose different weights and the replicas drift.
+        """
         model = self.raw_model
         shared = [p for p in model.shared_parameters() if p.requires_grad]
         if not shared:
             raise ConfigError("weighting: gradient-level weighting needs shared parameters, the model has none")
         shared_ids = {id(p) for p in shared}
+        names = list(self.weighting.task_names)
         rows = []
-        for t in self.weighting.task_names:
+        for t in names:
             grads = torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                    for g, p in zip(grads, shared)]))
         G = torch.stack(rows)  # K x P
         D.all_reduce_mean_(G, self.ctx)
-        combined = self.weighting.combine_grads(G, losses)
-        if combined.shape != (G.shape[1],):
-            raise TrainingError(f"weighting: combine_grads returned shape {tuple(combined.shape)}, "
-                                f"expected ({G.shape[1]},)")
+        # float64 carries any task's loss dtype exactly; each goes back to its own dtype
+        mean = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in names])
+        D.all_reduce_mean_(mean, self.ctx)
+        global_losses = {t: mean[k].to(losses[t].dtype) for k, t in enumerate(names)}
+        combined = self._combine_present(G, global_losses)
         offset = 0
         for p in shared:
             n = p.numel()
-            p.grad = combined[offset:offset + n].detach().view_as(p).clone()
+            # no task to learn from: no gradient, so the optimiser leaves the trunk alone
+            # (a zero gradient would still move it by momentum and weight decay)
+            p.grad = None if combined is None else combined[offset:offset + n].detach().view_as(p).clone()
             offset += n
         private = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
         private += [p for p in self.weighting.parameters() if p.requires_grad]
@@ -477,6 +489,44 @@ class Trainer:
                     p.grad = g.detach().clone()
                     used.append(p)
             self._average_grads(used)
+
+    def _combine_present(self, G: Tensor, losses: dict[str, Tensor]) -> Tensor | None:
+        """``combine_grads`` over the tasks whose gradient row is not zero (None: no such task).
+
+        A task with no valid target in the batch (every label ignored, every depth 0) has a
+        zero loss and a zero row. Left in, it decides the aggregate: the min-norm point of
+        a hull holding 0 is 0 (MGDA), IMTL-G puts all the weight on it; the trunk stops.
+        Such tasks are left out and the weighting solves for the others: during the call
+        its ``task_names`` lists the present tasks, in order, matching the rows of
+        ``grads`` and the keys of ``losses`` (a weighting with per-task state can tell
+        which tasks these are). G is all-reduced already, so every rank leaves out the same.
+        """
+        # max |g| per row: a reduction, no K x P temporary; a NaN row stays in (NaN != 0)
+        keep = (torch.linalg.vector_norm(G, ord=float("inf"), dim=1) != 0).tolist()
+        self._subset_weights = None
+        if all(keep):
+            combined = self.weighting.combine_grads(G, losses)
+        else:
+            full = self.weighting.task_names
+            present = [t for t, k in zip(full, keep) if k]
+            # what the log reports for this step (the weighting's own weights() would pair
+            # the full task list with the present tasks' coefficients)
+            self._subset_weights = dict.fromkeys(full, 0.0)
+            if not present:
+                return None
+            self.weighting.task_names = present
+            try:
+                combined = self.weighting.combine_grads(G[torch.tensor(keep, device=G.device)],
+                                                        {t: losses[t] for t in present})
+                reported = self.weighting.weights()
+            finally:
+                self.weighting.task_names = full
+            # {} is a method's way of saying it reports no weights
+            self._subset_weights = {**self._subset_weights, **reported} if reported else {}
+        if combined.shape != (G.shape[1],):
+            raise TrainingError(f"weighting: combine_grads returned shape {tuple(combined.shape)}, "
+                                f"expected ({G.shape[1]},)")
+        return combined
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume_from: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
@@ -601,7 +651,9 @@ class Trainer:
         return list(self.raw_model.buffers()) + list(self.weighting.buffers())
 
     def _weights(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.weighting.weights().items()}
+        # a gradient-level step that left tasks out reports them at 0 (see _combine_present)
+        w = getattr(self, "_subset_weights", None)
+        return {k: float(v) for k, v in (w if w is not None else self.weighting.weights()).items()}
 
     def _epoch_means(self) -> dict[str, float]:
         names = [t for t in self.tasks if t in self.loss_counts] if not self.ctx.enabled else list(self.tasks)
