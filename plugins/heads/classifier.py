@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 from mtlkit.contracts import Task, apply_activation
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class ClassifierParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ClassifierParams(Params):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 

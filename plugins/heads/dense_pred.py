@@ -7,15 +7,15 @@ the feature map's resolution: SegNet's decoder already returns full-resolution f
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 from mtlkit.contracts import Task, apply_activation
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class DensePredParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DensePredParams(Params):
     mid_channels: int | None = Field(None, ge=1)  # None: the input's channel count
 
 
