@@ -33,7 +33,7 @@ def as_ref(value: RefLike, where: str) -> ComponentRef:
 
 def build_component(kind: str, ref: ComponentRef, where: str, **context: Any) -> Any:
     component = get_registry().get(kind, ref.name)
-    params = component.validate_params(ref.params, where=f"[{where}.params]")
+    params = component.validate_params(ref.params, where=where)
     accepted = _accepted_kwargs(component.factory)
     if accepted is not None:
         context = {k: v for k, v in context.items() if k in accepted or k in _REQUIRED_CONTEXT.get(kind, ())}
@@ -180,22 +180,28 @@ def build_model(recipe: Recipe) -> tuple[MultiTaskNetwork, dict[str, Task]]:
     return model, tasks
 
 
+def build_weighting(recipe: Recipe, tasks: Mapping[str, Task]) -> Weighting:
+    return build_component("weighting", recipe.weighting, "weighting", task_names=list(tasks))
+
+
+def build_data(recipe: Recipe) -> tuple[Any, Any]:
+    """(train, val): data sets, or dicts task -> data set in the many-to-many setting."""
+    if recipe.data is not None:
+        return (build_dataset(recipe.data, "data", recipe.data.train_split),
+                build_dataset(recipe.data, "data", recipe.data.val_split))
+    train, val = {}, {}
+    for t, ref in recipe.tasks.items():
+        train[t] = build_dataset(ref.data, f"tasks.{t}.data", ref.data.train_split)
+        v = build_dataset(ref.data, f"tasks.{t}.data", ref.data.val_split)
+        if v is not None:
+            val[t] = v
+    return train, val or None
+
+
 def build_parts(recipe: Recipe, with_data: bool = True) -> Parts:
     model, tasks = build_model(recipe)
-    weighting = build_component("weighting", recipe.weighting, "weighting", task_names=list(tasks))
-    train = val = None
-    if with_data:
-        if recipe.data is not None:
-            train = build_dataset(recipe.data, "data", recipe.data.train_split)
-            val = build_dataset(recipe.data, "data", recipe.data.val_split)
-        else:
-            train, val = {}, {}
-            for t, ref in recipe.tasks.items():
-                train[t] = build_dataset(ref.data, f"tasks.{t}.data", ref.data.train_split)
-                v = build_dataset(ref.data, f"tasks.{t}.data", ref.data.val_split)
-                if v is not None:
-                    val[t] = v
-            val = val or None
+    weighting = build_weighting(recipe, tasks)
+    train, val = build_data(recipe) if with_data else (None, None)
     return Parts(model=model, tasks=tasks, weighting=weighting, train_data=train, val_data=val)
 
 

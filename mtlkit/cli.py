@@ -158,7 +158,7 @@ def _data_hint(loaded, exc: MtlkitError) -> MtlkitError:
 
 @command("run")
 def cmd_run(args) -> int:
-    from .build import build_parts
+    from .preflight import prepare
     from .recipe.loader import load_recipe
 
     resume_dir = None
@@ -173,11 +173,7 @@ def cmd_run(args) -> int:
             raise ConfigError("run: give a RECIPE (or --resume RUN_DIR)")
         loaded = _load(args)
     recipe = loaded.recipe
-    try:
-        parts = build_parts(recipe)
-    except MtlkitError as exc:
-        raise _data_hint(loaded, exc) from None
-    baselines = resolve_baselines(recipe.baselines, loaded.path)
+    parts, baselines = prepare(loaded, init=resume_dir is None)  # every check, before anything is written
     from .engine import Trainer
 
     if resume_dir is not None:
@@ -192,8 +188,6 @@ def cmd_run(args) -> int:
             run_dir.mkdir(parents=True, exist_ok=False)
             atomic_write_text(run_dir / "recipe.toml", loaded.toml())
     # Before the Trainer: it wraps the model in DDP, which must see the final trainable set.
-    if recipe.model.init_from is not None and resume_dir is None:
-        init_from(parts.model, recipe.model.init_from)
     if recipe.model.freeze_shared:
         from .domains import freeze_shared
 
@@ -221,7 +215,10 @@ def cmd_run(args) -> int:
 
 @command("validate")
 def cmd_validate(args) -> int:
+    from .preflight import prepare
+
     loaded = _load(args)
+    prepare(loaded, meta=True)  # every check `run` makes before training
     print(f"{args.recipe}: ok ({len(loaded.recipe.tasks)} tasks, "
           f"{'many-to-many' if loaded.recipe.many_to_many else 'one-to-many'})")
     return 0

@@ -28,7 +28,9 @@ Data samples
 A data set yields dicts: ``"image"`` (float CHW tensor) plus one entry per target, keyed by
 the task's ``target`` (defaults: ``"segmentation"`` long HW with -1 = ignore, ``"depth"``
 1HW float with 0 = invalid, ``"normal"`` 3HW float with a zero vector = invalid, ``"label"``
-long scalar for classification). Collated batches keep the same keys.
+long scalar for classification). Collated batches keep the same keys. A data set whose first
+sample is slow to make may list its samples' keys in a ``sample_keys`` attribute: the check
+before training (:func:`mtlkit.engine.checks.check_samples`) then reads that instead.
 """
 
 from __future__ import annotations

@@ -53,8 +53,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from ..contracts import Task, Weighting
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from . import distributed as D
+from .checks import check_best_metric, check_data, check_weighting, missing_key
 from .checkpoint import (atomic_write_json, capture_rng, load_checkpoint, pack_state, recipe_sha256,
                          rng_to_json, save_checkpoint, set_rng_state, unpack_state)
 from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
@@ -229,51 +230,13 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------
     def _check_data(self) -> None:
-        c = self.cfg
-        if self.many_to_many:
-            if not self.train_data:
-                raise ConfigError("train_data: no domains")
-            for d, ds in self.train_data.items():
-                if d not in self.tasks:
-                    raise ConfigError(f"train_data: domain '{d}' is not a task (tasks: {', '.join(self.tasks)})")
-                if len(ds) == 0:
-                    raise DataError(f"train_data: domain '{d}' has no samples")
-            for field, values in (("domain_batch_size", c.domain_batch_size),
-                                  ("domain_loss_weight", c.domain_loss_weight)):
-                for d in values:
-                    if d not in self.train_data:
-                        raise ConfigError(f"training.{field}: '{d}' is not a domain of the training data")
-            if self.val_data is not None and not isinstance(self.val_data, Mapping):
-                raise ConfigError("val_data: many-to-many training needs a dict domain -> Dataset for validation")
-        else:
-            if len(self.train_data) == 0:
-                raise DataError("train_data: no samples")
-            for field in ("domain_batch_size", "domain_loss_weight"):
-                if getattr(c, field):
-                    raise ConfigError(f"training.{field} applies to many-to-many data (a dict of domains) only")
+        check_data(self.tasks, self.train_data, self.val_data, self.cfg)
 
     def _check_weighting(self) -> None:
-        w = self.weighting
-        if set(w.task_names) != set(self.tasks):
-            raise ConfigError(f"weighting: built for tasks {w.task_names}, training has {list(self.tasks)}")
-        if w.requires_grads not in (None, "shared"):
-            raise ConfigError(f"weighting: requires_grads = {w.requires_grads!r} is not supported (None or 'shared')")
-        if w.requires_grads == "shared" and self.many_to_many:
-            raise ConfigError(f"weighting: '{type(w).__name__}' is gradient-level (needs every task's gradient "
-                              f"on one batch); many-to-many batches hold one domain, use a loss-level weighting")
+        check_weighting(self.weighting, self.tasks, self.many_to_many)
 
     def _check_best_metric(self) -> None:
-        bm = self.cfg.best_metric
-        if bm is None:
-            return
-        task, metric = bm.split("/")
-        if task not in self.tasks:
-            raise ConfigError(f"training.best_metric: unknown task '{task}' (tasks: {', '.join(self.tasks)})")
-        known = type(self.tasks[task].metrics()).higher_is_better
-        if metric not in known:
-            raise ConfigError(f"training.best_metric: task '{task}' has no metric '{metric}' "
-                              f"(metrics: {', '.join(known)})")
-        self.best_higher = known[metric]
+        self.best_higher = check_best_metric(self.cfg.best_metric, self.tasks)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         c = self.opt_cfg
@@ -390,13 +353,13 @@ class Trainer:
         for t in names:
             key = self.tasks[t].target
             if key not in batch:
-                raise DataError(f"{where}: samples have no '{key}' (the target of task '{t}')")
+                raise missing_key(where, key, t, batch)
             out[t] = batch[key].to(self.device, non_blocking=True)
         return out
 
     def _forward(self, model: nn.Module, batch: dict, domain: str | None, where: str) -> dict[str, Tensor]:
         if "image" not in batch:
-            raise DataError(f"{where}: samples have no 'image'")
+            raise missing_key(where, "image", have=batch)
         x = batch["image"].to(self.device, non_blocking=True)
         out = model(x, tasks=[domain]) if domain is not None else model(x)
         names = [domain] if domain is not None else list(self.tasks)

@@ -38,21 +38,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
-from mtlkit.decathlon import DOMAINS, NO_FLIP_DOMAINS, category_offset, check_domain, load_stats
+from mtlkit.decathlon import DOMAINS, NO_FLIP_DOMAINS, DomainName, category_offset, load_stats
 from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "val", "test")
 
 
-class DecathlonParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DecathlonParams(Params):
     root: str = Field(..., description="the release root (holding data/ and annotations/) or the ImageFolder root")
-    domain: str = Field(..., description="one of the ten Decathlon domains")
+    domain: DomainName = Field(..., description="one of the ten Decathlon domains")
     layout: Literal["official", "imagefolder"] = "official"
     image_size: int = Field(72, ge=8, description="short side after resizing; images are centre-cropped to a square")
     crop: int = Field(72, ge=8, description="network input side")
@@ -218,7 +218,6 @@ class DecathlonDataset(Dataset):
     def __init__(self, params: DecathlonParams, split: str = "train") -> None:
         if split not in SPLITS:
             raise DataError(f"decathlon: unknown split '{split}' (splits: {', '.join(SPLITS)})")
-        check_domain(params.domain, where=f"decathlon data set (root {params.root})", error=DataError)
         root = Path(params.root).expanduser()
         if not root.is_dir():
             raise DataError(f"{root}: decathlon root folder does not exist (expected the official layout "

@@ -15,17 +15,17 @@ from __future__ import annotations
 from typing import Literal
 
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 from mtlkit.contracts import Task
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 REFERENCE_POOL_KERNEL = 8  # the authors' avg_pool2d(x, 8)
 
 
-class ClassifierParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ClassifierParams(Params):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     pool: Literal["global", "reference"] = Field(
         "global", description="'global': mean of the whole map; 'reference': the authors' "

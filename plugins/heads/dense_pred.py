@@ -9,16 +9,16 @@ bilinearly by ``in_stride`` (before the activation), so dense tasks get per-pixe
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from mtlkit.contracts import Task
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class DensePredParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DensePredParams(Params):
     mid_channels: int | None = Field(None, ge=1)  # None: the input's channel count
 
 
