@@ -10,14 +10,15 @@ from typing import Any, Callable
 
 import torch
 
-from .build import Parts, build_data, build_model, build_weighting
+from .build import Parts, build_data, build_model, build_weighting, check_parts
 from .engine.checks import check_best_metric, check_data, check_samples, check_weighting
 from .engine.distributed import env_world, resolve_device
 from .errors import ConfigError, MtlkitError
 from .recipe.loader import LoadedRecipe
 
 
-def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True) -> tuple[Parts, dict[str, Any]]:
+def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
+            probe: bool = False) -> tuple[Parts, dict[str, Any]]:
     """Build the parts and check them as the Trainer will: ``(parts, baselines)``.
 
     Checks: the model, tasks, weighting and data sets build (a missing data set gets the
@@ -78,7 +79,10 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True) -> tupl
     baselines = attempt(resolve_baselines, recipe.baselines, loaded.path)
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigError("\n".join(str(e) for e in errors))
-    return Parts(model=model, tasks=tasks, weighting=weighting, train_data=train, val_data=val), baselines
+    parts = Parts(model=model, tasks=tasks, weighting=weighting, train_data=train, val_data=val)
+    if probe and not meta:
+        check_parts(recipe, parts)
+    return parts, baselines
 
 
 @contextlib.contextmanager

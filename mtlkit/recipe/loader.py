@@ -99,6 +99,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # e.g. a binary file, or a run folder's damaged recipe.toml
+        raise ConfigError(f"{path}: not a TOML text file (not UTF-8 at byte {exc.start})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
