@@ -282,7 +282,7 @@ EXTRA_PARSERS: list[Callable[[Any], None]] = []
 
 
 def _load_extra_commands() -> None:
-    from . import cli_extra  # noqa: F401  (registers list/plugins/params/compare/plot/data/decathlon)
+    from . import cli_compare, cli_extra  # noqa: F401  (they register list/plugins/params/compare/plot/data/decathlon)
 
 
 def user_message(exc: BaseException) -> str:
