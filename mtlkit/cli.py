@@ -38,9 +38,9 @@ def console() -> Console:
 
 # -- helpers -------------------------------------------------------------------------
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .engine.checkpoint import atomic_write_bytes  # the one atomic writer
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def is_rank_zero() -> bool:
@@ -63,6 +63,13 @@ def check_run_dir(path: Path) -> Path:
     if not (path / "recipe.toml").is_file():
         raise CheckpointError(f"{path}: not a run folder (no recipe.toml)")
     return path
+
+
+def check_writable(run: Path) -> None:
+    """A resumed run replaces files in the run and checkpoints folders and appends to the log."""
+    for p in (run, run / "checkpoints", run / "log.jsonl"):
+        if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+            raise CheckpointError(f"{p}: not writable (resuming writes checkpoints and logs there)")
 
 
 def agree_on_run_dir(run_dir: Path, device: str) -> Path:
@@ -123,7 +130,7 @@ def init_from(model, spec) -> None:
         return any(fnmatch.fnmatchcase(key, p) for p in spec.include) and not any(
             fnmatch.fnmatchcase(key, p) for p in spec.exclude)
 
-    load_model_weights(model, newest_run(Path(spec.path)), key_filter=keep)
+    load_model_weights(model, newest_run(Path(spec.path)), key_filter=keep, which="best")  # best, else last
 
 
 def newest_run(path: Path) -> Path:
@@ -163,11 +170,14 @@ def cmd_run(args) -> int:
 
     resume_dir = None
     if args.resume:
-        from .engine.checkpoint import load_checkpoint
+        from .engine.checkpoint import check_recipe, checkpoint_meta, recipe_sha256
 
+        # Every check before the first write: a refused resume leaves the run folder as it was.
         resume_dir = check_run_dir(Path(args.resume))
-        load_checkpoint(resume_dir)  # refuse a missing, truncated or foreign checkpoint before writing anything
+        meta, meta_path = checkpoint_meta(resume_dir)  # missing, truncated or foreign: refused
         loaded = load_recipe(resume_dir / "recipe.toml", overrides=args.set or [])
+        check_recipe(meta, recipe_sha256(recipe_identity(loaded.resolved)), str(meta_path))
+        check_writable(resume_dir)
     else:
         if not args.recipe:
             raise ConfigError("run: give a RECIPE (or --resume RUN_DIR)")
@@ -180,30 +190,39 @@ def cmd_run(args) -> int:
     baselines = resolve_baselines(recipe.baselines, loaded.path)
     from .engine import Trainer
 
-    if resume_dir is not None:
-        run_dir = resume_dir
-        if is_rank_zero():  # e.g. more epochs: the run folder shows what it now runs
-            atomic_write_text(run_dir / "recipe.toml", loaded.toml())
-    else:
-        base = args.runs_dir or recipe.output.dir
-        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(base, recipe.output.name or loaded.name)
-        run_dir = agree_on_run_dir(run_dir, recipe.training.device)
-        if is_rank_zero():
-            run_dir.mkdir(parents=True, exist_ok=False)
-            atomic_write_text(run_dir / "recipe.toml", loaded.toml())
-    # Before the Trainer: it wraps the model in DDP, which must see the final trainable set.
+    # Before the Trainer: it wraps the model in DDP, which must see the final trainable set;
+    # before the run folder: a failing init_from leaves none behind.
     if recipe.model.init_from is not None and resume_dir is None:
         init_from(parts.model, recipe.model.init_from)
     if recipe.model.freeze_shared:
         from .domains import freeze_shared
 
         freeze_shared(parts.model)
-    trainer = Trainer(
-        parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
-        optimizer=recipe.optimizer, schedule=recipe.schedule, training=recipe.training,
-        run_dir=run_dir, recipe=recipe_identity(loaded.resolved), quiet=args.quiet,
-        baselines=baselines,
-    )
+    created = False
+    if resume_dir is not None:
+        run_dir = resume_dir
+    else:
+        base = args.runs_dir or recipe.output.dir
+        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(base, recipe.output.name or loaded.name)
+        run_dir = agree_on_run_dir(run_dir, recipe.training.device)
+        if is_rank_zero():
+            run_dir.mkdir(parents=True, exist_ok=False)
+            created = True
+    try:
+        trainer = Trainer(
+            parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
+            optimizer=recipe.optimizer, schedule=recipe.schedule, training=recipe.training,
+            run_dir=run_dir, recipe=recipe_identity(loaded.resolved), quiet=args.quiet,
+            baselines=baselines,
+        )
+    except BaseException:
+        if created:
+            run_dir.rmdir()  # still empty: the Trainer writes nothing
+        raise
+    recipe_path, text = run_dir / "recipe.toml", loaded.toml()
+    # a resume may extend training.epochs: the run folder shows what it now runs
+    if is_rank_zero() and (not recipe_path.is_file() or recipe_path.read_text(encoding="utf-8") != text):
+        atomic_write_text(recipe_path, text)
     from .engine.distributed import shutdown
 
     try:
