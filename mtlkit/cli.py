@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import CheckpointError, ConfigError, MtlkitError
+from .rundir import (create_run_dir, discard_unfinished, new_run_dir, pin_for_run_folder,  # noqa: F401
+                     precheck_new_run_dir, run_name)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -38,23 +39,21 @@ def console() -> Console:
 
 # -- helpers -------------------------------------------------------------------------
 def atomic_write_text(path: Path, text: str) -> None:
-    from .engine.checkpoint import atomic_write_bytes  # the one atomic writer
+    from .engine.checkpoint import atomic_write_bytes  # the one atomic writer (torch: lazy)
 
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_text_file(path: Path, text: str) -> None:
+    """atomic_write_text, with a failure (read-only, full disk) as one line naming the file."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def new_run_dir(base: str, name: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run = Path(base) / name / stamp
-    i = 1
-    while run.exists():
-        run = Path(base) / name / f"{stamp}-{i}"
-        i += 1
-    return run
 
 
 def check_run_dir(path: Path) -> Path:
@@ -165,7 +164,7 @@ def _data_hint(loaded, exc: MtlkitError) -> MtlkitError:
 
 @command("run")
 def cmd_run(args) -> int:
-    from .build import build_parts
+    from .preflight import prepare
     from .recipe.loader import load_recipe
 
     resume_dir = None
@@ -183,54 +182,54 @@ def cmd_run(args) -> int:
             raise ConfigError("run: give a RECIPE (or --resume RUN_DIR)")
         loaded = _load(args)
     recipe = loaded.recipe
-    try:
-        parts = build_parts(recipe)
-    except MtlkitError as exc:
-        raise _data_hint(loaded, exc) from None
-    baselines = resolve_baselines(recipe.baselines, loaded.path)
-    from .engine import Trainer
-
-    # Before the Trainer: it wraps the model in DDP, which must see the final trainable set;
-    # before the run folder: a failing init_from leaves none behind.
-    if recipe.model.init_from is not None and resume_dir is None:
-        init_from(parts.model, recipe.model.init_from)
+    run_dir = resume_dir
+    if resume_dir is None:  # the cheap checks first: a taken or unwritable folder fails at once
+        if args.run_dir:
+            run_dir = Path(args.run_dir)
+        else:
+            run_dir = new_run_dir(args.runs_dir or recipe.output.dir, run_name(loaded))
+        precheck_new_run_dir(run_dir)
+    parts, baselines = prepare(loaded, init=resume_dir is None, probe=True)  # every check, before any write
+    # Before the Trainer: it wraps the model in DDP, which must see the final trainable set.
     if recipe.model.freeze_shared:
         from .domains import freeze_shared
 
         freeze_shared(parts.model)
-    created = False
-    if resume_dir is not None:
-        run_dir = resume_dir
-    else:
-        base = args.runs_dir or recipe.output.dir
-        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(base, recipe.output.name or loaded.name)
-        run_dir = agree_on_run_dir(run_dir, recipe.training.device)
-        if is_rank_zero():
-            run_dir.mkdir(parents=True, exist_ok=False)
-            created = True
+    if resume_dir is None:
+        pin_for_run_folder(loaded)  # before the recipe's hash is taken: a resume sees the same
+    from .engine import Trainer
+    from .engine.distributed import shutdown
+
+    created = None  # the folder this run made: removed again if no checkpoint follows
     try:
+        if resume_dir is None:
+            # Only now, with everything built and checked, does the run folder appear.
+            run_dir = agree_on_run_dir(run_dir, recipe.training.device)
+            if is_rank_zero():
+                created = create_run_dir(run_dir)
+                write_text_file(run_dir / "recipe.toml", loaded.toml())
         trainer = Trainer(
             parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
             optimizer=recipe.optimizer, schedule=recipe.schedule, training=recipe.training,
             run_dir=run_dir, recipe=recipe_identity(loaded.resolved), quiet=args.quiet,
             baselines=baselines,
         )
-    except BaseException:
-        if created:
-            run_dir.rmdir()  # still empty: the Trainer writes nothing
-        raise
-    recipe_path, text = run_dir / "recipe.toml", loaded.toml()
-    # a resume may extend training.epochs: the run folder shows what it now runs
-    if is_rank_zero() and (not recipe_path.is_file() or recipe_path.read_text(encoding="utf-8") != text):
-        atomic_write_text(recipe_path, text)
-    from .engine.distributed import shutdown
-
-    try:
+        if resume_dir is not None and is_rank_zero():
+            # every check has passed: a resume that extends training.epochs shows it in the folder
+            recipe_path, text = run_dir / "recipe.toml", loaded.toml()
+            if recipe_path.read_text(encoding="utf-8") != text:
+                write_text_file(recipe_path, text)
         trainer.fit(resume_from=resume_dir)
     except KeyboardInterrupt:
         if is_rank_zero():
-            print(f"interrupted: checkpoint saved in {run_dir}", file=sys.stderr)
+            if discard_unfinished(run_dir, created):
+                print(f"interrupted before the first checkpoint: removed {run_dir}", file=sys.stderr)
+            else:
+                print(f"interrupted: checkpoint saved in {run_dir}", file=sys.stderr)
         return 130
+    except BaseException:
+        discard_unfinished(run_dir, created)
+        raise
     finally:
         shutdown()
     if is_rank_zero():
@@ -240,7 +239,10 @@ def cmd_run(args) -> int:
 
 @command("validate")
 def cmd_validate(args) -> int:
+    from .preflight import prepare
+
     loaded = _load(args)
+    prepare(loaded, probe=True)  # every check `run` makes before training
     print(f"{args.recipe}: ok ({len(loaded.recipe.tasks)} tasks, "
           f"{'many-to-many' if loaded.recipe.many_to_many else 'one-to-many'})")
     return 0
@@ -263,40 +265,6 @@ def cmd_show(args) -> int:
     return 0
 
 
-# -- list / plugins ----------------------------------------------------------------------
-@command("list")
-def cmd_list(args) -> int:
-    from .plugin_manager import get_registry
-    from .registry import KINDS
-
-    kind, pattern = args.kind, args.glob or "*"
-    if kind is not None and kind not in KINDS:
-        # `mtlkit list seg*` means a glob over all kinds
-        kind, pattern = None, kind if args.glob is None else args.glob
-    rows = get_registry().list(kind, pattern)
-    table = Table(title="mtlkit components")
-    for col in ("name", "kind", "plugin", "description", "parameters"):
-        table.add_column(col, overflow="fold")
-    for c in rows:
-        table.add_row(c.name, c.kind, c.plugin.removeprefix("mtlkit.plugins."), c.description, c.param_summary())
-    console().print(table)
-    return 0
-
-
-@command("plugins")
-def cmd_plugins(args) -> int:
-    from .plugin_manager import get_plugin_manager
-
-    table = Table(title="mtlkit plugins")
-    for col in ("plugin", "source", "components", "status"):
-        table.add_column(col, overflow="fold")
-    for row in get_plugin_manager().plugin_rows():
-        status = f"[red]failed: {row['error']}[/red]" if row["error"] else "ok"
-        table.add_row(row["name"], row["source"], ", ".join(row["components"]), status)
-    console().print(table)
-    return 0
-
-
 # -- argument parsing -----------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtlkit", description="Multi-task learning with swappable parts.")
@@ -316,10 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="exact run folder to create")
     recipe_args(sub.add_parser("validate", help="check a recipe"))
     recipe_args(sub.add_parser("show", help="print the resolved recipe and parameter counts"))
-    p = sub.add_parser("list", help="list registered components")
-    p.add_argument("kind", nargs="?")
-    p.add_argument("glob", nargs="?")
-    sub.add_parser("plugins", help="list loaded plugins")
     for register in EXTRA_PARSERS:
         register(sub)
     return parser
@@ -330,7 +294,22 @@ EXTRA_PARSERS: list[Callable[[Any], None]] = []
 
 
 def _load_extra_commands() -> None:
-    from . import cli_extra  # noqa: F401  (registers params/compare/plot/data/decathlon)
+    from . import cli_compare, cli_extra  # noqa: F401  (they register list/plugins/params/compare/plot/data/decathlon)
+
+
+def user_message(exc: BaseException) -> str:
+    """The error's own message. A DataLoader worker's error reaches the main process
+    re-raised as the same type with the worker's whole traceback as its message; the
+    original message is that traceback's last ``module.Type: message`` part."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and " in DataLoader worker process " in text.split("\n", 1)[0]):
+        return text
+    t = type(exc)
+    for prefix in (f"\n{t.__module__}.{t.__qualname__}: ", f"\n{t.__qualname__}: "):
+        at = text.rfind(prefix)
+        if at >= 0:
+            return text[at + len(prefix):].strip()
+    return text.split("\n", 1)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,16 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     _load_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import plugin_manager
+
+    plugin_manager.DEBUG = args.debug
     try:
         return COMMANDS[args.command](args)
     except MtlkitError as exc:
         if args.debug:
             raise
-        for line in str(exc).splitlines() or [type(exc).__name__]:
+        for line in user_message(exc).splitlines() or [type(exc).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        plugin_manager.DEBUG = False  # in-process callers (tests) get the default back
 
 
 if __name__ == "__main__":

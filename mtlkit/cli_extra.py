@@ -1,32 +1,26 @@
-"""Sub-commands beyond run/validate/show: params, compare, plot, data, decathlon."""
+"""Sub-commands beyond run/validate/show: list, plugins, params, sweep, plot, data, decathlon
+(compare: :mod:`mtlkit.cli_compare`)."""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import math
 from pathlib import Path
-from typing import Any
 
 from rich.table import Table
 
-from .cli import COMMANDS, EXTRA_PARSERS, atomic_write_text, check_run_dir, command, console
-from .errors import CheckpointError, ConfigError
+from .cli import COMMANDS, EXTRA_PARSERS, check_run_dir, command, console
+from .errors import ConfigError
 
 
 def _add_parsers(sub) -> None:
+    p = sub.add_parser("list", help="list registered components")
+    p.add_argument("kind", nargs="?")
+    p.add_argument("glob", nargs="?")
+    sub.add_parser("plugins", help="list loaded plugins")
+
     p = sub.add_parser("params", help="parameter counts and the paper's #P column")
     p.add_argument("recipes", nargs="+")
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
-
-    p = sub.add_parser("compare", help="paper-style table of several runs")
-    p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--last", type=int, default=10, help="average the last N evaluations (the paper: 10)")
-    p.add_argument("--baseline", action="append", default=[], metavar="RUN_DIR",
-                   help="single-task runs giving Delta_m baselines (one per task)")
-    p.add_argument("--out", help="write OUT.md and OUT.csv (default: compare.md/.csv in the current folder)")
 
     p = sub.add_parser("sweep", help="run recipes x a grid of overrides, then compare them")
     p.add_argument("recipes", nargs="+")
@@ -77,10 +71,44 @@ def _add_parsers(sub) -> None:
 EXTRA_PARSERS.append(_add_parsers)
 
 
+# -- list / plugins ----------------------------------------------------------------------
+@command("list")
+def cmd_list(args) -> int:
+    from .plugin_manager import get_registry
+    from .registry import KINDS
+
+    kind, pattern = args.kind, args.glob or "*"
+    if kind is not None and kind not in KINDS:
+        # `mtlkit list seg*` means a glob over all kinds
+        kind, pattern = None, kind if args.glob is None else args.glob
+    rows = get_registry().list(kind, pattern)
+    table = Table(title="mtlkit components")
+    for col in ("name", "kind", "plugin", "description", "parameters"):
+        table.add_column(col, overflow="fold")
+    for c in rows:
+        table.add_row(c.name, c.kind, c.plugin.removeprefix("mtlkit.plugins."), c.description, c.param_summary())
+    console().print(table)
+    return 0
+
+
+@command("plugins")
+def cmd_plugins(args) -> int:
+    from .plugin_manager import get_plugin_manager
+
+    table = Table(title="mtlkit plugins")
+    for col in ("plugin", "source", "components", "status"):
+        table.add_column(col, overflow="fold")
+    for row in get_plugin_manager().plugin_rows():
+        status = f"[red]failed: {row['error']}[/red]" if row["error"] else "ok"
+        table.add_row(row["name"], row["source"], ", ".join(row["components"]), status)
+    console().print(table)
+    return 0
+
+
 # -- params ------------------------------------------------------------------------------
 @command("params")
 def cmd_params(args) -> int:
-    from .build import build_model
+    from .build import build_model, params_ratio
     from .recipe.loader import load_recipe
 
     table = Table(title="parameters (#P relative to one single-task network)")
@@ -92,188 +120,14 @@ def cmd_params(args) -> int:
         recipe = loaded.recipe
         model, tasks = build_model(recipe)
         total = sum(p.numel() for p in model.parameters())
-        base = _params_base(recipe, tasks)
         paper = recipe.paper
-        ratio = total / base
+        ratio = params_ratio(recipe, model, tasks)
         rows.append((spec, paper.architecture if paper else "", total, ratio, paper.params_ratio if paper else None))
         del model
     for spec, arch, total, ratio, paper_ratio in rows:
         table.add_row(str(spec), arch, f"{total:,}", f"{ratio:.3f}", "" if paper_ratio is None else f"{paper_ratio:g}")
     console().print(table)
     return 0
-
-
-def _params_base(recipe, tasks) -> int:
-    """Parameters of the paper's unit: one standard single-task network (the backbone with
-    its default parameters, split, the first task's head), or that backbone alone (the
-    Decathlon's convention, ``paper.params_base = "backbone"``)."""
-    from .build import build_component, compose
-    from .recipe.schema import ComponentRef
-
-    mode = recipe.paper.params_base if recipe.paper else "single_task"
-    first = next(iter(tasks))
-    standard = ComponentRef(name=recipe.model.backbone.name)  # e.g. plain SegNet, not Wide/Deep
-    if mode == "backbone":
-        backbone = build_component("backbone", standard, "model.backbone", task_names=[first])
-        return sum(p.numel() for p in backbone.parameters())
-    heads = {first: recipe.model.heads[first]} if first in recipe.model.heads else None
-    single = compose(backbone=standard, tasks={first: tasks[first]}, attention="split",
-                     head=recipe.model.head, heads=heads)
-    return sum(p.numel() for p in single.parameters())
-
-
-# -- compare -----------------------------------------------------------------------------
-def read_log(run: Path) -> list[dict[str, Any]]:
-    log = run / "log.jsonl"
-    if not log.is_file():
-        raise CheckpointError(f"{run}: not a run folder (no log.jsonl)")
-    records = []
-    for i, line in enumerate(log.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{log}:{i}: not a JSON line") from None
-    return records
-
-
-def run_summary(run: Path, last: int) -> dict[str, Any]:
-    """Mean of the last N evaluations of every metric, with directions and #P."""
-    from .build import build_model
-    from .recipe.loader import load_recipe
-
-    check_run_dir(run)
-    loaded = load_recipe(run / "recipe.toml")
-    evals = [r for r in read_log(run) if r.get("type") == "eval"]
-    if not evals:
-        raise CheckpointError(f"{run}: no evaluation in log.jsonl yet")
-    chosen = evals[-last:]
-    metrics: dict[str, dict[str, float]] = {}
-    for task, values in chosen[-1]["metrics"].items():
-        metrics[task] = {}
-        for name in values:
-            vals = [e["metrics"][task][name] for e in chosen if name in e["metrics"].get(task, {})]
-            vals = [v for v in vals if v is not None and not math.isnan(v)]
-            metrics[task][name] = sum(vals) / len(vals) if vals else float("nan")
-    model, tasks = build_model(loaded.recipe)
-    directions = {t: dict(task.metrics().higher_is_better) for t, task in tasks.items()}
-    recipe = loaded.recipe
-    return {
-        "run": str(run), "name": loaded.name, "decathlon": decathlon_domains(recipe),
-        "architecture": recipe.paper.architecture if recipe.paper and recipe.paper.architecture else recipe.model.attention.name,
-        "weighting": recipe.weighting.name, "params": sum(p.numel() for p in model.parameters()),
-        "params_ratio": sum(p.numel() for p in model.parameters()) / _params_base(recipe, tasks),
-        "metrics": metrics, "higher_is_better": directions, "evaluations": len(chosen),
-    }
-
-
-DECATHLON_DATASETS = ("decathlon", "synthetic_decathlon")
-
-
-def decathlon_domains(recipe) -> dict[str, str] | None:
-    """{task: Decathlon domain} for a many-to-many Decathlon run (every task's data set is
-    a Decathlon one, or every task is named after a domain), else None. The domain is the
-    data set's ``domain`` parameter when it has one, else the task's name."""
-    from .decathlon import DOMAINS
-
-    if not recipe.many_to_many:
-        return None
-    out: dict[str, str] = {}
-    for name, task in recipe.tasks.items():
-        data = task.data
-        domain = data.params.get("domain") if data is not None else None
-        if data is not None and data.name in DECATHLON_DATASETS and domain in DOMAINS:
-            out[name] = domain
-        elif name in DOMAINS:
-            out[name] = name
-        else:
-            return None
-    if len(set(out.values())) != len(out):  # two tasks on one domain: no per-domain score
-        return None
-    return out
-
-
-def decathlon_columns(s: dict[str, Any]) -> tuple[float, float] | None:
-    """(mean top-1 accuracy over the run's domains, Decathlon score over those domains),
-    or None when the run is not a Decathlon run or a domain has no accuracy."""
-    from .decathlon import decathlon_score
-
-    domains = s.get("decathlon")
-    if not domains:
-        return None
-    acc = {d: s["metrics"].get(t, {}).get("accuracy") for t, d in domains.items()}
-    if any(v is None or math.isnan(v) for v in acc.values()):
-        return None
-    return sum(acc.values()) / len(acc), decathlon_score(acc, kind="accuracy")
-
-
-@command("compare")
-def cmd_compare(args) -> int:
-    from .delta_m import delta_m
-
-    summaries = [run_summary(Path(r), args.last) for r in args.runs]
-    baseline: dict[str, dict[str, float]] = {}
-    for b in args.baseline:
-        s = run_summary(Path(b), args.last)
-        for task, values in s["metrics"].items():
-            baseline.setdefault(task, values)
-    columns: list[tuple[str, str]] = []
-    for s in summaries:
-        for task, values in s["metrics"].items():
-            for name in values:
-                if (task, name) not in columns:
-                    columns.append((task, name))
-    header = ["run", "architecture", "weighting", "#P"] + [f"{t}/{m}" for t, m in columns]
-    decathlon = any(s.get("decathlon") for s in summaries)
-    if decathlon:
-        header += ["mean", "score"]
-    if baseline:
-        header.append("delta_m%")
-    rows = []
-    for s in summaries:
-        row = [s["name"], s["architecture"], s["weighting"], f"{s['params_ratio']:.3f}"]
-        row += [_fmt(s["metrics"].get(t, {}).get(m)) for t, m in columns]
-        if decathlon:
-            cols = decathlon_columns(s)
-            row += ["-", "-"] if cols is None else [f"{cols[0]:.2f}", f"{cols[1]:.0f}"]
-        if baseline:
-            common = {t: v for t, v in s["metrics"].items() if t in baseline}
-            dm = delta_m(common, {t: baseline[t] for t in common},
-                         {t: s["higher_is_better"][t] for t in common}) if common else float("nan")
-            row.append(f"{dm:+.2f}")
-        rows.append(row)
-    title = f"mean of the last {args.last} evaluations"
-    if decathlon:
-        title += ("; mean: top-1 accuracy (%) averaged over the domains; score: the Decathlon score over "
-                  "the domains present, from these accuracies and the real data's baseline errors "
-                  "(meaningful on real data only)")
-    table = Table(title=title)
-    # Ten domains x (accuracy, loss) do not fit a terminal: the printed table leaves the
-    # Decathlon tasks' losses out (OUT.md and OUT.csv keep every column).
-    hidden = {f"{t}/loss" for s in summaries for t in (s.get("decathlon") or {})}
-    shown = [i for i, h in enumerate(header) if h not in hidden]
-    for i in shown:
-        h = header[i]
-        table.add_column(h, justify="left" if h in ("run", "architecture", "weighting") else "right")
-    for row in rows:
-        table.add_row(*(row[i] for i in shown))
-    console().print(table)
-    out = Path(args.out) if args.out else Path("compare")
-    md = [title, ""] if decathlon else []
-    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(row) + " |" for row in rows]
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header] + rows)
-    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
-    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
-    return 0
-
-
-def _fmt(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 
 
 # -- sweep -------------------------------------------------------------------------------
@@ -320,7 +174,8 @@ def cmd_sweep(args) -> int:
             return rc
         finished.append(str(run_dir))
     out = args.out or str(runs_dir / "sweep" / "compare")
-    return COMMANDS["compare"](argparse.Namespace(runs=finished, last=args.last, baseline=[], out=out))
+    return COMMANDS["compare"](argparse.Namespace(runs=finished, last=args.last, baseline=[], out=out,
+                                                  csv=None, markdown=None))
 
 
 # -- plot --------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ Data samples
 A data set yields dicts: ``"image"`` (float CHW tensor) plus one entry per target, keyed by
 the task's ``target`` (defaults: ``"segmentation"`` long HW with -1 = ignore, ``"depth"``
 1HW float with 0 = invalid, ``"normal"`` 3HW float with a zero vector = invalid, ``"label"``
-long scalar for classification). Collated batches keep the same keys.
+long scalar for classification). Collated batches keep the same keys. A data set whose first
+sample is slow to make may list its samples' keys in a ``sample_keys`` attribute: the check
+before training (:func:`mtlkit.engine.checks.check_samples`) then reads that instead.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ class Task:
 
     Attributes: ``name`` (the key in the recipe and in model outputs), ``target`` (the key
     in data samples), ``out_channels`` (what the head must produce), ``output_activation``
-    (``"identity"``, ``"log_softmax"`` or ``"l2_normalize"``: heads apply it).
+    (``"identity"``, ``"log_softmax"`` or ``"l2_normalize"``: applied to the head's raw
+    output by the build path, see :class:`OutputActivation`).
     """
 
     name: str
@@ -149,6 +152,9 @@ class MetricState:
             self.state[key] = self.state[key] + value.to(self.state[key].device)
 
 
+OUTPUT_ACTIVATIONS = ("identity", "log_softmax", "l2_normalize")
+
+
 def apply_activation(name: str, x: Tensor) -> Tensor:
     if name == "identity":
         return x
@@ -156,7 +162,35 @@ def apply_activation(name: str, x: Tensor) -> Tensor:
         return torch.log_softmax(x, dim=1)
     if name == "l2_normalize":
         return x / x.norm(p=2, dim=1, keepdim=True).clamp_min(1e-12)
-    raise ValueError(f"unknown output activation '{name}'")
+    raise ValueError(f"unknown output activation '{name}' (known: {', '.join(OUTPUT_ACTIVATIONS)})")
+
+
+class OutputActivation:
+    """Forward hook that applies a task's output activation to its head's raw output.
+
+    Heads return raw scores; the build path (:meth:`mtlkit.registry.Component.build`)
+    attaches this hook to every head, so no head can forget the activation its task's
+    loss expects. The three activations are idempotent (log-softmax of log-probabilities
+    and normalisation of unit vectors change nothing), so a head that applies it itself
+    still gives the right output.
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"unknown output activation '{name}' (known: {', '.join(OUTPUT_ACTIVATIONS)})")
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        return apply_activation(self.name, output)
+
+
+def attach_output_activation(head: nn.Module, task: "Task") -> nn.Module:
+    """Make ``head``'s output the one ``task`` expects (see :class:`OutputActivation`)."""
+    name = getattr(task, "output_activation", "identity")
+    hook = OutputActivation(name)
+    if name != "identity" and isinstance(head, nn.Module):
+        head.register_forward_hook(hook)
+    return head
 
 
 class MultiTaskNetwork(nn.Module):

@@ -19,7 +19,9 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from .errors import ConfigError, DataError, did_you_mean
 
@@ -68,8 +70,13 @@ SUBMISSION_MEMBER = "results.json"
 def check_domain(name: str, where: str = "decathlon", error: type[Exception] = ConfigError) -> str:
     """Return ``name`` if it is one of the ten domains, else a one-line error with a hint."""
     if name not in DOMAINS:
-        raise error(f"{where}: unknown domain '{name}'{did_you_mean(name, DOMAINS)} (domains: {', '.join(DOMAINS)})")
+        msg = f"unknown domain '{name}'{did_you_mean(name, DOMAINS)} (domains: {', '.join(DOMAINS)})"
+        raise error(f"{where}: {msg}" if where else msg)
     return name
+
+
+# A params field holding a domain name: a misspelt domain is a recipe error (with its TOML location).
+DomainName = Annotated[str, AfterValidator(lambda v: check_domain(v, where="", error=ValueError))]
 
 
 def category_offset(domain: str) -> int:

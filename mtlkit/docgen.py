@@ -17,6 +17,7 @@ from .recipe.schema import Recipe
 def _type_name(annotation) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
     text = re.sub(r"\b(?:[a-z_]+\.)+(?=[A-Z])", "", text)  # mtlkit.recipe.schema.X -> X
+    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)  # list[Annotated[int, Gt(gt=0)]] -> list[int]
     return text.replace("NoneType", "None")
 
 
@@ -58,8 +59,8 @@ def model_section(model: type[BaseModel], title: str, seen: set) -> list[str]:
 def recipe_reference() -> str:
     lines = ["# Recipe reference", "",
              "Generated from the pydantic models by `python -m mtlkit.docgen`; do not edit by hand.",
-             "Every table forbids unknown keys. A component's `params` are checked against the",
-             "plugin's own model: see [components.md](components.md).", ""]
+             "Every table forbids unknown keys, and no float may be NaN or infinite. A component's",
+             "`params` are checked against the plugin's own model: see [components.md](components.md).", ""]
     lines += model_section(Recipe, "recipe", {Recipe})
     return "\n".join(lines).rstrip() + "\n"
 

@@ -10,7 +10,9 @@
   ``None`` means the component takes none;
 - ``description``: one line for ``mtlkit list``; defaults to the factory's docstring;
 - ``tiny``: params of a tiny variant that runs in a CPU test (``None``: the defaults are
-  small; ``False``: it needs files on disk and its own test module covers it).
+  small); for a component that reads files, a function ``tiny(folder) -> params`` that
+  writes a tiny copy of the files' published layout into ``folder`` and returns the params
+  that read it.
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -14,28 +12,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from .engine.checkpoint import atomic_write_bytes  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
+from .rundir import read_log  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return path
-
-
-def read_records(run: Path) -> list[dict[str, Any]]:
-    log = run / "log.jsonl"
-    if not log.is_file():
-        raise CheckpointError(f"{run}: not a run folder (no log.jsonl)")
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
 def plot_curves(run: Path) -> Path:
     """Per-task mean training loss per epoch, and every evaluated metric per epoch."""
-    records = read_records(run)
+    records = read_log(run)
     epochs = [r for r in records if r.get("type") == "epoch"]
     evals = [r for r in records if r.get("type") == "eval"]
     metric_keys = []
@@ -199,8 +195,14 @@ def plot_attention(run: Path, n_images: int = 2, levels: list[int] | None = None
 
 
 def plot_run(run: Path, n_images: int = 3, attention: bool = False, levels: list[int] | None = None) -> list[Path]:
-    written = [plot_curves(run)]
+    # Everything that can refuse the run (recipe, log, checkpoint) before the first figure.
     parts = load_run_model(run)
+    read_log(run)
+    if parts.val_data is None:
+        raise CheckpointError(f"{run}: the recipe has no validation split to draw")
+    if attention and not isinstance(getattr(parts.model, "task_specific", None), nn.ModuleDict):
+        raise CheckpointError("this model has no task-specific attention modules (use an mtan recipe)")
+    written = [plot_curves(run)]
     written.append(plot_predictions(run, n_images, parts=parts))
     if attention:
         written.append(plot_attention(run, n_images, levels, parts=parts))

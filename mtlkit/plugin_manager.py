@@ -2,8 +2,11 @@
 
 Built-in plugins are ordinary plugins listed in ``DEFAULT_PLUGINS``; third-party plugins
 are loaded lazily (on the first registry access) from the ``mtlkit`` entry-point group,
-unless ``MTLKIT_LOAD_ENTRY_POINTS=0``. A plugin that fails to import is recorded in
-``failed_plugins`` and reported by ``mtlkit plugins``; commands that do not need it go on.
+unless ``MTLKIT_LOAD_ENTRY_POINTS=0``. An entry-point plugin that fails to import, that
+pluggy refuses (an unknown hook) or whose hook raises is left out with a one-line warning,
+recorded in ``failed_plugins`` and reported by ``mtlkit plugins``; commands that do not
+need it go on. A plugin a recipe names must load: the same faults are a one-line
+PluginError naming it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,15 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import MtlkitError, PluginError, did_you_mean
 from .registry import KINDS, Registry
 
 ENTRY_POINT_GROUP = "mtlkit"
+
+# `mtlkit --debug` sets this: a recipe's plugin that fails then raises its own exception,
+# traceback and all, instead of the one-line PluginError (the loader gathers those into
+# one report, which would lose the traceback).
+DEBUG = False
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "mtlkit.plugins.backbones.small_cnn",
@@ -80,6 +88,7 @@ class MtlkitPluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.failed_plugins: dict[str, str] = {}
         self.sources: dict[str, str] = {}  # plugin name -> "builtin" | "entry point" | "recipe" | "api"
+        self.files: dict[str, str] = {}  # plugin name -> the .py file a recipe named (for messages)
         if load_entry_points is None:
             load_entry_points = os.environ.get("MTLKIT_LOAD_ENTRY_POINTS", "1") != "0"
         self._want_entry_points = load_entry_points
@@ -101,12 +110,19 @@ class MtlkitPluginManager:
         return module
 
     def register(self, plugin: Any, name: str | None = None, source: str = "api") -> str:
-        """Register a plugin object or module; returns its name."""
+        """Register a plugin object or module; returns its name. A plugin that pluggy refuses
+        (an unknown hook, a hook with the wrong arguments, registered twice) is left out and
+        raises a one-line PluginError naming it."""
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
         if self.pm.has_plugin(name):
             return name
-        self.pm.register(plugin, name=name)
-        self.pm.check_pending()
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if self.pm.has_plugin(name):  # check_pending fails after registering: undo it
+                self.pm.unregister(name=name)
+            raise PluginError(f"plugin '{name}': {_validation_message(exc)}") from exc
         self.sources[name] = source
         self._registry = None
         return name
@@ -126,10 +142,9 @@ class MtlkitPluginManager:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:
-                self.failed_plugins[ep.name] = f"{type(exc).__name__}: {exc}"
-                continue
-            self.register(plugin, name=ep.name, source="entry point")
+                self.register(plugin, name=ep.name, source="entry point")
+            except Exception as exc:  # a broken third-party plugin must not break every command
+                self._record_failure(ep.name, exc)
 
     def load_module(self, spec: str, where: str = "plugins") -> str:
         """Load a plugin named in a recipe: a dotted module name or a path to a .py file.
@@ -148,17 +163,36 @@ class MtlkitPluginManager:
                 module = importlib.util.module_from_spec(module_spec)
                 sys.modules[name] = module
                 module_spec.loader.exec_module(module)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # SystemExit: a plugin that runs a script's main()
                 sys.modules.pop(name, None)
-                raise PluginError(f"{where}: plugin '{spec}' failed to import: {type(exc).__name__}: {exc}") from None
-            return self.register(module, name=name, source="recipe")
+                if DEBUG:
+                    raise
+                raise PluginError(f"{where}: plugin '{spec}' failed to import: {_one_line(exc)}") from exc
+            self.files[name] = str(path)
+            return self._register_named(module, name, where, spec)
         if self.pm.has_plugin(spec):
             return spec
         try:
             module = importlib.import_module(spec)
-        except Exception as exc:
-            raise PluginError(f"{where}: plugin '{spec}' failed to import: {type(exc).__name__}: {exc}") from None
-        return self.register(module, name=spec, source="recipe")
+        except (Exception, SystemExit) as exc:
+            if DEBUG:
+                raise
+            raise PluginError(f"{where}: plugin '{spec}' failed to import: {_one_line(exc)}") from exc
+        return self._register_named(module, spec, where, spec)
+
+    def _register_named(self, module: Any, name: str, where: str, spec: str) -> str:
+        try:
+            return self.register(module, name=name, source="recipe")
+        except PluginError as exc:
+            if DEBUG and exc.__cause__ is not None:
+                raise exc.__cause__
+            raise PluginError(f"{where}: plugin '{spec}': {str(exc).split(': ', 1)[1]}") from exc.__cause__
+
+    def _record_failure(self, name: str, exc: BaseException) -> None:
+        self.failed_plugins[name] = _one_line(exc)
+        # One line, once: the plugin's components will be missing (`mtlkit plugins` lists it).
+        print(f"warning: plugin '{name}' failed to load ({self.failed_plugins[name]}); "
+              f"its components are unavailable", file=sys.stderr)
 
     # -- the registry ------------------------------------------------------------
     @property
@@ -169,6 +203,22 @@ class MtlkitPluginManager:
         return self._registry
 
     def _build_registry(self) -> Registry:
+        # An entry-point plugin whose hook fails is left out (like one that fails to import)
+        # and the registry is built again without it; any other plugin's failure is an error.
+        while True:
+            try:
+                return self._try_build_registry()
+            except _HookFailed as failed:
+                source = self.sources.get(failed.plugin)
+                if source in ("entry point", "recipe"):  # not left behind to fail every later lookup
+                    self.unregister(failed.plugin)
+                if source != "entry point":
+                    if DEBUG and failed.__cause__ is not None:
+                        raise failed.__cause__
+                    raise PluginError(str(failed)) from failed.__cause__
+                self._record_failure(failed.plugin, failed.__cause__ or failed)
+
+    def _try_build_registry(self) -> Registry:
         registry = Registry()
         for hook_name, kind in HOOK_KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
@@ -181,7 +231,14 @@ class MtlkitPluginManager:
                     registry.register(_kind, name, factory, params=params, description=description,
                                       plugin=_plugin, tiny=tiny)
 
-                impl.function(register=register)
+                try:
+                    impl.function(register=register)
+                except MtlkitError as exc:  # e.g. a duplicate name: already one line naming the plugin
+                    raise _HookFailed(plugin_name, str(exc)) from exc
+                except Exception as exc:  # noqa: BLE001 - named and reported as one line
+                    label = self.files.get(plugin_name, plugin_name)
+                    raise _HookFailed(plugin_name, f"plugin '{label}': {hook_name} failed: "
+                                                   f"{_one_line(exc)}") from exc
         return registry
 
     def plugin_rows(self) -> list[dict[str, Any]]:
@@ -196,6 +253,27 @@ class MtlkitPluginManager:
         for name, err in self.failed_plugins.items():
             rows.append({"name": name, "source": "failed", "hooks": [], "components": [], "error": err})
         return rows
+
+
+class _HookFailed(Exception):
+    def __init__(self, plugin: str, message: str) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # e.g. a SyntaxError's or pluggy's multi-line message
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _validation_message(exc: BaseException) -> str:
+    """pluggy's message, on one line and without the module's repr (the name says it)."""
+    names = ", ".join(HOOK_KINDS)
+    text = " ".join(str(exc).split())
+    if text.startswith("unknown hook "):
+        hook = text.split("'")[1] if "'" in text else text
+        return f"unknown hook '{hook}'{did_you_mean(hook, HOOK_KINDS)} (hooks: {names})"
+    return text
 
 
 _MANAGER: MtlkitPluginManager | None = None

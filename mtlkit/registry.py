@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,10 +15,51 @@ from .errors import ConfigError, PluginError, UnknownComponentError, did_you_mea
 KINDS: tuple[str, ...] = ("backbone", "head", "attention", "weighting", "task", "dataset")
 
 
-class NoParams(BaseModel):
+class Params(BaseModel):
+    """Base of every params model and recipe section: unknown keys are errors, and no float
+    field takes NaN or +-inf (they pass every bound but fail, or silently diverge, at run time).
+
+    A registered params model that does not subclass this one gets the finite rule anyway
+    (see :func:`finite_params`), so third-party plugins follow it too.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class NoParams(Params):
     """The params model of a component that takes no parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+
+def finite_params(model: type[BaseModel]) -> type[BaseModel]:
+    """``model`` and the pydantic models its fields nest, made to refuse NaN and +-inf."""
+    done: dict[type, bool] = {}
+
+    def visit(m: type[BaseModel]) -> bool:  # True if m's schema changed
+        if m in done:
+            return done[m]
+        done[m] = False
+        nested = [visit(t) for f in m.model_fields.values() for t in _nested_types(f.annotation)]
+        changed = m.model_config.get("allow_inf_nan", True) is not False
+        if changed or any(nested):
+            m.model_config["allow_inf_nan"] = False
+            m.model_rebuild(force=True)
+        done[m] = changed or any(nested)
+        return done[m]
+
+    visit(model)
+    return model
+
+
+def _nested_types(annotation: Any):
+    """The pydantic model classes inside an annotation (``list[M]``, ``M | None``...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _nested_types(arg)
+
+
+# the TOML table that names the one component of a kind (heads, tasks and data sets may be several)
+_TABLES = {"backbone": "model.backbone", "attention": "model.attention", "weighting": "weighting"}
 
 
 def check_kind(kind: str) -> str:
@@ -41,12 +83,14 @@ class Component:
     params: type[BaseModel] = NoParams
     description: str = ""
     plugin: str = "?"
-    # params of a tiny CPU variant for tests (None: the defaults are tiny already;
-    # False: it needs files on disk and is tested by its own test module)
-    tiny: dict | bool | None = None
+    # params of a tiny CPU variant for tests (None: the defaults are tiny already); for a
+    # component that reads files (a data set's published layout), a function that writes a
+    # tiny copy of that layout under the folder it is given and returns the params to read it
+    tiny: dict | Callable[[Any], dict] | None = None
 
     def validate_params(self, params: dict | BaseModel | None = None, where: str = "") -> BaseModel:
-        """Validate raw params against this component's model; one-line error on failure."""
+        """Validate raw params against this component's model; one-line error on failure naming
+        ``[where.params]`` (``where``: the component's TOML table, by default its kind's one)."""
         if isinstance(params, self.params):
             return params
         try:
@@ -54,12 +98,23 @@ class Component:
         except ValidationError as exc:
             from .recipe.errors import format_validation_errors
 
-            lines = format_validation_errors(exc, prefix=where or f"{self.kind} '{self.name}' params", model=self.params)
+            table = where or _TABLES.get(self.kind)
+            lines = format_validation_errors(exc, prefix="" if table else f"{self.kind} '{self.name}' params",
+                                             model=self.params, location=f"{table}.params" if table else "")
             raise ConfigError("; ".join(lines)) from None
 
     def build(self, params: dict | BaseModel | None = None, **context: Any) -> Any:
-        """Validate ``params`` and call the factory with the kind's context."""
-        return self.factory(self.validate_params(params), **context)
+        """Validate ``params`` and call the factory with the kind's context.
+
+        A head's raw output gets its task's output activation here (the one build path
+        every head goes through), so a head never has to apply it itself.
+        """
+        built = self.factory(self.validate_params(params), **context)
+        if self.kind == "head" and "task" in context:
+            from .contracts import attach_output_activation
+
+            attach_output_activation(built, context["task"])
+        return built
 
     def param_summary(self) -> str:
         parts = []
@@ -93,7 +148,7 @@ class Registry:
         params: type[BaseModel] | None = None,
         description: str | None = None,
         plugin: str = "?",
-        tiny: dict | bool | None = None,
+        tiny: dict | Callable[[Any], dict] | None = None,
     ) -> Component:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin '{plugin}' registered a {kind} without a name")
@@ -103,7 +158,7 @@ class Registry:
             kind=kind,
             name=name,
             factory=factory,
-            params=params or NoParams,
+            params=finite_params(params) if params is not None else NoParams,
             description=description if description is not None else first_doc_line(factory),
             plugin=plugin,
             tiny=tiny,

@@ -43,3 +43,17 @@ def test_task_subset_runs_only_those_heads():
     assert list(out) == ["b"] and out["b"].shape == (1, 5)
     # heads apply log-softmax: probabilities sum to one
     assert torch.allclose(out["b"].exp().sum(1), torch.ones(1))
+
+
+def test_stand_in_task_docstring_example_composes():
+    """The example in StandInTask's docstring runs as written."""
+    import re
+
+    import mtlkit.testing
+
+    doc = mtlkit.testing.StandInTask.__doc__
+    code = re.search(r"::\n\n(.*?)\n\n", doc, re.S).group(1)
+    scope = {"mtlkit": mtlkit, "StandInTask": mtlkit.testing.StandInTask}
+    exec("\n".join(line.strip() for line in code.splitlines()), scope)
+    model = scope["model"]
+    assert model(torch.randn(1, 3, 32, 32))["seg"].shape == (1, 13, 32, 32)

@@ -9,7 +9,7 @@ from mtlkit.plugins.attention.split import SplitNetwork, SplitParams
 from mtlkit.plugins.backbones.small_cnn import SmallCNN, SmallCNNParams
 from mtlkit.plugins.datasets.synthetic_classification import (SyntheticClassification,
                                                               SyntheticClassificationParams)
-from mtlkit.plugins.heads.classifier import ClassifierHead, ClassifierParams
+from mtlkit.plugin_manager import get_registry
 from mtlkit.plugins.tasks.classification import Classification, ClassificationParams
 
 TASKS = ("shape", "colour")
@@ -25,7 +25,8 @@ def make_model(tasks, seed=0, dropout=0.0, widths=(4, 8)):
     return SplitNetwork(
         SplitParams(),
         backbone=lambda: SmallCNN(SmallCNNParams(widths=list(widths))),
-        heads={t: (lambda c, _t=t: ClassifierHead(ClassifierParams(dropout=dropout), c, tasks[_t])) for t in tasks},
+        heads={t: (lambda c, _t=t: get_registry().get("head", "classifier").build(
+            {"dropout": dropout}, in_channels=c, task=tasks[_t])) for t in tasks},
         tasks=tasks,
     )
 

@@ -58,17 +58,25 @@ def one_thread():
 
 
 def test_mtan_tiny_beats_trivial_predictors(one_thread):
-    """MTAN (SegNet at 1/8 width, 32 x 48 images, 64 scenes, 128 steps of batch 2) beats the
-    majority-class pixel accuracy and the mean-depth abs error (constant lr). Measured: pixel acc 74.7 vs
-    57.1 (+17.6 points), depth 0.923 vs 1.077 m (+0.154 m); about 25 s on one thread."""
+    """MTAN (SegNet at 1/8 width, 32 x 48 images, 64 scenes, 192 steps of batch 2, Adam at
+    lr 2e-3 decayed to 0 by a cosine) beats the majority-class pixel accuracy and the
+    mean-depth abs error.
+
+    The earlier setting (constant lr 3e-3, 128 steps) ended on a noisy point of the
+    trajectory: its depth margin was +0.154 m on one CPU and +0.024 m on an AVX2-only AMD
+    EPYC, where floating-point order differs. Decaying the lr to 0 makes the end point
+    stable. Measured on an AMD EPYC (AVX2 + FMA, no AVX-512), seeds 0 and 1, 1 and 2
+    threads: pixel accuracy +13.7 to +17.7 points, depth +0.120 to +0.138 m (see
+    bench/learning_check.py); the thresholds below keep about a third of the smallest."""
     lc = _bench()
-    s = lc.Settings(height=32, width=48, num_train=64, num_val=32, epochs=4, batch_size=2, lr=3e-3, schedule="none")
+    s = lc.Settings(height=32, width=48, num_train=64, num_val=32, epochs=6, batch_size=2, lr=2e-3,
+                    schedule="cosine")
     metrics, data = lc.train_one("mtan", s)
     trivial = lc.trivial_baselines(data[0], data[1], s.num_classes)
     m = lc.margins(metrics, trivial)
     assert all(np.isfinite(list(metrics.values())))
-    assert m["pixel_acc"] > 8.0, (metrics, trivial)
-    assert m["depth_abs"] > 0.05, (metrics, trivial)
+    assert m["pixel_acc"] > 5.0, (metrics, trivial)
+    assert m["depth_abs"] > 0.04, (metrics, trivial)
 
 
 # minimum margins over trivial (mIoU and pixel acc in points, depth in metres, normal in

@@ -34,3 +34,22 @@ def test_wheel_contains_every_plugin_and_recipe(tmp_path):
         assert (d / "__init__.py").is_file(), d
     assert "mtlkit/plugins/__init__.py" in names
     assert not any(n.startswith("plugins/") for n in names)  # never a top-level 'plugins'
+
+
+def test_requires_python_admits_only_versions_with_the_stdlib_modules_used():
+    """Every standard-library module the package imports exists in its lowest allowed Python."""
+    import ast
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    spec = tomllib.loads((root / "pyproject.toml").read_text())["project"]["requires-python"]
+    lowest = tuple(int(x) for x in re.fullmatch(r">=\s*(\d+)\.(\d+)", spec.strip()).groups())
+    added_in = {"tomllib": (3, 11)}  # stdlib modules newer than 3.9 that the code may use
+    for path in list((root / "mtlkit").rglob("*.py")) + list((root / "plugins").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                need = added_in.get(name.split(".")[0])
+                assert need is None or lowest >= need, f"{path.name} imports {name} (Python {need}), requires-python {spec}"

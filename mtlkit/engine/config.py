@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from ..registry import Params
 
 
-class OptimizerConfig(BaseModel):
+class OptimizerConfig(Params):
     """The optimiser of the model's (and the weighting's) parameters."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimiser: adam, adamw or sgd.")
     lr: float = Field(1e-4, gt=0, description="Base learning rate (the schedule scales it per epoch).")
@@ -34,10 +33,8 @@ class OptimizerConfig(BaseModel):
         return self
 
 
-class ScheduleConfig(BaseModel):
+class ScheduleConfig(Params):
     """Learning-rate schedule, applied once per epoch (before it starts)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: Literal["none", "step", "cosine"] = Field("none", description="none: constant; step: multiply by "
                                                     "gamma every step_size epochs; cosine: cosine decay to 0 "
@@ -46,10 +43,8 @@ class ScheduleConfig(BaseModel):
     gamma: float = Field(0.5, gt=0, description="Decay factor (step).")
 
 
-class TrainingConfig(BaseModel):
+class TrainingConfig(Params):
     """The training loop."""
-
-    model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=1, description="Number of epochs.")
     batch_size: int = Field(8, ge=1, description="Samples per batch (per process under torchrun).")
@@ -87,10 +82,8 @@ class TrainingConfig(BaseModel):
         return self
 
 
-class OutputConfig(BaseModel):
+class OutputConfig(Params):
     """Where runs go (the caller creates the run folder)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dir: str = Field("runs", description="Parent folder of run folders.")
     name: Optional[str] = Field(None, description="Run folder name (default: recipe name + time stamp).")

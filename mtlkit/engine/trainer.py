@@ -26,9 +26,11 @@ The model is wrapped in DistributedDataParallel (``find_unused_parameters`` in t
 many-to-many setting, where one branch runs per step). Parameters of the weighting
 (outside DDP) get their gradients averaged by hand. Gradient-level weightings run the
 forward under ``model.no_sync()`` and compute every gradient with ``torch.autograd.grad``
-(no DDP reducer involved); the K x P per-task gradient matrix and the task-specific
-gradients are averaged across ranks by all-reduce before ``combine_grads``, so every rank
-applies the same update. Rank 0 alone writes files and prints.
+(no DDP reducer involved); the K x P per-task gradient matrix, the task losses and the
+task-specific gradients are averaged across ranks by all-reduce before ``combine_grads``,
+so every rank's weighting sees the same values and applies the same update. Tasks with no
+valid target in the batch (a zero gradient row) are left out of ``combine_grads``. Rank 0
+alone writes files and prints.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from ..contracts import Task, Weighting
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from . import distributed as D
+from .checks import check_best_metric, check_data, check_weighting, missing_key
 from .checkpoint import (atomic_write_json, capture_rng, load_checkpoint, pack_state, recipe_sha256,
                          rng_to_json, save_checkpoint, set_rng_state, unpack_state)
 from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
@@ -227,51 +230,13 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------
     def _check_data(self) -> None:
-        c = self.cfg
-        if self.many_to_many:
-            if not self.train_data:
-                raise ConfigError("train_data: no domains")
-            for d, ds in self.train_data.items():
-                if d not in self.tasks:
-                    raise ConfigError(f"train_data: domain '{d}' is not a task (tasks: {', '.join(self.tasks)})")
-                if len(ds) == 0:
-                    raise DataError(f"train_data: domain '{d}' has no samples")
-            for field, values in (("domain_batch_size", c.domain_batch_size),
-                                  ("domain_loss_weight", c.domain_loss_weight)):
-                for d in values:
-                    if d not in self.train_data:
-                        raise ConfigError(f"training.{field}: '{d}' is not a domain of the training data")
-            if self.val_data is not None and not isinstance(self.val_data, Mapping):
-                raise ConfigError("val_data: many-to-many training needs a dict domain -> Dataset for validation")
-        else:
-            if len(self.train_data) == 0:
-                raise DataError("train_data: no samples")
-            for field in ("domain_batch_size", "domain_loss_weight"):
-                if getattr(c, field):
-                    raise ConfigError(f"training.{field} applies to many-to-many data (a dict of domains) only")
+        check_data(self.tasks, self.train_data, self.val_data, self.cfg)
 
     def _check_weighting(self) -> None:
-        w = self.weighting
-        if set(w.task_names) != set(self.tasks):
-            raise ConfigError(f"weighting: built for tasks {w.task_names}, training has {list(self.tasks)}")
-        if w.requires_grads not in (None, "shared"):
-            raise ConfigError(f"weighting: requires_grads = {w.requires_grads!r} is not supported (None or 'shared')")
-        if w.requires_grads == "shared" and self.many_to_many:
-            raise ConfigError(f"weighting: '{type(w).__name__}' is gradient-level (needs every task's gradient "
-                              f"on one batch); many-to-many batches hold one domain, use a loss-level weighting")
+        check_weighting(self.weighting, self.tasks, self.many_to_many)
 
     def _check_best_metric(self) -> None:
-        bm = self.cfg.best_metric
-        if bm is None:
-            return
-        task, metric = bm.split("/")
-        if task not in self.tasks:
-            raise ConfigError(f"training.best_metric: unknown task '{task}' (tasks: {', '.join(self.tasks)})")
-        known = type(self.tasks[task].metrics()).higher_is_better
-        if metric not in known:
-            raise ConfigError(f"training.best_metric: task '{task}' has no metric '{metric}' "
-                              f"(metrics: {', '.join(known)})")
-        self.best_higher = known[metric]
+        self.best_higher = check_best_metric(self.cfg.best_metric, self.tasks)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         c = self.opt_cfg
@@ -360,6 +325,18 @@ class Trainer:
             k += len(b)
         return out
 
+    def _set_data_epoch(self, epoch: int) -> None:
+        """Tell data sets with their own seeded augmentation (``set_epoch``) which epoch this is.
+
+        Such a data set draws its crops and flips from (its seed, epoch, index): without this
+        call every epoch would see the same ones. Called before the epoch's loader is made,
+        so worker processes get the data set with the epoch already set.
+        """
+        datasets = self.train_data.values() if self.many_to_many else [self.train_data]
+        for ds in datasets:
+            if callable(getattr(ds, "set_epoch", None)):
+                ds.set_epoch(epoch)
+
     def _train_dataset(self) -> Dataset:
         if self.many_to_many:
             return _SeededSamples(_Concat([self.train_data[d] for d in self._domains()]))
@@ -376,13 +353,13 @@ class Trainer:
         for t in names:
             key = self.tasks[t].target
             if key not in batch:
-                raise DataError(f"{where}: samples have no '{key}' (the target of task '{t}')")
+                raise missing_key(where, key, t, batch)
             out[t] = batch[key].to(self.device, non_blocking=True)
         return out
 
     def _forward(self, model: nn.Module, batch: dict, domain: str | None, where: str) -> dict[str, Tensor]:
         if "image" not in batch:
-            raise DataError(f"{where}: samples have no 'image'")
+            raise missing_key(where, "image", have=batch)
         x = batch["image"].to(self.device, non_blocking=True)
         out = model(x, tasks=[domain]) if domain is not None else model(x)
         names = [domain] if domain is not None else list(self.tasks)
@@ -434,26 +411,36 @@ class Trainer:
             offset += n
 
     def _gradient_level_backward(self, losses: dict[str, Tensor]) -> None:
+        """Shared parameters: ``combine_grads`` of the global batch; the rest: ``combine``.
+
+        Everything the weighting reads is averaged across ranks first, the K x P gradient
+        matrix and the K task losses alike: with a rank's own losses (MGDA's loss
+        normalisation) the ranks would choose different weights and the replicas drift.
+        """
         model = self.raw_model
         shared = [p for p in model.shared_parameters() if p.requires_grad]
         if not shared:
             raise ConfigError("weighting: gradient-level weighting needs shared parameters, the model has none")
         shared_ids = {id(p) for p in shared}
+        names = list(self.weighting.task_names)
         rows = []
-        for t in self.weighting.task_names:
+        for t in names:
             grads = torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                    for g, p in zip(grads, shared)]))
         G = torch.stack(rows)  # K x P
         D.all_reduce_mean_(G, self.ctx)
-        combined = self.weighting.combine_grads(G, losses)
-        if combined.shape != (G.shape[1],):
-            raise TrainingError(f"weighting: combine_grads returned shape {tuple(combined.shape)}, "
-                                f"expected ({G.shape[1]},)")
+        # float64 carries any task's loss dtype exactly; each goes back to its own dtype
+        mean = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in names])
+        D.all_reduce_mean_(mean, self.ctx)
+        global_losses = {t: mean[k].to(losses[t].dtype) for k, t in enumerate(names)}
+        combined = self._combine_present(G, global_losses)
         offset = 0
         for p in shared:
             n = p.numel()
-            p.grad = combined[offset:offset + n].detach().view_as(p).clone()
+            # no task to learn from: no gradient, so the optimiser leaves the trunk alone
+            # (a zero gradient would still move it by momentum and weight decay)
+            p.grad = None if combined is None else combined[offset:offset + n].detach().view_as(p).clone()
             offset += n
         private = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
         private += [p for p in self.weighting.parameters() if p.requires_grad]
@@ -465,6 +452,44 @@ class Trainer:
                     p.grad = g.detach().clone()
                     used.append(p)
             self._average_grads(used)
+
+    def _combine_present(self, G: Tensor, losses: dict[str, Tensor]) -> Tensor | None:
+        """``combine_grads`` over the tasks whose gradient row is not zero (None: no such task).
+
+        A task with no valid target in the batch (every label ignored, every depth 0) has a
+        zero loss and a zero row. Left in, it decides the aggregate: the min-norm point of
+        a hull holding 0 is 0 (MGDA), IMTL-G puts all the weight on it; the trunk stops.
+        Such tasks are left out and the weighting solves for the others: during the call
+        its ``task_names`` lists the present tasks, in order, matching the rows of
+        ``grads`` and the keys of ``losses`` (a weighting with per-task state can tell
+        which tasks these are). G is all-reduced already, so every rank leaves out the same.
+        """
+        # max |g| per row: a reduction, no K x P temporary; a NaN row stays in (NaN != 0)
+        keep = (torch.linalg.vector_norm(G, ord=float("inf"), dim=1) != 0).tolist()
+        self._subset_weights = None
+        if all(keep):
+            combined = self.weighting.combine_grads(G, losses)
+        else:
+            full = self.weighting.task_names
+            present = [t for t, k in zip(full, keep) if k]
+            # what the log reports for this step (the weighting's own weights() would pair
+            # the full task list with the present tasks' coefficients)
+            self._subset_weights = dict.fromkeys(full, 0.0)
+            if not present:
+                return None
+            self.weighting.task_names = present
+            try:
+                combined = self.weighting.combine_grads(G[torch.tensor(keep, device=G.device)],
+                                                        {t: losses[t] for t in present})
+                reported = self.weighting.weights()
+            finally:
+                self.weighting.task_names = full
+            # {} is a method's way of saying it reports no weights
+            self._subset_weights = {**self._subset_weights, **reported} if reported else {}
+        if combined.shape != (G.shape[1],):
+            raise TrainingError(f"weighting: combine_grads returned shape {tuple(combined.shape)}, "
+                                f"expected ({G.shape[1]},)")
+        return combined
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume_from: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
@@ -521,6 +546,7 @@ class Trainer:
         if self.step_in_epoch == 0:
             self.weighting.on_epoch_start(epoch)
         self._apply_lr(epoch)
+        self._set_data_epoch(epoch)
         plan = self.epoch_plan(epoch)
         start = min(self.step_in_epoch, len(plan))
         loader = self._loader(self._train_dataset(), [b for _, b in plan[start:]], derive_seed(self.cfg.seed, epoch, 4))
@@ -588,7 +614,9 @@ class Trainer:
         return list(self.raw_model.buffers()) + list(self.weighting.buffers())
 
     def _weights(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.weighting.weights().items()}
+        # a gradient-level step that left tasks out reports them at 0 (see _combine_present)
+        w = getattr(self, "_subset_weights", None)
+        return {k: float(v) for k, v in (w if w is not None else self.weighting.weights()).items()}
 
     def _epoch_means(self) -> dict[str, float]:
         names = [t for t in self.tasks if t in self.loss_counts] if not self.ctx.enabled else list(self.tasks)

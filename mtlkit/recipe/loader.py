@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
@@ -74,9 +74,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each KEY.PATH=VALUE. A new ``name`` for a component drops the old component's
+    ``params`` (they were its own), so that any params of the new one come from overrides."""
     data = copy.deepcopy(data)
-    for text in overrides:
-        keys, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    components = {location: ref for _, location, ref in _raw_component_refs(data)}
+    for _, keys, value in parsed:
+        ref = components.get(".".join(keys[:-1]))
+        if keys[-1] == "name" and ref is not None and ref.get("name") != value:
+            ref.pop("params", None)
+    for text, keys, value in parsed:
         node = data
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
@@ -92,6 +99,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # e.g. a binary file, or a run folder's damaged recipe.toml
+        raise ConfigError(f"{path}: not a TOML text file (not UTF-8 at byte {exc.start})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -126,6 +135,32 @@ def _raw_component_refs(raw: dict[str, Any]):
             yield "dataset", f"{location}.synthetic", ref["synthetic"]
     weighting = table(raw, "weighting")
     yield "weighting", "weighting", weighting if weighting is not None else {"name": "equal"}
+
+
+def override_origin(overrides: list[str]) -> Callable[[str], str | None]:
+    """``origin(path)``: the last ``--set`` that wrote the field at a dotted TOML path (or a
+    table holding it), for error messages; None when the recipe file did."""
+    written = []
+    for text in overrides:
+        try:
+            written.append((text, parse_override(text)[0]))
+        except ConfigError:
+            continue
+
+    def origin(path: str) -> str | None:
+        parts = path.split(".")
+        for text, keys in reversed(written):
+            if parts[:len(keys)] == keys:
+                return f"--set {text}"
+        return None
+
+    return origin
+
+
+def _line(where: str, origin: Callable[[str], str | None], table: str, field: str, msg: str) -> str:
+    """``where [table] field: msg``, named after the --set that wrote the field if one did."""
+    source = origin(f"{table}.{field}")
+    return f"{source}: [{table}] {field}: {msg}" if source else f"{where} [{table}] {field}: {msg}"
 
 
 def _set_path(d: dict[str, Any], location: str, value: Any) -> None:
@@ -182,10 +217,11 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
             errors.append(str(exc))
 
     recipe = None
+    origin = override_origin(overrides or [])
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        errors.extend(format_validation_errors(exc, prefix=where, model=Recipe))
+        errors.extend(format_validation_errors(exc, prefix=where, model=Recipe, origin=origin))
 
     # Component names and params are checked on the raw data too, so that one report
     # lists every problem even when the recipe's own structure has errors.
@@ -198,25 +234,26 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
         try:
             component = registry.get(kind, name)
         except MtlkitError as exc:
-            errors.append(f"{where} [{location}] name: {exc}")
+            errors.append(_line(where, origin, location, "name", str(exc)))
             continue
         try:
             validated = component.params.model_validate(params)
         except ValidationError as exc:
-            errors.extend(format_validation_errors(exc, prefix=f"{where} [{location}.params]", model=component.params))
+            errors.extend(format_validation_errors(exc, prefix=where, model=component.params,
+                                                   location=f"{location}.params", origin=origin))
             continue
         if recipe is not None:
             _set_path(resolved, location, validated.model_dump(mode="json", exclude_none=True))
     if recipe is None:
         raise ConfigError("\n".join(errors))
 
-    errors.extend(_cross_checks(recipe, where))
+    errors.extend(_cross_checks(recipe, where, origin))
     if errors:
         raise ConfigError("\n".join(errors))
     return LoadedRecipe(recipe=recipe, path=path, resolved=resolved)
 
 
-def _cross_checks(recipe: Recipe, where: str) -> list[str]:
+def _cross_checks(recipe: Recipe, where: str, origin: Callable[[str], str | None]) -> list[str]:
     errors = []
     tasks = list(recipe.tasks)
     with_data = [t for t, ref in recipe.tasks.items() if ref.data is not None]
@@ -230,13 +267,13 @@ def _cross_checks(recipe: Recipe, where: str) -> list[str]:
         errors.append(f"{where} [tasks.{with_data[0]}.data]: not allowed together with a top-level [data] section")
     for t in recipe.model.heads:
         if t not in recipe.tasks:
-            errors.append(f"{where} [model.heads] {t}: not a task{did_you_mean(t, tasks)}")
+            errors.append(_line(where, origin, "model.heads", t, f"not a task{did_you_mean(t, tasks)}"))
     best = recipe.training.best_metric
-    if best:
+    if best and best.split("/", 1)[0] not in recipe.tasks:
         task = best.split("/", 1)[0]
-        if "/" not in best or task not in recipe.tasks:
-            errors.append(f"{where} [training] best_metric: '{best}' must be 'task/metric' with a task of this recipe")
+        errors.append(_line(where, origin, "training", "best_metric", f"'{best}' must be 'task/metric' with a task "
+                            f"of this recipe{did_you_mean(task, tasks)} (tasks: {', '.join(tasks)})"))
     for t in recipe.baselines:
         if t not in recipe.tasks:
-            errors.append(f"{where} [baselines] {t}: not a task{did_you_mean(t, tasks)}")
+            errors.append(_line(where, origin, "baselines", t, f"not a task{did_you_mean(t, tasks)}"))
     return errors

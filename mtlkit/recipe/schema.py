@@ -1,23 +1,21 @@
 """The recipe: a TOML file that names every component and its parameters.
 
-Every model forbids unknown keys. Component ``params`` are checked later against the
-plugin's own params model (:mod:`mtlkit.recipe.loader`).
+Every section is a :class:`~mtlkit.registry.Params` (unknown keys are errors, floats are
+finite). Component ``params`` are checked later against the plugin's own params model
+(:mod:`mtlkit.recipe.loader`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..engine.config import OptimizerConfig, OutputConfig, ScheduleConfig, TrainingConfig
+from ..registry import Params
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ComponentRef(Strict):
+class ComponentRef(Params):
     """A registered component and its parameters."""
 
     name: str = Field(..., description="registered name (see `mtlkit list KIND`)")
@@ -34,7 +32,7 @@ class DataRef(ComponentRef):
     )
 
 
-class InitFrom(Strict):
+class InitFrom(Params):
     """Initialise (part of) the model from a safetensors checkpoint."""
 
     path: str = Field(..., description="a .safetensors file or a run folder (its best, else last, checkpoint)")
@@ -42,7 +40,7 @@ class InitFrom(Strict):
     exclude: list[str] = Field(default_factory=list, description="glob patterns of parameter names to skip")
 
 
-class ModelSection(Strict):
+class ModelSection(Params):
     """How the network is composed from parts."""
 
     backbone: ComponentRef = Field(..., description="the shared feature extractor")
@@ -62,19 +60,24 @@ class TaskSection(ComponentRef):
     data: Optional[DataRef] = Field(None, description="this task's own data set (many-to-many setting)")
 
 
-class PaperReference(Strict):
+class PaperReference(Params):
     """Numbers the paper reports for this recipe, printed next to ours."""
 
     architecture: str = Field("", description="the paper's name for the architecture")
-    params_ratio: Optional[float] = Field(None, description="the paper's #P column")
+    params_ratio: Optional[float] = Field(None, gt=0, description="the paper's #P column")
     params_base: str = Field(
         "single_task", description="'single_task': #P relative to the first task's split network; "
         "'backbone': relative to the backbone alone"
     )
+    params_heads: bool = Field(
+        True, description="whether the paper's #P counts the task heads (the Decathlon baselines of "
+        "Rebuffi et al. count the feature extractor only)")
+    params_runs: int = Field(
+        1, ge=1, description="how many runs of this recipe the paper's #P counts (Finetune: one per domain, 10)")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict, description="{task: {metric: value}}")
 
 
-class Recipe(Strict):
+class Recipe(Params):
     """A whole experiment."""
 
     name: Optional[str] = Field(None, description="run name (default: the recipe file's stem)")

@@ -16,16 +16,16 @@ initialises them to 1; we do not copy that simplification.)
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 from mtlkit.contracts import MultiTaskNetwork, StagedBackbone, activate_task
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class CrossStitchParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CrossStitchParams(Params):
     self_weight: float = Field(0.9, ge=0.0, le=1.0)
 
 

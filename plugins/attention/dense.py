@@ -15,16 +15,16 @@ Needs a staged backbone with the Dense extension (``stage_input``, ``stage_body`
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from mtlkit.contracts import MultiTaskNetwork, StagedBackbone, activate_task
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class DenseParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DenseParams(Params):
+    """No parameters."""
 
 
 class DenseNetwork(MultiTaskNetwork):

@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -49,10 +48,10 @@ from mtlkit.contracts import MultiTaskNetwork, Tap, activate_task
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.init import xavier_init
+from mtlkit.registry import Params
 
 
-class MTANParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MTANParams(Params):
     fast: bool = False  # batched shared f convs + grouped attention convs (same function)
     channels_last: bool = False  # run the model in channels-last memory format
     # recompute each task's attention level in the backward pass (activation checkpointing):

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from mtlkit.contracts import MultiTaskNetwork, activate_task
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class SingleParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SingleParams(Params):
     inner: Literal["none", "mtan"] = "none"
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from mtlkit.contracts import MultiTaskNetwork, activate_task
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class SplitParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SplitParams(Params):
+    """No parameters."""
 
 
 class SplitNetwork(MultiTaskNetwork):

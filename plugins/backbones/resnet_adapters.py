@@ -29,22 +29,22 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlkit.contracts import StagedBackbone, Tap
 from mtlkit.domains import DomainSpecific
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 AdapterKind = Literal["series", "parallel", "none"]
 
 
-class ResNet26Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResNet26Params(Params):
     adapter: AdapterKind = "parallel"
     in_channels: int = Field(3, ge=1)
     stem_width: int = Field(32, ge=1)
-    widths: list[int] = Field(default_factory=lambda: [64, 128, 256], min_length=1)
+    widths: list[PositiveInt] = Field(default_factory=lambda: [64, 128, 256], min_length=1)
     blocks_per_stage: int = Field(4, ge=1)
 
 

@@ -24,23 +24,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlkit.contracts import StagedBackbone, Tap
-from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.init import xavier_init
+from mtlkit.registry import Params
 
 BASE_WIDTHS = (64, 128, 256, 512, 512)
 ENCODER_CONVS = (2, 2, 3, 3, 3)
 DECODER_CONVS = (3, 3, 3, 2, 2)  # deepest first
 
 
-class SegNetParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    width: float = 1.0
-    widths: list[int] | None = Field(None, min_length=5, max_length=5)
+class SegNetParams(Params):
+    width: float = Field(1.0, gt=0, description="multiplier of every stage's width")
+    widths: list[PositiveInt] | None = Field(None, min_length=5, max_length=5)
     deep: bool = False
     in_channels: int = Field(3, ge=1)
     stage_input_extra: bool = False
@@ -54,14 +53,8 @@ def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 def resolve_widths(params: SegNetParams) -> list[int]:
-    """Scaled widths: ``max(1, round(width * c))``; a non-positive multiplier is refused."""
+    """Scaled widths: ``max(1, round(width * c))`` (the params model keeps both positive)."""
     base = list(params.widths) if params.widths is not None else list(BASE_WIDTHS)
-    if any(c < 1 for c in base):
-        raise ConfigError(f"model.backbone.params.widths: every width must be >= 1, got {base}")
-    if not params.width > 0:
-        raise ConfigError(
-            f"model.backbone.params.width: {params.width} leaves SegNet stages empty (0 channels); use a value > 0"
-        )
     return [max(1, round(params.width * c)) for c in base]
 
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlkit.contracts import Backbone, Tap
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class SmallCNNParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SmallCNNParams(Params):
     in_channels: int = Field(3, ge=1)
-    widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    widths: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
 
 
 class SmallCNN(Backbone):
@@ -21,8 +21,6 @@ class SmallCNN(Backbone):
 
     def __init__(self, params: SmallCNNParams) -> None:
         super().__init__()
-        if any(w < 1 for w in params.widths):
-            raise ValueError("widths must all be >= 1")
         self.first = nn.ModuleList()
         self.second = nn.ModuleList()
         cin = params.in_channels

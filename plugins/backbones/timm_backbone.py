@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from mtlkit.contracts import Backbone, Tap
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class TimmParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TimmParams(Params):
     name: str
     pretrained: str | None = None  # path of a local .safetensors file
     in_channels: int = Field(3, ge=1)

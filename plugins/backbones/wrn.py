@@ -15,10 +15,18 @@ after the final BN-ReLU (what the classifier reads).
 
 ``domain_bn = true`` gives every BatchNorm one copy per domain (the factory's
 ``task_names``), switched with :func:`mtlkit.contracts.activate_task`.
+
+``final_bn_momentum`` is the momentum of the final BatchNorm (PyTorch's convention: running
+stat = (1 - m) * running + m * batch). The default 0.1 is every other BN's; the authors'
+implementation builds this one BN with 0.9 (mtan-facts, "Two quirks"), so its running
+statistics follow the last training batch almost entirely. That is a quirk, not a design
+choice, so it is an option: 0.9 (with the classifier head's ``pool = "reference"``)
+reproduces the authors' model exactly (tests/test_wrn_reference.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -36,12 +44,23 @@ class WRNParams(BaseModel):
     widen_factor: int = Field(4, ge=1)
     in_channels: int = Field(3, ge=1)
     domain_bn: bool = Field(False, description="one BatchNorm per domain (many-to-many)")
+    final_bn_momentum: float = Field(
+        0.1, description="momentum of the final BatchNorm, in (0, 1]; the authors' model uses 0.9")
 
     @field_validator("depth")
     @classmethod
     def _depth_form(cls, v: int) -> int:
         if (v - 4) % 6:
             raise ValueError(f"depth must be 6n + 4 (10, 16, 22, 28, ...), got {v}")
+        return v
+
+    @field_validator("final_bn_momentum")
+    @classmethod
+    def _momentum_range(cls, v: float) -> float:
+        # 0 would freeze the running statistics at their initial values; NaN/inf would poison them.
+        if not math.isfinite(v) or not 0.0 < v <= 1.0:
+            raise ValueError(f"final_bn_momentum must be a finite number in (0, 1] "
+                             f"(running = (1 - m) * running + m * batch), got {v}")
         return v
 
 
@@ -80,8 +99,9 @@ class WideResNet(StagedBackbone):
         self.widths = widths
         self.task_names = list(task_names) if task_names else None
 
-        def bn(c: int) -> nn.Module:
-            return domain_specific_or_shared(lambda: nn.BatchNorm2d(c), task_names, params.domain_bn)
+        def bn(c: int, momentum: float = 0.1) -> nn.Module:
+            return domain_specific_or_shared(lambda: nn.BatchNorm2d(c, momentum=momentum), task_names,
+                                             params.domain_bn)
 
         self.conv1 = nn.Conv2d(params.in_channels, widths[0], 3, stride=1, padding=1, bias=True)
         groups = []
@@ -91,7 +111,7 @@ class WideResNet(StagedBackbone):
             groups.append(nn.Sequential(*blocks))
             cin = cout
         self.layer1, self.layer2, self.layer3 = groups
-        self.bn_final = bn(widths[3])
+        self.bn_final = bn(widths[3], params.final_bn_momentum)
         self.relu = nn.ReLU(inplace=False)
 
         self.feature_info = [

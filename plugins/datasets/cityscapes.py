@@ -25,11 +25,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from mtlkit.hookspecs import hookimpl
 from mtlkit.plugins.datasets.nyuv2 import DenseNpyDataset
+from mtlkit.registry import Params
 
 SEVEN_CLASS_NAMES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
 TWO_CLASS_NAMES = ("stuff", "things")
@@ -37,8 +38,7 @@ TWO_CLASS_NAMES = ("stuff", "things")
 SEVEN_TO_TWO = np.array([0, 0, 1, 0, 0, 1, 1], dtype=np.int64)
 
 
-class CityScapesParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CityScapesParams(Params):
     root: str = Field(..., description="folder holding train/ and val/")
     num_classes: Literal[2, 7, 19] = 7
     targets: list[str] = Field(default_factory=lambda: ["segmentation", "depth"])
@@ -82,7 +82,15 @@ def build_cityscapes(params: CityScapesParams, split: str = "train") -> CityScap
     return CityScapes(params, split=split)
 
 
+def tiny_cityscapes(root: Path) -> dict:
+    """Write a two-scene copy of the release's layout under ``root``; the params that read it."""
+    from .synthetic_scenes import write_cityscapes_layout
+
+    write_cityscapes_layout(root, n_train=2, n_val=1, height=32, width=64)
+    return {"root": str(root)}
+
+
 @hookimpl
 def register_datasets(register):
-    register("cityscapes", build_cityscapes, params=CityScapesParams, tiny=False,
+    register("cityscapes", build_cityscapes, params=CityScapesParams, tiny=tiny_cityscapes,
              description="CityScapes .npy release (2/7/19-class seg, disparity) at 128x256")

@@ -31,28 +31,29 @@ Samples: ``{"image": 3HW float, "label": long (-1 for the unlabelled test split)
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import math
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
-from mtlkit.decathlon import DOMAINS, NO_FLIP_DOMAINS, category_offset, check_domain, load_stats
+from mtlkit.decathlon import DOMAINS, NO_FLIP_DOMAINS, DomainName, category_offset, load_stats
 from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "val", "test")
 
 
-class DecathlonParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DecathlonParams(Params):
     root: str = Field(..., description="the release root (holding data/ and annotations/) or the ImageFolder root")
-    domain: str = Field(..., description="one of the ten Decathlon domains")
+    domain: DomainName = Field(..., description="one of the ten Decathlon domains")
     layout: Literal["official", "imagefolder"] = "official"
     image_size: int = Field(72, ge=8, description="short side after resizing; images are centre-cropped to a square")
     crop: int = Field(72, ge=8, description="network input side")
@@ -80,10 +81,28 @@ def _read_json(path: Path) -> Any:
 
 
 def _as_int(value: Any, path: Path, what: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: {what} {value!r} is not an integer") from None
+    """A non-negative integer id. JSON numbers may arrive as floats (1e3, or Infinity/NaN,
+    which Python's json accepts): integral finite ones are taken, anything else is refused
+    here rather than failing later in int() or sorting."""
+    if isinstance(value, bool):
+        value = None
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or value < 0:
+        raise DataError(f"{path}: {what} {value!r} is not a non-negative integer")
+    return value
+
+
+def _relative_file(name: Any, path: Path, image_id: int) -> str:
+    """An image's file_name, which must stay inside the data root (no absolute path, no '..')."""
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{path}: image {image_id}: file_name {name!r} is not a file name")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts or (parts and ":" in parts[0]):
+        raise DataError(f"{path}: image {image_id}: file_name '{name}' points outside the data root")
+    return name
 
 
 def read_official_index(root: Path, domain: str, split: str, check_files: bool = True) -> dict[str, Any]:
@@ -95,36 +114,41 @@ def read_official_index(root: Path, domain: str, split: str, check_files: bool =
     categories = raw.get("categories") or []
     if not isinstance(categories, list):
         raise DataError(f"{ann}: 'categories' must be a list")
-    cat_ids = sorted(_as_int(c.get("id") if isinstance(c, dict) else None, ann, "category id") for c in categories)
+    ids_names = sorted((_as_int(c.get("id") if isinstance(c, dict) else None, ann, f"categories[{i}].id"),
+                        str(c.get("name", i))) for i, c in enumerate(categories))
+    cat_ids = [cid for cid, _ in ids_names]
     offset = cat_ids[0] if cat_ids else category_offset(domain)
     num_classes = len(cat_ids) if cat_ids else DOMAINS[domain]
-    class_names = [str(c.get("name", i)) for i, c in enumerate(sorted(categories, key=lambda c: int(c["id"])))]
+    class_names = [name for _, name in ids_names]
     if cat_ids and cat_ids != list(range(offset, offset + num_classes)):
         raise DataError(f"{ann}: category ids are not consecutive from {offset}")
 
     files: list[str] = []
     ids: list[int] = []
     position: dict[int, int] = {}
-    for entry in raw["images"]:
+    for i, entry in enumerate(raw["images"]):
         if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
             raise DataError(f"{ann}: every image needs 'id' and 'file_name'")
-        image_id = _as_int(entry["id"], ann, "image id")
+        image_id = _as_int(entry["id"], ann, f"images[{i}].id")
         if image_id in position:
             raise DataError(f"{ann}: image id {image_id} listed twice")
         position[image_id] = len(files)
         ids.append(image_id)
-        files.append(str(entry["file_name"]))
+        files.append(_relative_file(entry["file_name"], ann, image_id))
     if not files:
         raise DataError(f"{ann}: the {split} split lists no images")
 
     labels = [-1] * len(files)
-    for a in raw.get("annotations") or []:
+    annotations = raw.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise DataError(f"{ann}: 'annotations' must be a list")
+    for i, a in enumerate(annotations):
         if not isinstance(a, dict):
             raise DataError(f"{ann}: every annotation must be an object")
-        image_id = _as_int(a.get("image_id"), ann, "annotation image_id")
+        image_id = _as_int(a.get("image_id"), ann, f"annotations[{i}].image_id")
         if image_id not in position:
             raise DataError(f"{ann}: annotation for image id {image_id}, which is not in 'images'")
-        cid = _as_int(a.get("category_id"), ann, "category_id")
+        cid = _as_int(a.get("category_id"), ann, f"annotations[{i}].category_id")
         cls = cid - offset
         if not 0 <= cls < num_classes:
             raise DataError(
@@ -218,7 +242,6 @@ class DecathlonDataset(Dataset):
     def __init__(self, params: DecathlonParams, split: str = "train") -> None:
         if split not in SPLITS:
             raise DataError(f"decathlon: unknown split '{split}' (splits: {', '.join(SPLITS)})")
-        check_domain(params.domain, where=f"decathlon data set (root {params.root})", error=DataError)
         root = Path(params.root).expanduser()
         if not root.is_dir():
             raise DataError(f"{root}: decathlon root folder does not exist (expected the official layout "
@@ -295,9 +318,17 @@ class DecathlonDataset(Dataset):
                 "image_id": int(self.image_ids[index])}
 
 
+def tiny_decathlon(root: Path) -> dict:
+    """Write a small copy of the official layout (two domains) under ``root``; params for one."""
+    from .synthetic_decathlon import write_decathlon_layout
+
+    write_decathlon_layout(root, n_train=2, n_val=1, n_test=1, image_size=72, domains=["cifar100", "svhn"])
+    return {"root": str(root), "domain": "svhn"}
+
+
 @hookimpl
 def register_datasets(register):
-    register("decathlon", DecathlonDataset, params=DecathlonParams, tiny=False,
+    register("decathlon", DecathlonDataset, params=DecathlonParams, tiny=tiny_decathlon,
              description="Visual Decathlon domain (official release or ImageFolder layout)")
 
 

@@ -34,19 +34,19 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 SCALES = (1.0, 1.2, 1.5)
 _INDEX_FILE = re.compile(r"^(\d+)\.npy$")
 
 
-class NYUv2Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NYUv2Params(Params):
     root: str = Field(..., description="folder holding train/ and val/")
     targets: list[str] = Field(default_factory=lambda: ["segmentation", "depth", "normal"],
                                description="which targets samples carry")
@@ -94,6 +94,7 @@ class DenseNpyDataset(Dataset):
         self.params = params
         self.split = split
         self.targets = list(params.targets)
+        self.sample_keys = ["image", *self.targets]  # read by the checks before training
         self.num_classes = params.num_classes
         self.epoch = 0
         root = Path(params.root).expanduser()
@@ -264,7 +265,15 @@ def build_nyuv2(params: NYUv2Params, split: str = "train") -> NYUv2:
     return NYUv2(params, split=split)
 
 
+def tiny_nyuv2(root: Path) -> dict:
+    """Write a two-scene copy of the release's layout under ``root``; the params that read it."""
+    from .synthetic_scenes import write_nyuv2_layout
+
+    write_nyuv2_layout(root, n_train=2, n_val=1, height=32, width=32)
+    return {"root": str(root)}
+
+
 @hookimpl
 def register_datasets(register):
-    register("nyuv2", build_nyuv2, params=NYUv2Params, tiny=False,
+    register("nyuv2", build_nyuv2, params=NYUv2Params, tiny=tiny_nyuv2,
              description="NYUv2 .npy release (13-class seg, depth, normals); optional MTAN augmentation")

@@ -10,18 +10,18 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.9], [0.9, 0.9, 0.1],
                         [0.8, 0.1, 0.8], [0.1, 0.8, 0.8], [0.95, 0.5, 0.1], [0.5, 0.5, 0.5]])
 NUM_SHAPES = 4  # disc, square, horizontal bar, vertical bar
 
 
-class SyntheticClassificationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SyntheticClassificationParams(Params):
     size: int = Field(32, ge=8, description="image side in pixels")
     num_train: int = Field(512, ge=1)
     num_val: int = Field(128, ge=1)

@@ -40,12 +40,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch.utils.data import Dataset
 
-from mtlkit.decathlon import DOMAINS, category_offset, check_domain
+from mtlkit.decathlon import DOMAINS, DomainName, category_offset, check_domain
 from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
@@ -394,9 +395,8 @@ def write_decathlon_layout(
 
 
 # --------------------------------------------------------------------------- in-memory data set
-class SyntheticDecathlonParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    domain: str = Field(..., description="one of the ten Decathlon domain names")
+class SyntheticDecathlonParams(Params):
+    domain: DomainName = Field(..., description="one of the ten Decathlon domain names")
     size: int = Field(72, ge=16, description="image side in pixels")
     n: int = Field(256, ge=1, description="images per split")
     seed: int = 0
@@ -408,7 +408,6 @@ class SyntheticDecathlon(Dataset):
     def __init__(self, params: SyntheticDecathlonParams, split: str = "train") -> None:
         if split not in SPLIT_INDEX:
             raise DataError(f"synthetic_decathlon: unknown split '{split}' (splits: train, val, test)")
-        check_domain(params.domain, where="synthetic_decathlon", error=DataError)
         self.params = params
         self.split = split
         self.domain = params.domain

@@ -36,19 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 
 from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.scenes_render import NUM_STUFF, render
+from mtlkit.registry import Params
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 TARGETS = ("segmentation", "depth", "normal")
 
 
-class SyntheticScenesParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SyntheticScenesParams(Params):
     height: int = Field(288, ge=8)
     width: int = Field(384, ge=8)
     num_train: int = Field(795, ge=1)
@@ -89,6 +89,7 @@ class SyntheticScenes(Dataset):
         self.split = split
         self.length = params.num_train if split == "train" else params.num_val
         self.targets = list(params.targets)
+        self.sample_keys = ["image", *self.targets]  # read by the checks before training
         self.num_classes = params.num_classes
 
     def __len__(self) -> int:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from mtlkit.contracts import MetricState, Task
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class ClassificationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ClassificationParams(Params):
     num_classes: int = Field(..., ge=2)
     target: str = "label"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)

@@ -18,17 +18,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from mtlkit.contracts import MetricState, Task
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 Protocol = Literal["exact", "reference"]
 
 
-class DepthParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DepthParams(Params):
     target: str = "depth"
     protocol: Protocol = "exact"
 

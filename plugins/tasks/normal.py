@@ -26,11 +26,11 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from mtlkit.contracts import MetricState, Task
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 Protocol = Literal["exact", "reference"]
 BIN_DEG = 0.005
@@ -39,8 +39,7 @@ THRESHOLDS = (11.25, 22.5, 30.0)
 THRESHOLD_NAMES = tuple(f"within_{t:g}" for t in THRESHOLDS)  # within_11.25, within_22.5, within_30
 
 
-class NormalParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NormalParams(Params):
     target: str = "normal"
     protocol: Protocol = "exact"
 

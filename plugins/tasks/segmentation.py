@@ -22,17 +22,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from mtlkit.contracts import MetricState, Task
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 IGNORE_INDEX = -1
 
 
-class SegmentationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SegmentationParams(Params):
     num_classes: int = Field(..., ge=2)
     target: str = "segmentation"
     protocol: Literal["exact", "reference"] = "exact"

@@ -4,6 +4,11 @@ Gradient-level methods only ever need the K x K Gram matrix of the task gradient
 their K weights, so they solve in that small space (float64, on the CPU, where a
 solver's scalar loop does not pay a device sync per step) and touch the K x P gradient
 matrix twice: once for the Gram matrix and once for the weighted sum.
+
+The Gram matrix is accumulated in float64 whatever the gradients' dtype (``gram``), and the
+solvers work with norm-free quantities (correlations, cosines) wherever the gradient norms
+would otherwise enter a linear solve or a stopping test: task gradient norms routinely
+differ by orders of magnitude, and a solver tuned to the largest one ignores the rest.
 """
 
 from __future__ import annotations
@@ -34,11 +39,30 @@ def check_grads(method: str, grads: Tensor, task_names: list[str]) -> None:
         )
 
 
+# float64 elements converted at a time by ``gram``: bounds its extra memory (32 MiB) for any P
+GRAM_CHUNK = 1 << 22
+
+
 def gram(grads: Tensor) -> Tensor:
-    """G G^T of the K x P gradient matrix, as float64 on the CPU."""
-    if grads.dtype not in (torch.float32, torch.float64):  # half precision would spoil the dot products
-        grads = grads.float()
-    return (grads @ grads.T).to(device="cpu", dtype=torch.float64)
+    """G G^T of the K x P gradient matrix, accumulated in float64, returned on the CPU.
+
+    float32 dot products of long, near-collinear rows lose the small differences that the
+    solvers care about (|g_i - g_j|^2 = M_ii + M_jj - 2 M_ij cancels); products of float32
+    (or half) numbers are exact in float64, so accumulating there leaves only float64
+    rounding. Columns are converted chunk by chunk so that no float64 copy of the whole
+    K x P matrix is made, on the gradients' own device (the P-long work stays there).
+    """
+    if grads.dtype == torch.float64:
+        return (grads @ grads.T).cpu()
+    if grads.device.type == "mps":  # no float64 on Apple GPUs: accumulate on the CPU instead
+        grads = grads.cpu()
+    k, p = grads.shape
+    out = torch.zeros(k, k, dtype=torch.float64, device=grads.device)
+    step = max(1, GRAM_CHUNK // max(k, 1))
+    for start in range(0, p, step):
+        block = grads[:, start:start + step].to(torch.float64)
+        out += block @ block.T
+    return out.cpu()
 
 
 def weighted_sum(weights: Tensor, grads: Tensor) -> Tensor:
@@ -46,62 +70,109 @@ def weighted_sum(weights: Tensor, grads: Tensor) -> Tensor:
     return weights.to(device=grads.device, dtype=grads.dtype) @ grads
 
 
-def project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection of a vector onto the probability simplex (sort-based)."""
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1.0
-    # the last sorted entry that stays positive after the common shift fixes the shift
-    rho = np.flatnonzero(u - css / np.arange(1, v.size + 1) > 0)[-1]
-    return np.maximum(v - css[rho] / (rho + 1), 0.0)
+def _affine_min(m: np.ndarray, n: np.ndarray, idx: list[int]) -> np.ndarray:
+    """Coefficients v (sum 1) of the least-norm point of the affine hull of the points idx.
 
-
-def min_norm_2(v11: float, v12: float, v22: float) -> float:
-    """Weight gamma of x1 in argmin_{gamma in [0, 1]} |gamma x1 + (1 - gamma) x2|^2, from dot products."""
-    denom = v11 + v22 - 2.0 * v12
-    if denom <= 1e-12 * (abs(v11) + abs(v22)) or denom <= 0:  # x1 == x2: every gamma gives the same point
-        return 0.5
-    return min(max((v22 - v12) / denom, 0.0), 1.0)
-
-
-def min_norm_weights(m: Tensor, max_iter: int = 250, tol: float = 1e-6) -> Tensor:
-    """Weights a on the simplex minimising a^T M a (the min-norm point of the convex hull).
-
-    Starts, as Sener & Koltun's MGDA, from the best pair of vertices, then runs pairwise
-    Frank-Wolfe: move weight from the active vertex with the largest directional derivative
-    (M a)_v to the vertex with the smallest (M a)_s, with an exact line search. Unlike plain
-    Frank-Wolfe, which zig-zags and cannot drop a vertex quickly, this converges linearly
-    on the simplex. At the optimum every active vertex has the same (M a)_k, the minimum.
+    Stationarity reads M_SS v = mu 1. It is solved for y = n * v against the correlation
+    block C = M_SS / (n n^T), whose entries lie in [-1, 1] whatever the norms: M_SS itself
+    mixes entries 1e12 apart at a 1e6 norm spread. The bordered system [[C, c], [c^T, 0]]
+    (c = 1 / n, rescaled to max 1) stays regular when C is singular, as long as the points
+    are affinely independent, which the active-set method below maintains.
     """
-    # numpy: the loop runs many tiny K-sized steps, where torch's per-op overhead dominates
-    mm = m.detach().cpu().double().numpy()
+    ns = n[idx]
+    c = ns.min() / ns
+    s = len(idx)
+    kkt = np.zeros((s + 1, s + 1))
+    kkt[:s, :s] = m[np.ix_(idx, idx)] / np.outer(ns, ns)
+    kkt[:s, s] = kkt[s, :s] = c
+    rhs = np.zeros(s + 1)
+    rhs[s] = 1.0
+    try:
+        y = np.linalg.solve(kkt, rhs)[:s]
+    except np.linalg.LinAlgError:  # numerically dependent points: a least-squares solution
+        y = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:s]
+    v = y / ns
+    return v / v.sum()
+
+
+def kkt_violation(m: np.ndarray, n: np.ndarray, a: np.ndarray, tol: float) -> np.ndarray:
+    """Per vertex j, how far |x|^2 - p_j . x exceeds what optimality allows (> 0: violated).
+
+    Allowed: tol |x| |p_j - x| (a cosine of tol between x and x - p_j: scale-free) plus the
+    float64 rounding of the Gram products, about eps (sum_i a_i n_i) (n_j + sum_i a_i n_i).
+    n holds the points' norms.
+    """
+    ma = m @ a
+    xx = max(float(a @ ma), 0.0)
+    dist = np.sqrt(np.maximum(n * n - 2.0 * ma + xx, 0.0))  # |p_j - x|
+    span = float(a @ n)
+    noise = 8 * m.shape[0] * np.finfo(np.float64).eps * span * (n + span)
+    return (xx - ma) - tol * np.sqrt(xx) * dist - noise
+
+
+def min_norm_weights(m: Tensor | np.ndarray, max_iter: int = 1000, tol: float = 1e-10) -> Tensor:
+    """Weights a on the simplex minimising a^T M a: the min-norm point x = sum_k a_k p_k of
+    the convex hull of points p_k with Gram matrix M (MGDA's subproblem, Sener & Koltun 2018).
+
+    Wolfe's minimum-norm-point algorithm (Wolfe, Math. Programming 11, 1976), an active-set
+    method: keep affinely independent vertices S and x = the least-norm point of their
+    affine hull; while a vertex p_j has p_j . x < |x|^2 (moving to it shortens x), add it;
+    whenever the affine minimiser leaves the simplex, walk towards it up to the simplex's
+    boundary and drop the vertices that reach zero weight. |x| falls strictly and no set
+    repeats, so it ends after finitely many steps at the exact optimum; unlike Frank-Wolfe
+    it does not crawl when the hull is flat or the norms differ by 1e6.
+
+    It stops at the KKT conditions (``kkt_violation`` <= 0 for every vertex); the vertices
+    in S hold p_j . x = |x|^2 to rounding, as x is S's affine minimiser. ``max_iter``
+    (major plus minor steps) only guards against a numerically degenerate loop.
+    """
+    mm = m.detach().cpu().double().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float64)
     k = mm.shape[0]
+    n = np.sqrt(np.maximum(np.diag(mm), 0.0))
+    if not n.max() > 0:  # every point is 0: all weights give the same (zero) point
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
     a = np.zeros(k)
-    if k == 1:
-        a[0] = 1.0
+    j = int(np.argmin(n))
+    a[j] = 1.0
+    if n[j] == 0:  # a zero point is the min-norm point
         return torch.from_numpy(a)
-    best = None
-    for i in range(k):
-        for j in range(i + 1, k):
-            g = min_norm_2(mm[i, i], mm[i, j], mm[j, j])
-            cost = g * g * mm[i, i] + 2 * g * (1 - g) * mm[i, j] + (1 - g) ** 2 * mm[j, j]
-            if best is None or cost < best[0]:
-                best = (cost, i, j, g)
-    _, i, j, g = best
-    a[i], a[j] = g, 1.0 - g
-    for _ in range(max_iter):
-        ma = mm @ a
-        s = int(np.argmin(ma))
-        active = np.flatnonzero(a > 0)
-        v = int(active[np.argmax(ma[active])])
-        gap = float(ma[v] - ma[s])
-        if s == v or gap <= tol * max(float(a @ ma), 1e-30):
+    act = [j]
+    steps = 0
+    done = False
+    while not done and steps < max_iter:
+        steps += 1
+        viol = kkt_violation(mm, n, a, tol)
+        if viol.max() <= 0:
             break
-        # f(a + t (e_s - e_v)) is quadratic in t: exact minimiser, capped by the weight at v
-        curv = float(mm[s, s] + mm[v, v] - 2 * mm[s, v])
-        cap = float(a[v])
-        step = cap if curv <= 1e-30 else min(gap / curv, cap)
-        a[s] += step
-        a[v] = 0.0 if step >= cap else a[v] - step  # a drop step removes v exactly
+        # enter the vertex whose edge from x descends most steeply (a scale-free choice)
+        ma = mm @ a
+        xx = float(a @ ma)
+        dist = np.sqrt(np.maximum(n * n - 2.0 * ma + xx, 1e-300))
+        j = int(np.argmax(np.where(viol > 0, (xx - ma) / dist, -np.inf)))
+        if j in act:  # x is not quite S's affine minimiser: rounding, nothing left to gain
+            break
+        act.append(j)
+        while steps < max_iter:  # minor cycle: until S's affine minimiser is inside the simplex
+            steps += 1
+            v = _affine_min(mm, n, act)
+            if np.all(v > 0):
+                a[:] = 0.0
+                a[act] = v
+                break
+            cur = a[act]
+            out = np.flatnonzero(v <= 0)
+            # the step from a towards v at which each of those weights reaches 0
+            ratios = cur[out] / np.maximum(cur[out] - v[out], 1e-300)
+            theta = float(ratios.min())
+            new = np.maximum(cur + theta * (v - cur), 0.0)
+            drop = {act[i] for i in out[ratios <= theta]} | {act[i] for i in np.flatnonzero(new <= 0)}
+            a[act] = new
+            a[list(drop)] = 0.0
+            a /= a.sum()
+            act = [i for i in act if i not in drop]
+            if theta == 0.0 and j in drop:  # the entering vertex cannot take weight: optimal to rounding
+                done = True
+                break
     return torch.from_numpy(a)
 
 
@@ -116,7 +187,8 @@ def set_generator_state(gen: torch.Generator, state: Any) -> None:
 
 class GramWeighting(Weighting):
     """Gradient-level methods that choose K coefficients from the K x K Gram matrix of the
-    task gradients and return the coefficient-weighted sum of the gradients.
+    task gradients (float64, see ``gram``) and return the coefficient-weighted sum of the
+    gradients.
 
     Subclasses set ``method`` (its registered name, for errors) and implement
     ``coefficients(gram, losses)``; ``initial_coefficient`` (None: 1/K) is what ``weights()``

@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class DWAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DWAParams(Params):
     temperature: float = Field(2.0, gt=0)  # T; larger T flattens the weights towards 1
 
 

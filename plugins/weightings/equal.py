@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
-
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class EqualParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EqualParams(Params):
     mean: bool = False  # divide by K (weights 1/K) instead of summing
 
 

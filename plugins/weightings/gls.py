@@ -7,14 +7,14 @@ under- or overflowing for many tasks. Its gradient weights task k by GLS / (K L_
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class GLSParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GLSParams(Params):
     eps: float = Field(1e-12, gt=0)  # losses are clamped to >= eps before the log
 
 

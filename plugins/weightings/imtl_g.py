@@ -1,9 +1,14 @@
 """IMTL-G: impartial gradient aggregation (Liu et al., ICLR 2021), closed form.
 
 Find weights alpha (summing to 1) so that g = sum_k alpha_k g_k has the same projection on
-every unit task gradient u_k = g_k / |g_k|. With D = [g_1 - g_k]_{k>1} and U = [u_1 - u_k]_{k>1}
-(rows), alpha_{2..K} = g_1 U^T (D U^T)^{-1} and alpha_1 = 1 - sum alpha_{2..K}. Every product
-above is a dot product of task gradients, so it is computed from the K x K Gram matrix.
+every unit task gradient u_k = g_k / |g_k|. The paper writes the answer as
+alpha_{2..K} = g_1 U^T (D U^T)^{-1} with differences D = [g_1 - g_k], U = [u_1 - u_k]; its
+matrix D U^T mixes the gradients' norms, and at a 1e6 spread of norms it loses digits.
+
+The same conditions in the normalised space: with n_k = |g_k|, z = n * alpha and the
+correlation matrix C = G G^T / (n n^T), g = sum_k z_k u_k and u_k . g = (C z)_k, so the
+equal projections read C z = lambda 1: z is proportional to C^{-1} 1, and alpha = z / n
+rescaled to sum 1. C has a unit diagonal whatever the norms.
 """
 
 from __future__ import annotations
@@ -22,15 +27,24 @@ class IMTLGParams(BaseModel):
 
 def imtl_g_weights(m: torch.Tensor) -> torch.Tensor:
     """IMTL-G's alpha from the Gram matrix M (float64)."""
+    k = m.shape[0]
     norms = torch.sqrt(torch.diagonal(m).clamp_min(0.0))
-    # a zero gradient has no direction: give it u_k = 0 instead of dividing by zero
-    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-    a = m / norms[None, :]  # a[i, j] = g_i . u_j
-    gu = a[0, 0] - a[0, 1:]  # g_1 . (u_1 - u_j)
-    du = a[0, 0] - a[0, 1:][None, :] - a[1:, 0][:, None] + a[1:, 1:]  # (g_1 - g_i) . (u_1 - u_j)
-    # least squares instead of an inverse: parallel or equal gradients make D U^T singular
-    rest = torch.linalg.lstsq(du.T, gu[:, None], driver="gelsd").solution[:, 0]
-    return torch.cat([(1.0 - rest.sum()).reshape(1), rest])
+    live = norms > 0
+    if not live.any():  # all gradients are zero: any weights give the same (zero) update
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+    # a zero gradient has no direction to be impartial to: it gets no weight
+    nl = norms[live]
+    corr = m[live][:, live] / torch.outer(nl, nl)
+    ones = torch.ones(len(nl), 1, dtype=torch.float64)
+    # least squares (minimum norm) instead of an inverse: equal or parallel gradients make
+    # C singular, and then the shortest z shares the weight equally among them
+    z = torch.linalg.lstsq(corr, ones, driver="gelsd").solution[:, 0]
+    a = z / nl
+    if not abs(float(a.sum())) > 0:  # no normalisable solution: fall back to the mean
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+    alpha = torch.zeros(k, dtype=torch.float64)
+    alpha[live] = a / a.sum()
+    return alpha
 
 
 class IMTLG(GramWeighting):

@@ -1,7 +1,8 @@
 """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of task gradients.
 
-Weights a on the simplex minimise |sum_k a_k g_k / n_k|^2 (Frank-Wolfe on the K x K Gram
-matrix, see ``_common.min_norm_weights``), where n_k is the optional normaliser:
+Weights a on the simplex minimise |sum_k a_k g_k / n_k|^2, solved exactly on the K x K Gram
+matrix by Wolfe's active-set method (``_common.min_norm_weights``; the authors' Frank-Wolfe
+stops short of the optimum for many conflicting tasks), where n_k is the optional normaliser:
 ``none`` (1), ``l2`` (|g_k|), ``loss`` (L_k) or ``loss+`` (L_k |g_k|). As in the authors'
 release, the weights found on the normalised gradients scale the raw gradients: the
 update is sum_k a_k g_k. Task-specific parameters get the plain sum of losses (each head
@@ -23,8 +24,8 @@ from ._common import GramWeighting, min_norm_weights
 class MGDAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     normalization: Literal["none", "l2", "loss", "loss+"] = "none"
-    max_iter: int = Field(250, ge=1)  # Frank-Wolfe iterations at most
-    tol: float = Field(1e-6, gt=0)  # relative duality gap at which Frank-Wolfe stops
+    max_iter: int = Field(1000, ge=1)  # safeguard only: the active-set method ends in finitely many steps
+    tol: float = Field(1e-10, gt=0)  # KKT tolerance, a cosine (see _common.kkt_violation)
 
 
 class MGDA(GramWeighting):

@@ -13,16 +13,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 from ._common import check_grads, generator_state, gram, require_tasks, set_generator_state, weighted_sum
 
 
-class PCGradParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PCGradParams(Params):
     reduction: Literal["sum", "mean"] = "sum"  # how the projected gradients are combined
     seed: int = 0  # seeds the generator of the projection order (same on every DDP rank)
 

@@ -8,16 +8,15 @@ resumed run draws the same weights, and every DDP rank draws the same ones.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 from ._common import generator_state, set_generator_state
 
 
-class RLWParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RLWParams(Params):
     seed: int = 0
 
 

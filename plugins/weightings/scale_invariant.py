@@ -7,14 +7,14 @@ rescaling a loss by a constant does not change the update.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class ScaleInvariantParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ScaleInvariantParams(Params):
     eps: float = Field(1e-12, gt=0)  # losses are clamped to >= eps before the log (a zero loss gives -inf)
 
 

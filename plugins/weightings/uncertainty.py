@@ -8,15 +8,14 @@ model checkpoint saves them; there is no JSON state.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
 
 
-class UncertaintyParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class UncertaintyParams(Params):
     init: float = -0.5  # initial s_k = log sigma_k^2 (the MTAN release; later work uses -0.7)
 
 

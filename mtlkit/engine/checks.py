@@ -1,0 +1,94 @@
+"""The checks the Trainer makes before training, as functions of the parts alone.
+
+The Trainer calls them from its constructor; ``mtlkit run`` and ``mtlkit validate`` call
+them (through :func:`mtlkit.preflight.prepare`) before anything is written, so both
+commands refuse the same recipes with the same messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..contracts import Task, Weighting
+from ..errors import ConfigError, DataError, did_you_mean
+from .config import TrainingConfig
+
+
+def check_data(tasks: Mapping[str, Task], train_data: Any, val_data: Any, cfg: TrainingConfig) -> None:
+    """Training data: non-empty; many-to-many domains are tasks; per-domain settings fit the data."""
+    if isinstance(train_data, Mapping):
+        if not train_data:
+            raise ConfigError("train_data: no domains")
+        for d, ds in train_data.items():
+            if d not in tasks:
+                raise ConfigError(f"train_data: domain '{d}' is not a task (tasks: {', '.join(tasks)})")
+            if len(ds) == 0:
+                raise DataError(f"train_data: domain '{d}' has no samples")
+        for field, values in (("domain_batch_size", cfg.domain_batch_size),
+                              ("domain_loss_weight", cfg.domain_loss_weight)):
+            for d in values:
+                if d not in train_data:
+                    raise ConfigError(f"training.{field}: '{d}' is not a domain of the training data"
+                                      f"{did_you_mean(d, train_data)}")
+        if val_data is not None and not isinstance(val_data, Mapping):
+            raise ConfigError("val_data: many-to-many training needs a dict domain -> Dataset for validation")
+    else:
+        if len(train_data) == 0:
+            raise DataError("train_data: no samples")
+        for field in ("domain_batch_size", "domain_loss_weight"):
+            if getattr(cfg, field):
+                raise ConfigError(f"training.{field} applies to many-to-many data (a dict of domains) only")
+
+
+def check_weighting(weighting: Weighting, tasks: Mapping[str, Task], many_to_many: bool) -> None:
+    """The weighting serves exactly these tasks, and gradient-level ones see every task per batch."""
+    w = weighting
+    if set(w.task_names) != set(tasks):
+        raise ConfigError(f"weighting: built for tasks {w.task_names}, training has {list(tasks)}")
+    if w.requires_grads not in (None, "shared"):
+        raise ConfigError(f"weighting: requires_grads = {w.requires_grads!r} is not supported (None or 'shared')")
+    if w.requires_grads == "shared" and many_to_many:
+        raise ConfigError(f"weighting: '{type(w).__name__}' is gradient-level (needs every task's gradient "
+                          f"on one batch); many-to-many batches hold one domain, use a loss-level weighting")
+
+
+def check_best_metric(best_metric: str | None, tasks: Mapping[str, Task]) -> bool | None:
+    """``"task/metric"`` names a task and one of its metrics; returns higher_is_better (None: unset)."""
+    if best_metric is None:
+        return None
+    task, metric = best_metric.split("/")
+    if task not in tasks:
+        raise ConfigError(f"training.best_metric: unknown task '{task}'{did_you_mean(task, tasks)} "
+                          f"(tasks: {', '.join(tasks)})")
+    known = type(tasks[task].metrics()).higher_is_better
+    if metric not in known:
+        raise ConfigError(f"training.best_metric: task '{task}' has no metric '{metric}'"
+                          f"{did_you_mean(metric, known)} (metrics: {', '.join(known)})")
+    return known[metric]
+
+
+def missing_key(where: str, key: str, task: str | None = None, have: Any = ()) -> DataError:
+    """The error for samples without ``key`` (the image, or the target of ``task``)."""
+    of = f" (the target of task '{task}')" if task is not None else ""
+    keys = [str(k) for k in have]
+    carry = f"{did_you_mean(key, keys)} (samples carry: {', '.join(keys)})" if keys else ""
+    return DataError(f"{where}: samples have no '{key}'{of}{carry}")
+
+
+def check_samples(tasks: Mapping[str, Task], train_data: Any, val_data: Any) -> None:
+    """Samples of every split (and domain) carry the image and their tasks' targets: the keys a
+    data set lists in ``sample_keys``, else those of its first sample."""
+    for where, data in (("train_data", train_data), ("evaluation data", val_data)):
+        if data is None:
+            continue
+        items = data.items() if isinstance(data, Mapping) else [(None, data)]
+        for domain, ds in items:
+            if (domain is not None and domain not in tasks) or len(ds) == 0:
+                continue  # check_data names these
+            sample = getattr(ds, "sample_keys", None) or ds[0]
+            if "image" not in sample:
+                raise missing_key(where, "image", have=sample)
+            for t in [domain] if domain is not None else list(tasks):
+                if tasks[t].target not in sample:
+                    raise missing_key(where, tasks[t].target, t, have=sample)

@@ -1,0 +1,101 @@
+"""What ``mtlkit run`` does before it writes anything, and all that ``mtlkit validate`` does:
+build the recipe's parts and make every check that training would make, so that both
+commands refuse the same recipes with the same messages."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from .build import Parts, build_data, build_model, build_weighting, check_parts
+from .engine.checks import check_best_metric, check_data, check_samples, check_weighting
+from .engine.distributed import env_world, resolve_device
+from .errors import ConfigError, MtlkitError
+from .recipe.loader import LoadedRecipe
+
+
+def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
+            probe: bool = False) -> tuple[Parts, dict[str, Any]]:
+    """Build the parts and check them as the Trainer will: ``(parts, baselines)``.
+
+    Checks: the model, tasks, weighting and data sets build (a missing data set gets the
+    ``--synthetic`` hint); the Trainer's data, weighting and best-metric checks; the first
+    sample of every split carries the image and its tasks' targets; the device exists; the
+    baselines resolve; ``model.init_from`` loads into the model (when ``init``).
+    ``meta`` builds the model and weighting on the meta device (no memory, no weight
+    init: what validate needs). Raises one MtlkitError listing every problem, one a line.
+    """
+    from .cli import _data_hint, init_from, resolve_baselines
+
+    recipe = loaded.recipe
+    where = str(loaded.path) if loaded.path is not None else "<recipe>"
+    errors: list[MtlkitError] = []
+
+    def attempt(fn: Callable[..., Any], *args: Any, prefix: str = "") -> Any:
+        """``fn(*args)``, or None with its error kept (``prefix`` names where in the recipe it is)."""
+        try:
+            return fn(*args)
+        except MtlkitError as exc:
+            errors.append(_prefixed(prefix, exc) if prefix else exc)
+            return None
+
+    trainer = f"{where}: "  # the Trainer's own messages name the setting (training.best_metric: ...)
+
+    def build_network() -> tuple[Any, Any, Any]:
+        model, tasks = attempt(build_model, recipe) or (None, None)
+        weighting = attempt(build_weighting, recipe, tasks) if tasks is not None else None
+        if init and model is not None and recipe.model.init_from is not None:
+            attempt(init_from, model, recipe.model.init_from, prefix=f"{where} [model.init_from] path: ")
+        return model, tasks, weighting
+
+    try:
+        with _meta_device() if meta else contextlib.nullcontext():
+            model, tasks, weighting = build_network()
+    except Exception:
+        if not meta:
+            raise
+        del errors[:]  # a plugin that cannot be built on the meta device: build it for real
+        model, tasks, weighting = build_network()
+    try:
+        train, val = build_data(recipe)
+        data_built = True
+    except MtlkitError as exc:
+        errors.append(_data_hint(loaded, exc))
+        train = val = None
+        data_built = False
+    if tasks is not None:
+        attempt(check_best_metric, recipe.training.best_metric, tasks, prefix=trainer)
+        if weighting is not None:
+            attempt(check_weighting, weighting, tasks, recipe.many_to_many, prefix=trainer)
+        if data_built:
+            n = len(errors)
+            attempt(check_data, tasks, train, val, recipe.training, prefix=trainer)
+            if len(errors) == n:
+                attempt(check_samples, tasks, train, val, prefix=trainer)
+    attempt(lambda: resolve_device(recipe.training.device, env_world()[2]), prefix=trainer)
+    baselines = attempt(resolve_baselines, recipe.baselines, loaded.path)
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigError("\n".join(str(e) for e in errors))
+    parts = Parts(model=model, tasks=tasks, weighting=weighting, train_data=train, val_data=val)
+    if probe and not meta:
+        check_parts(recipe, parts)
+    return parts, baselines
+
+
+@contextlib.contextmanager
+def _meta_device():
+    """Modules built here hold no memory; loading weights into them checks names and shapes only."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "copying from a non-meta parameter ... is a no-op"
+        yield
+
+
+def _prefixed(prefix: str, exc: MtlkitError) -> MtlkitError:
+    """``exc`` of the same type, its message after ``prefix`` (the recipe file and location)."""
+    try:
+        return type(exc)(f"{prefix}{exc}")
+    except TypeError:  # a subclass with another constructor
+        return ConfigError(f"{prefix}{exc}")

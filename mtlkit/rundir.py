@@ -1,0 +1,150 @@
+"""Run folders: naming, creation, clean-up of a run that never reached a checkpoint, and
+reading a run's log.
+
+A new run's folder is created only after its model, tasks, data and weighting are built
+and checked (see ``cmd_run``), and removed again when the run fails before its first
+checkpoint: a folder under ``runs/`` is then always a run that can be resumed, compared
+and plotted. (The alternative, a hidden folder renamed into place at the first
+checkpoint, would need the Trainer to follow the rename of its own run folder and of its
+open log file.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ConfigError
+
+
+def check_run_name(name: str, field: str, where: str) -> str:
+    """A run name becomes one folder under the runs folder: no separators, no '..'."""
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not name or ".." in name or any(s in name for s in seps) or "\0" in name or name == ".":
+        raise ConfigError(f"{where} {field}: '{name}' must be a plain folder name "
+                          f"(no path separators or '..'), it names the run's folder under the runs folder")
+    return name
+
+
+def new_run_dir(base: str | Path, name: str) -> Path:
+    """``base/name/<start time>`` (``-1``, ``-2``, ... when taken); ``name`` is checked."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = Path(base) / name / stamp
+    i = 1
+    while run.exists():
+        run = Path(base) / name / f"{stamp}-{i}"
+        i += 1
+    # check_run_name keeps it there; this guards any other way a name could climb out.
+    if Path(os.path.abspath(base)) not in Path(os.path.abspath(run)).parents:
+        raise ConfigError(f"run name '{name}': the run folder {run} would lie outside the runs folder {base}")
+    return run
+
+
+def run_name(loaded) -> str:
+    """The folder name a new run gets under the runs folder (checked: one plain name)."""
+    where = str(loaded.path) if loaded.path else "<recipe>"
+    if loaded.recipe.output.name:
+        return check_run_name(loaded.recipe.output.name, "[output] name", where)
+    return check_run_name(loaded.name, "name" if loaded.recipe.name else "file name", where)
+
+
+def pin_for_run_folder(loaded) -> None:
+    """What a new run folder's copy of the recipe records so that it means the same when
+    resume, compare and plot load it from any folder: recipe-relative plugin files by
+    absolute path (the loader's rule: a name ending in .py or holding a '/' is a file next
+    to the recipe), and the run's name (else the copy's own file name would be taken)."""
+    plugins = loaded.resolved.get("plugins") or []
+    if loaded.path is not None and plugins:
+        base = loaded.path.resolve().parent
+        loaded.resolved["plugins"] = [
+            str(base / p) if (p.endswith(".py") or "/" in p) and not Path(p).is_absolute() else p for p in plugins]
+    if "name" not in loaded.resolved and loaded.recipe is not None:
+        loaded.resolved["name"] = loaded.name
+
+
+def _first_existing(path: Path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not os.path.lexists(p):
+        p = p.parent
+    return p
+
+
+def precheck_new_run_dir(path: Path) -> None:
+    """Refuse, before anything is built, a run folder that cannot be made (cheap checks
+    only: creating the folder is left until the run is known to start)."""
+    if os.path.lexists(path):
+        kind = "folder" if path.is_dir() else "file"
+        raise CheckpointError(f"run folder {path}: a {kind} of that name already exists "
+                              f"(choose a new --run-dir, or --resume a run folder)")
+    anc = _first_existing(path)
+    if not anc.is_dir():
+        raise CheckpointError(f"run folder {path}: cannot be created, {anc} is a file")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise CheckpointError(f"run folder {path}: cannot be created, {anc} is not writable")
+
+
+def create_run_dir(path: Path) -> Path:
+    """Make ``path`` (and missing parents); return the top-most folder this created, which
+    :func:`discard_unfinished` removes again if the run never saves a checkpoint."""
+    top = Path(os.path.abspath(path))
+    while not os.path.lexists(top.parent):
+        top = top.parent
+    try:
+        path.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise CheckpointError(f"run folder {path}: already exists") from None
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(f"run folder {path}: cannot be created ({reason})") from None
+    return top
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (run / "checkpoints" / "last.json").is_file()
+
+
+def discard_unfinished(run: Path, created: Path | None) -> bool:
+    """Remove a run folder this process created if it holds no checkpoint (a failure or
+    interrupt before the first one), with the parents made for it; True if removed."""
+    if created is None or has_checkpoint(run):
+        return False
+    shutil.rmtree(run, ignore_errors=True)
+    parent, top = Path(os.path.abspath(run)).parent, Path(os.path.abspath(created))
+    while top == parent or top in parent.parents:
+        try:
+            parent.rmdir()  # only if empty: a concurrent run may have put its folder there
+        except OSError:
+            break
+        parent = parent.parent
+    return True
+
+
+def read_log(run: Path) -> list[dict[str, Any]]:
+    """The records of ``run/log.jsonl``. A torn last line (the process died mid-write) is
+    skipped; a bad line before it is an error naming the line."""
+    log = run / "log.jsonl"
+    if not log.is_file():
+        raise CheckpointError(f"{run}: not a run folder (no log.jsonl)")
+    try:
+        lines = log.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{log}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{log}: cannot read: {exc.strerror}") from None
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(numbered):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict):
+            if k == len(numbered) - 1:
+                break  # torn last line
+            raise CheckpointError(f"{log}:{i}: not a JSON object line")
+        records.append(rec)
+    return records

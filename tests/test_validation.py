@@ -1,0 +1,305 @@
+"""`mtlkit validate` refuses what `mtlkit run` would refuse, with the same one-line message,
+and `run` refuses it before writing anything; floats are finite; `--set` switches components."""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from mtlkit.cli import main
+from mtlkit.plugin_manager import get_registry
+from mtlkit.recipe.loader import load_recipe
+from mtlkit.recipe.schema import Recipe
+from mtlkit.registry import Params, Registry
+
+ONE_TO_MANY = """
+[model.backbone]
+name = "small_cnn"
+params = { widths = [4, 8] }
+[tasks.shape]
+name = "classification"
+params = { num_classes = 4, target = "shape" }
+[tasks.colour]
+name = "classification"
+params = { num_classes = 4, target = "colour" }
+[data]
+name = "synthetic_classification"
+params = { size = 8, num_train = 4, num_val = 4 }
+[training]
+epochs = 1
+batch_size = 2
+device = "cpu"
+"""
+
+MANY_TO_MANY = """
+[model.backbone]
+name = "small_cnn"
+params = { widths = [4, 8] }
+[tasks.svhn]
+name = "classification"
+params = { num_classes = 10 }
+data = { name = "synthetic_decathlon", params = { domain = "svhn", size = 16, n = 4 } }
+[tasks.dtd]
+name = "classification"
+params = { num_classes = 8 }
+data = { name = "synthetic_decathlon", params = { domain = "dtd", size = 16, n = 4 } }
+[training]
+epochs = 1
+batch_size = 2
+device = "cpu"
+"""
+
+SEGNET = """
+[model.backbone]
+name = "segnet"
+params = { width = 0.0625 }
+[tasks.segmentation]
+name = "segmentation"
+params = { num_classes = 7 }
+[data]
+name = "synthetic_scenes"
+params = { height = 16, width = 16, num_train = 2, num_val = 2, num_classes = 7, noise = 0.01 }
+[training]
+epochs = 1
+batch_size = 2
+device = "cpu"
+"""
+
+
+# -- every float field is finite ----------------------------------------------------------
+def _bad(annotation, x):
+    """Values of ``annotation`` with ``x`` in one float slot (none if it holds no float)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is float:
+        yield x
+    elif origin is typing.Annotated:
+        yield from _bad(args[0], x)
+    elif origin in (typing.Union, types.UnionType):
+        for a in args:
+            yield from _bad(a, x)
+    elif origin in (list, set, frozenset):
+        yield from ([v] for v in _bad(args[0], x))
+    elif origin is tuple and Ellipsis not in args:
+        for i, a in enumerate(args):
+            if all(b is float for j, b in enumerate(args) if j != i):
+                yield from (tuple(v if j == i else 0.5 for j in range(len(args))) for v in _bad(a, x))
+    elif origin is dict:
+        yield from ({"k": v} for v in _bad(args[1], x))
+
+
+def _models(model: type[BaseModel], seen: set) -> None:
+    if model in seen:
+        return
+    seen.add(model)
+    for f in model.model_fields.values():
+        stack = [f.annotation]
+        while stack:
+            a = stack.pop()
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                _models(a, seen)
+            stack.extend(typing.get_args(a))
+
+
+def _field_errors(model: type[BaseModel], field: str, value) -> list:
+    try:
+        model.model_validate({field: value})
+    except ValidationError as exc:
+        return [e for e in exc.errors() if e["loc"][:1] == (field,)]
+    return []
+
+
+def test_every_float_field_refuses_nan_and_inf():
+    models: set = set()
+    _models(Recipe, models)
+    for component in get_registry().list():
+        _models(component.params, models)
+    checked, accepted = [], []
+    for model in models:
+        for name, info in model.model_fields.items():
+            for good in _bad(info.annotation, 0.5):
+                assert not _field_errors(model, name, good), (model.__name__, name, good)
+            for x in (math.nan, math.inf, -math.inf):
+                for value in _bad(info.annotation, x):
+                    checked.append((model.__name__, name))
+                    if not _field_errors(model, name, value):
+                        accepted.append(f"{model.__name__}.{name} = {value!r}")
+    assert not accepted, accepted
+    fields = set(checked)
+    # the walk is not vacuous: it reaches config sections and plugin params alike
+    assert {("ScheduleConfig", "gamma"), ("OptimizerConfig", "lr"), ("OptimizerConfig", "betas"),
+            ("TrainingConfig", "domain_loss_weight"), ("DWAParams", "temperature"),
+            ("SyntheticClassificationParams", "noise"), ("SegNetParams", "width"),
+            ("NashMTLParams", "ridge")} <= fields, sorted(fields)
+
+
+def test_every_section_and_builtin_params_model_is_a_params():
+    models: set = set()
+    _models(Recipe, models)
+    for component in get_registry().list():
+        _models(component.params, models)
+    assert all(m.model_config.get("allow_inf_nan") is False for m in models)
+    assert all(issubclass(m, Params) for m in models if m.__module__.startswith("mtlkit.recipe"))
+
+
+def test_a_third_party_params_model_gets_the_rule():
+    class Inner(BaseModel):
+        scale: float = 1.0
+
+    class Theirs(BaseModel):
+        temperature: float = 2.0
+        inner: Inner = Inner()
+
+    component = Registry().register("weighting", "theirs", lambda p, **k: p, params=Theirs, plugin="x")
+    assert component.params is Theirs
+    with pytest.raises(ValidationError):
+        Theirs(temperature=math.inf)
+    with pytest.raises(ValidationError):
+        Theirs(inner={"scale": math.nan})
+
+
+# -- validate and run refuse the same recipes -----------------------------------------------
+def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    return rc, [line for line in err.splitlines() if line.strip()]
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def refused_alike(tmp_path, monkeypatch, capsys, text: str, *sets: str) -> str:
+    """validate and run both exit 2 with the same single line; run writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.toml").write_text(text)
+    before = _files(tmp_path)
+    args = [f"--set={s}" for s in sets]
+    rc, validate = _cli(capsys, "validate", "r.toml", *args)
+    assert rc == 2 and len(validate) == 1, validate
+    rc, run = _cli(capsys, "run", "r.toml", "--quiet", *args)
+    assert rc == 2 and run == validate, (run, validate)
+    assert _files(tmp_path) == before, "run wrote files"
+    return validate[0]
+
+
+@pytest.mark.parametrize("text", [ONE_TO_MANY, MANY_TO_MANY])
+def test_the_good_recipes_validate(tmp_path, monkeypatch, capsys, text):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.toml").write_text(text)
+    assert _cli(capsys, "validate", "r.toml") == (0, [])
+
+
+META_SHY = """
+from torch import nn
+from mtlkit import hookimpl
+from mtlkit.contracts import Backbone
+
+class MetaShy(Backbone):
+    def __init__(self, params):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.out_channels, self.out_stride, self.feature_info = 4, 1, []
+        float(self.conv.weight.sum())  # reads a value: impossible on the meta device
+
+    def forward(self, x):
+        return self.conv(x)
+
+@hookimpl
+def register_backbones(register):
+    register("meta_shy", MetaShy)
+"""
+
+
+def test_validate_builds_for_real_what_the_meta_device_cannot(tmp_path, monkeypatch, capsys, fresh_pm):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shy.py").write_text(META_SHY)
+    text = 'plugins = ["shy.py"]\n' + ONE_TO_MANY.replace('name = "small_cnn"\nparams = { widths = [4, 8] }',
+                                                          'name = "meta_shy"')
+    (tmp_path / "r.toml").write_text(text)
+    assert _cli(capsys, "validate", "r.toml") == (0, [])
+    (tmp_path / "r.toml").write_text(text.replace('target = "colour"', 'target = "color"'))
+    rc, lines = _cli(capsys, "validate", "r.toml")
+    assert rc == 2 and len(lines) == 1 and "no 'color'" in lines[0], lines
+
+
+def test_width_zero(tmp_path, monkeypatch, capsys):
+    line = refused_alike(tmp_path, monkeypatch, capsys, SEGNET.replace("width = 0.0625", "width = 0"))
+    assert "r.toml [model.backbone.params] width:" in line and "greater than 0" in line
+
+
+@pytest.mark.parametrize("setting", ["schedule.gamma", "optimizer.lr", "data.params.noise", "weighting.params.temperature"])
+def test_inf(tmp_path, monkeypatch, capsys, setting):
+    text = SEGNET + '[weighting]\nname = "dwa"\n[schedule]\nname = "step"\nstep_size = 1\n'
+    line = refused_alike(tmp_path, monkeypatch, capsys, text, f"{setting}=inf")
+    table, field = setting.rsplit(".", 1)
+    assert f"--set {setting}=inf: [{table}] {field}: Input should be a finite number" in line
+
+
+@pytest.mark.parametrize("text, sets, needles", [
+    (MANY_TO_MANY, ["tasks.svhn.data.params.domain='svhnn'"],
+     ["[tasks.svhn.data.params] domain", "unknown domain 'svhnn', did you mean 'svhn'?"]),
+    (ONE_TO_MANY, ["training.best_metric='shpe/accuracy'"],
+     ["[training] best_metric", "did you mean 'shape'?"]),
+    (ONE_TO_MANY, ["training.best_metric='shape/acuracy'"],
+     ["r.toml: training.best_metric: task 'shape' has no metric 'acuracy', did you mean 'accuracy'?"]),
+    (ONE_TO_MANY, ["tasks.colour.params.target='color'"],
+     ["r.toml: train_data: samples have no 'color' (the target of task 'colour'), did you mean 'colour'?"]),
+    (MANY_TO_MANY, ["tasks.dtd.params.target='lable'"], ["samples have no 'lable'", "did you mean 'label'?"]),
+    (SEGNET, ["weighting.name='pcgrad'"], ["weighting", "pcgrad", "at least 2 tasks"]),
+    (MANY_TO_MANY, ["weighting.name='mgda'"], ["r.toml: weighting:", "gradient-level"]),
+    (MANY_TO_MANY, ["training.domain_batch_size.svn=4"], ["domain_batch_size: 'svn'", "did you mean 'svhn'?"]),
+    (ONE_TO_MANY, ["model.init_from.path='nowhere'"], ["r.toml [model.init_from] path:", "nowhere"]),
+], ids=["decathlon_domain", "best_metric_task", "best_metric_metric", "target", "target_m2m",
+        "weighting_task_count", "gradient_weighting_m2m", "domain_batch_size", "init_from"])
+def test_run_and_validate_refuse_alike(tmp_path, monkeypatch, capsys, text, sets, needles):
+    line = refused_alike(tmp_path, monkeypatch, capsys, text, *sets)
+    for needle in needles:
+        assert needle in line, (needle, line)
+
+
+def test_several_problems_at_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.toml").write_text(ONE_TO_MANY)
+    rc, lines = _cli(capsys, "validate", "r.toml", "--set", "training.best_metric='shape/acc'",
+                     "--set", "tasks.colour.params.target='color'")
+    assert rc == 2 and len(lines) == 2, lines
+    assert "no metric 'acc'" in lines[0] and "no 'color'" in lines[1]
+
+
+def test_missing_data_same_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc, validate = _cli(capsys, "validate", "nyuv2/mtan")
+    assert rc == 2 and len(validate) == 1 and "does not exist" in validate[0] and "--synthetic" in validate[0]
+    assert _cli(capsys, "run", "nyuv2/mtan", "--quiet") == (2, validate)
+    assert _files(tmp_path) == set()
+
+
+# -- --set switches a component ------------------------------------------------------------
+def test_set_switching_the_weighting_drops_the_old_params(capsys):
+    assert _cli(capsys, "validate", "quickstart", "--set", "weighting.name=uncertainty")[0] == 0
+    loaded = load_recipe("quickstart", overrides=["weighting.name=uncertainty"])
+    assert loaded.resolved["weighting"] == {"name": "uncertainty", "params": {"init": -0.5}}
+
+
+@pytest.mark.parametrize("sets", [["weighting.params.init=0.25", "weighting.name=uncertainty"],
+                                  ["weighting.name=uncertainty", "weighting.params.init=0.25"]])
+def test_set_params_of_the_new_component_are_kept(sets):
+    assert load_recipe("quickstart", overrides=sets).resolved["weighting"]["params"] == {"init": 0.25}
+
+
+def test_set_same_name_keeps_params():
+    assert load_recipe("quickstart", overrides=["weighting.name=dwa"]).resolved["weighting"]["params"] == {
+        "temperature": 2.0}
+
+
+def test_bad_param_after_a_switch_names_the_set(capsys):
+    rc, lines = _cli(capsys, "validate", "quickstart", "--set", "weighting.name=uncertainty",
+                     "--set", "weighting.params.temperature=3")
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: --set weighting.params.temperature=3: [weighting.params] temperature: "
+                               "unknown field"), lines[0]
