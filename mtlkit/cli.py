@@ -64,6 +64,13 @@ def check_run_dir(path: Path) -> Path:
     return path
 
 
+def check_writable(run: Path) -> None:
+    """A resumed run replaces files in the run and checkpoints folders and appends to the log."""
+    for p in (run, run / "checkpoints", run / "log.jsonl"):
+        if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+            raise CheckpointError(f"{p}: not writable (resuming writes checkpoints and logs there)")
+
+
 def agree_on_run_dir(run_dir: Path, device: str) -> Path:
     """Under torchrun every rank must use rank 0's run folder (time stamps may differ)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -122,7 +129,7 @@ def init_from(model, spec) -> None:
         return any(fnmatch.fnmatchcase(key, p) for p in spec.include) and not any(
             fnmatch.fnmatchcase(key, p) for p in spec.exclude)
 
-    load_model_weights(model, newest_run(Path(spec.path)), key_filter=keep)
+    load_model_weights(model, newest_run(Path(spec.path)), key_filter=keep, which="best")  # best, else last
 
 
 def newest_run(path: Path) -> Path:
@@ -162,11 +169,14 @@ def cmd_run(args) -> int:
 
     resume_dir = None
     if args.resume:
-        from .engine.checkpoint import load_checkpoint
+        from .engine.checkpoint import check_recipe, checkpoint_meta, recipe_sha256
 
+        # Every check before the first write: a refused resume leaves the run folder as it was.
         resume_dir = check_run_dir(Path(args.resume))
-        load_checkpoint(resume_dir)  # refuse a missing, truncated or foreign checkpoint before writing anything
+        meta, meta_path = checkpoint_meta(resume_dir)  # missing, truncated or foreign: refused
         loaded = load_recipe(resume_dir / "recipe.toml", overrides=args.set or [])
+        check_recipe(meta, recipe_sha256(recipe_identity(loaded.resolved)), str(meta_path))
+        check_writable(resume_dir)
     else:
         if not args.recipe:
             raise ConfigError("run: give a RECIPE (or --resume RUN_DIR)")
@@ -192,10 +202,7 @@ def cmd_run(args) -> int:
 
     created = None  # the folder this run made: removed again if no checkpoint follows
     try:
-        if resume_dir is not None:
-            if is_rank_zero():  # e.g. more epochs: the run folder shows what it now runs
-                atomic_write_text(run_dir / "recipe.toml", loaded.toml())
-        else:
+        if resume_dir is None:
             # Only now, with everything built and checked, does the run folder appear.
             run_dir = agree_on_run_dir(run_dir, recipe.training.device)
             if is_rank_zero():
@@ -207,6 +214,11 @@ def cmd_run(args) -> int:
             run_dir=run_dir, recipe=recipe_identity(loaded.resolved), quiet=args.quiet,
             baselines=baselines,
         )
+        if resume_dir is not None and is_rank_zero():
+            # every check has passed: a resume that extends training.epochs shows it in the folder
+            recipe_path, text = run_dir / "recipe.toml", loaded.toml()
+            if recipe_path.read_text(encoding="utf-8") != text:
+                write_text_file(recipe_path, text)
         trainer.fit(resume_from=resume_dir)
     except KeyboardInterrupt:
         if is_rank_zero():

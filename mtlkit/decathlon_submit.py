@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 
 
 def predict_domain(model, dataset, domain: str, batch_size: int = 64) -> list[tuple[int, int]]:
@@ -27,17 +27,14 @@ def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
     from .build import build_dataset, build_parts
     from .decathlon import write_submission
     from .engine import load_model_weights
+    from .engine.checkpoint import resolve_checkpoint
     from .recipe.loader import load_recipe
 
     loaded = load_recipe(run / "recipe.toml")
     recipe = loaded.recipe
     if not recipe.many_to_many:
         raise ConfigError(f"{run}: not a many-to-many (Decathlon) run: its recipe has a single [data] section")
-    ckpt = run / "checkpoints" / f"{checkpoint}.json"
-    if checkpoint == "best" and not ckpt.is_file():
-        ckpt = run / "checkpoints" / "last.json"
-    if not ckpt.is_file():
-        raise CheckpointError(f"{run}: no checkpoint '{checkpoint}' in {run / 'checkpoints'}")
+    ckpt = resolve_checkpoint(run, checkpoint)  # "best": the best, else the last
     parts = build_parts(recipe, with_data=False)
     load_model_weights(parts.model, ckpt)
     parts.model.eval()

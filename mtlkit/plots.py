@@ -70,14 +70,9 @@ def load_run_model(run: Path):
     from .engine import load_model_weights
     from .recipe.loader import load_recipe
 
-    ckpt = run / "checkpoints" / "best.json"
-    if not ckpt.is_file():
-        ckpt = run / "checkpoints" / "last.json"
-    if not ckpt.is_file():
-        raise CheckpointError(f"{run}: no checkpoint in {run / 'checkpoints'} (nothing to plot yet)")
     loaded = load_recipe(run / "recipe.toml")
     parts = build_parts(loaded.recipe)
-    load_model_weights(parts.model, ckpt)
+    load_model_weights(parts.model, run, which="best")  # the best, else the last
     parts.model.eval()
     return parts
 

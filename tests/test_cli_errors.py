@@ -3,6 +3,7 @@ traceback, and no new or changed files."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -136,18 +137,19 @@ def test_resume_refuses_a_damaged_checkpoint(tiny_run, tmp_path, damage):
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    tensors = run / "checkpoints" / "last.safetensors"
+    step = run / "checkpoints" / json.loads((run / "checkpoints" / "last.json").read_text())["dir"]
+    tensors = step / "model.safetensors"
     if damage == "truncate":
         tensors.write_bytes(tensors.read_bytes()[:100])
-        needle = "last"
+        needle = "model.safetensors"
     elif damage == "pickle":
         import pickle
 
         tensors.write_bytes(pickle.dumps({"model.w": [1, 2, 3]}))
-        needle = "last"
+        needle = "model.safetensors"
     else:
-        (run / "checkpoints" / "last.json").write_text('{"hello": 1}')
-        needle = "last.json"
+        (step / "meta.json").write_text('{"hello": 1}')
+        needle = "meta.json"
     expect_error(tmp_path, ["run", "--resume", "run"], "checkpoints", needle)
 
 

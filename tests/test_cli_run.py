@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtlkit.cli import main
+from mtlkit.engine.checkpoint import load_checkpoint, resolve_checkpoint
 
 TINY = ["--set", "model.backbone.params.widths=[4, 8]", "--set", "data.params.size=8",
         "--set", "data.params.num_train=16", "--set", "data.params.num_val=8",
@@ -36,9 +37,12 @@ def finished_run(tmp_path, capsys):
 
 def test_run_writes_a_complete_run_folder(finished_run):
     run = finished_run
-    for name in ("recipe.toml", "log.jsonl", "results.json", "checkpoints/last.safetensors",
-                 "checkpoints/last.json", "checkpoints/best.safetensors"):
+    for name in ("recipe.toml", "log.jsonl", "results.json", "checkpoints/last.json", "checkpoints/best.json"):
         assert (run / name).is_file(), name
+    # the pointers name complete step folders (the default best_metric: best and last may differ)
+    for pointer in ("last", "best"):
+        step = run / "checkpoints" / json.loads((run / "checkpoints" / f"{pointer}.json").read_text())["dir"]
+        assert (step / "model.safetensors").is_file() and (step / "meta.json").is_file(), step
     # the resolved recipe holds the overrides and every default, and loads again
     from mtlkit.recipe.loader import load_recipe
 
@@ -59,8 +63,8 @@ def test_resume_through_the_cli_matches_an_uninterrupted_run(tmp_path, capsys):
     # the half run's recipe says 1 epoch: resume with 2
     rc, out, err = run_main(["run", "--resume", str(half), "--set", "training.epochs=2", "--quiet"], capsys)
     assert rc == 0, err
-    a = load_file(str(full / "checkpoints" / "last.safetensors"))
-    b = load_file(str(half / "checkpoints" / "last.safetensors"))
+    a = load_file(str(resolve_checkpoint(full).with_name("model.safetensors")))
+    b = load_file(str(resolve_checkpoint(half).with_name("model.safetensors")))
     model_keys = [k for k in a if k.startswith("model.")]
     assert model_keys and all(torch.equal(a[k], b[k]) for k in model_keys)
 
@@ -226,8 +230,7 @@ def test_freeze_shared_trains_only_task_specific_parts(tmp_path, capsys):
     rc, _, err = run_main(["run", "shapes", *sets, "--quiet", "--run-dir", str(run)], capsys)
     assert rc == 0, err
     fresh = build_parts(load_recipe(run / "recipe.toml").recipe, with_data=False).model.state_dict()
-    trained = {k[len("model."):]: v for k, v in load_file(str(run / "checkpoints" / "last.safetensors")).items()
-               if k.startswith("model.")}
+    trained = {k[len("model."):]: v for k, v in load_checkpoint(run)[1].items() if k.startswith("model.")}
     backbone = [k for k in fresh if k.startswith("backbone.")]
     heads = [k for k in fresh if k.startswith("heads.")]
     assert backbone and heads

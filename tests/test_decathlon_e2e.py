@@ -74,8 +74,9 @@ def _annotations(root: Path, domain: str, split: str) -> dict:
 
 def _checkpoint(run: Path) -> Path:
     """The weights a run folder stands for: checkpoints/best, else last (as submit and init_from)."""
-    best = run / "checkpoints" / "best.safetensors"
-    return best if best.is_file() else run / "checkpoints" / "last.safetensors"
+    best = run / "checkpoints" / "best.json"
+    pointer = best if best.is_file() else run / "checkpoints" / "last.json"
+    return run / "checkpoints" / json.loads(pointer.read_text())["dir"] / "model.safetensors"
 
 
 # -- (a) the written layout reads back -------------------------------------------------------
@@ -125,7 +126,7 @@ def test_run_then_submit_writes_one_offset_prediction_per_test_image(mtan_run, w
     # and the model's own argmax plus the smallest category id gives each prediction.
     loaded = load_recipe(mtan_run / "recipe.toml")
     model = build_parts(loaded.recipe, with_data=False).model
-    load_model_weights(model, _checkpoint(mtan_run).with_suffix(".json"))
+    load_model_weights(model, _checkpoint(mtan_run).with_name("meta.json"))
     model.eval()
     expected: dict[int, int] = {}
     for domain in RUN_DOMAINS:

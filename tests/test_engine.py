@@ -14,6 +14,7 @@ import torch
 
 from mtlkit.contracts import Weighting
 from mtlkit.engine import Trainer
+from mtlkit.engine.checkpoint import load_checkpoint
 from mtlkit.engine.progress import ProgressReporter
 from mtlkit.errors import ConfigError
 
@@ -218,7 +219,7 @@ def test_fit_writes_results_and_best_checkpoint(tmp_path):
     assert res["final"] == final and len(res["history"]) == 3
     losses = [h["metrics"]["colour"]["loss"] for h in res["history"]]
     assert res["best"]["value"] == min(losses) and res["best"]["epoch"] == 1 + losses.index(min(losses))
-    best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
+    best = load_checkpoint(tmp_path, "best")[0]
     assert best["epoch"] == res["best"]["epoch"]
     assert res["last_n_mean"]["metrics"]["colour"]["loss"] == pytest.approx(sum(losses[-2:]) / 2)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtlkit.engine import Trainer, load_model_weights
-from mtlkit.engine.checkpoint import load_checkpoint
+from mtlkit.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from mtlkit.errors import CheckpointError, TrainingError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -86,7 +86,7 @@ def test_interrupt_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, referen
     first = build(tmp_path, tasks=tasks)
     with pytest.raises(KeyboardInterrupt):
         first[0].fit()
-    meta = json.loads((tmp_path / "checkpoints" / "last.json").read_text())
+    meta = load_checkpoint(tmp_path)[0]
     # a raised interrupt abandons step 6; a signal lets it finish
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == ((1, 1, 5) if how == "raise" else (1, 2, 6))
     resumed = build(tmp_path)
@@ -145,24 +145,25 @@ def test_resume_refuses_non_runs_and_bad_files(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     build(run, epochs=1)[0].fit()
-    tensors = run / "checkpoints" / "last.safetensors"
+    meta_path = resolve_checkpoint(run)
+    tensors = meta_path.with_name("model.safetensors")
     data = tensors.read_bytes()
 
     # truncated tensor file: named in the error
     tensors.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="last.safetensors"):
+    with pytest.raises(CheckpointError, match="step-4/model.safetensors"):
         build(None)[0].fit(resume_from=run)
-    with pytest.raises(CheckpointError, match="last.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model_weights(make_model(make_tasks()), tensors)
 
     # a pickle (torch.save) is never unpickled
     torch.save(make_model(make_tasks()).state_dict(), tensors)
-    with pytest.raises(CheckpointError, match="last.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model_weights(make_model(make_tasks()), tensors)
 
     # a JSON that is not ours
-    (run / "checkpoints" / "last.json").write_text("{\"epoch\": 1}")
-    with pytest.raises(CheckpointError, match="last.json"):
+    meta_path.write_text("{\"epoch\": 1}")
+    with pytest.raises(CheckpointError, match="step-4/meta.json"):
         build(None)[0].fit(resume_from=run)
 
 
@@ -183,7 +184,7 @@ def test_load_model_weights(tmp_path):
     trainer, model, _ = build(run, epochs=1)
     trainer.fit()
     fresh = make_model(tasks, seed=9)
-    report = load_model_weights(fresh, run / "checkpoints" / "last.safetensors", key_filter="backbone.*")
+    report = load_model_weights(fresh, resolve_checkpoint(run).with_name("model.safetensors"), key_filter="backbone.*")
     assert report["loaded"] and all(k.startswith("backbone.") for k in report["loaded"])
     sd, fsd = model.state_dict(), fresh.state_dict()
     assert all(torch.equal(sd[k], fsd[k]) for k in report["loaded"])

@@ -1,12 +1,22 @@
-"""Checkpoints: tensors in ``<stem>.safetensors``, everything else in ``<stem>.json``.
+"""Checkpoints, committed as one unit.
 
-Nothing is ever unpickled. Both files are written to temporary names and renamed, the
-JSON last; the JSON records the tensor file's name, size and sha256, so a checkpoint is
-complete iff its JSON exists and names a matching tensor file. A torn save (the process
-died between the two renames) is reported as such instead of loading mismatched state.
+Layout of ``RUN/checkpoints``::
 
-Tensor keys: ``model.<state_dict key>``, ``optimizer.<param index>.<state key>``,
-``weighting.<state_dict key>``.
+    step-<global step>/model.safetensors   tensors (nothing is ever unpickled)
+    step-<global step>/meta.json           everything else, with the tensor file's size and sha256
+    last.json, best.json                   pointers: {"format": ..., "dir": "step-<n>"}
+
+A save writes a fresh step folder (each file to a temp name, fsynced, renamed; meta.json
+last, so a folder is complete iff its meta.json exists and its tensors match), then
+switches the pointers by atomic renames, then removes the step folders no pointer names.
+Whenever the process dies, the previous pointer still names a complete folder; a folder is
+never written into once made, so a pointer never sees it change. Loading follows the
+pointer; without one (the process died in the first save) the newest complete folder is
+used. Temp files (``.<name>.<random>.tmp``) and incomplete or superseded folders left by a
+killed save are removed by the next save or resume.
+
+The layout before step folders (``last.safetensors`` + ``last.json``) still loads: such a
+JSON is a checkpoint itself rather than a pointer. The next save replaces it.
 """
 
 from __future__ import annotations
@@ -15,23 +25,32 @@ import fnmatch
 import hashlib
 import json
 import os
-import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+# the trainer imports the state helpers from here
+from .state import capture_rng, pack_state, rng_to_json, set_rng_state, unpack_state  # noqa: F401
 
 FORMAT = "mtlkit-checkpoint"
+POINTER_FORMAT = "mtlkit-checkpoint-pointer"
 VERSION = 1
+TENSORS, META = "model.safetensors", "meta.json"
+POINTERS = ("best", "last")  # written in this order (see save_checkpoint)
+_STEP_DIR = re.compile(r"step-(\d+)(?:\.(\d+))?")
+NO_CHECKPOINT = "no checkpoint was completed (the run was interrupted before its first save)"
 
 
 # -- small file helpers -----------------------------------------------------------
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` in one rename: readers see the old or the new file,
+    never part of one. The temp file sits next to it, named ``.<name>.<random>.tmp``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -43,10 +62,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         _remove(tmp)
         raise
+    _fsync_dir(path.parent)  # the rename itself must be on disk before anything relies on it
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a folder; its renames are durable anyway
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path) -> None:
@@ -54,6 +85,12 @@ def _remove(path) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Remove the temp files of atomic writes that a killed process left in ``folder``."""
+    for p in Path(folder).glob(".*.tmp"):
+        _remove(p)
 
 
 def sha256_file(path: Path) -> str:
@@ -72,42 +109,11 @@ def recipe_sha256(recipe: dict | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# -- RNG states as JSON -----------------------------------------------------------
-def capture_rng() -> dict[str, Any]:
-    """The global RNG states, raw (cheap enough to take after every step)."""
-    out: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def rng_to_json(raw: dict[str, Any]) -> dict[str, Any]:
-    """``capture_rng()`` output as JSON-able lists."""
-    np_state, py_state = raw["numpy"], raw["python"]
-    out = {
-        "torch": raw["torch"].tolist(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if "cuda" in raw:
-        out["cuda"] = [s.tolist() for s in raw["cuda"]]
-    return out
-
-
-def get_rng_state() -> dict[str, Any]:
-    return rng_to_json(capture_rng())
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+def check_recipe(meta: dict[str, Any], recipe_hash: str | None, where: str) -> None:
+    """Refuse to resume a checkpoint made with another recipe."""
+    if recipe_hash and meta.get("recipe_sha256") and meta["recipe_sha256"] != recipe_hash:
+        raise CheckpointError(f"{where}: the run was made with a different recipe (sha256 "
+                              f"{meta['recipe_sha256'][:12]}, now {recipe_hash[:12]})")
 
 
 # -- safetensors ------------------------------------------------------------------
@@ -128,10 +134,13 @@ def _detach_for_save(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Write the file atomically; returns its bytes (to hash without reading it back)."""
     from safetensors.torch import save
 
-    atomic_write_bytes(Path(path), save(_detach_for_save(tensors), metadata=metadata))
+    data = save(_detach_for_save(tensors), metadata=metadata)
+    atomic_write_bytes(Path(path), data)
+    return data
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -149,43 +158,86 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 # -- whole checkpoints --------------------------------------------------------------
-def save_checkpoint(stem: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``stem.safetensors`` then ``stem.json``; returns the JSON path."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    tensor_path = stem.with_name(stem.name + ".safetensors")
-    write_safetensors(tensor_path, tensors, metadata={"format": FORMAT})
-    meta = dict(meta)
-    meta.update(format=FORMAT, version=VERSION, tensors_file=tensor_path.name,
-                tensors_bytes=tensor_path.stat().st_size, tensors_sha256=sha256_file(tensor_path))
-    json_path = stem.with_name(stem.name + ".json")
-    atomic_write_json(json_path, meta)
-    return json_path
+def save_checkpoint(ckpt_dir: Path, tensors: dict[str, Tensor], meta: dict[str, Any],
+                    names: Iterable[str] = ("last",)) -> Path:
+    """Commit one checkpoint that the pointers ``names`` ("last", "best") then name;
+    returns its step folder."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        ckpt_dir.mkdir(parents=True)
+        _fsync_dir(ckpt_dir.parent)
+    step = int(meta["global_step"])
+    folder, n = ckpt_dir / f"step-{step}", 0
+    while folder.exists():  # a pointer may name it (e.g. saved again after a resume)
+        n += 1
+        folder = ckpt_dir / f"step-{step}.{n}"
+    folder.mkdir()
+    _fsync_dir(ckpt_dir)
+    data = write_safetensors(folder / TENSORS, tensors, metadata={"format": FORMAT})
+    meta = dict(meta, format=FORMAT, version=VERSION, tensors_file=TENSORS, tensors_bytes=len(data),
+                tensors_sha256=hashlib.sha256(data).hexdigest())
+    atomic_write_json(folder / META, meta)
+    # best before last: killed in between, the run resumes from the previous last and
+    # decides best again; the other order would leave best behind the last's record of it
+    for name in sorted(set(names), key=POINTERS.index):
+        atomic_write_json(ckpt_dir / f"{name}.json", {"format": POINTER_FORMAT, "dir": folder.name})
+    clean_checkpoints(ckpt_dir)
+    return folder
 
 
-def resolve_checkpoint(path: str | os.PathLike, which: str = "last") -> Path:
-    """A run folder, its ``checkpoints`` folder, a checkpoint ``.json`` or its
-    ``.safetensors`` -> the checkpoint's JSON path."""
-    p = Path(path)
-    if p.is_dir():
-        for candidate in (p / "checkpoints" / f"{which}.json", p / f"{which}.json"):
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"'{p}' is not an mtlkit run folder (no checkpoints/{which}.json)")
-    if p.suffix == ".safetensors":
-        p = p.with_suffix(".json")
-    if p.suffix != ".json" or not p.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist (give a run folder or a checkpoint .json)")
-    return p
+def clean_checkpoints(ckpt_dir: Path, keep: Iterable[str | os.PathLike] = ()) -> None:
+    """Remove what no pointer names: superseded or incomplete step folders, temp files,
+    and the old layout's tensor files once their JSON is a pointer. ``keep``: folders
+    to spare besides (the one a resume fell back to)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return
+    keep_names = {Path(k).name for k in keep}
+    for name in POINTERS:
+        obj = _read_json(ckpt_dir / f"{name}.json")
+        if _is_pointer(obj):
+            keep_names.add(obj["dir"])
+        elif isinstance(obj, dict) and obj.get("format") == FORMAT:
+            keep_names.add(str(obj.get("tensors_file")))
+    remove_temp_files(ckpt_dir)
+    for entry in sorted(ckpt_dir.iterdir()):
+        if entry.name in keep_names:
+            continue
+        if _STEP_DIR.fullmatch(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name in ("last.safetensors", "best.safetensors"):
+            _remove(entry)
 
 
-def load_checkpoint(path: str | os.PathLike, which: str = "last") -> tuple[dict[str, Any], dict[str, Tensor], Path]:
-    """(meta, tensors, json path) of a complete checkpoint, or CheckpointError."""
-    json_path = resolve_checkpoint(path, which)
+def _read_json(path: Path) -> Any:
     try:
-        meta = json.loads(json_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"'{json_path}' is not a readable checkpoint JSON ({exc})") from None
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _is_pointer(obj: Any) -> bool:
+    return (isinstance(obj, dict) and obj.get("format") == POINTER_FORMAT and isinstance(obj.get("dir"), str)
+            and _STEP_DIR.fullmatch(obj["dir"]) is not None)
+
+
+def _follow(json_path: Path) -> Path | None:
+    """A pointer -> the meta.json it names (None if torn, foreign or naming an incomplete
+    folder); an old-layout checkpoint JSON -> itself."""
+    obj = _read_json(json_path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return json_path
+    if not _is_pointer(obj):
+        return None
+    meta = json_path.parent / obj["dir"] / META
+    return meta if meta.is_file() else None
+
+
+def _verified(json_path: Path) -> dict[str, Any]:
+    """The meta of a complete checkpoint (its tensor file matches), or CheckpointError."""
+    meta = _read_json(json_path)
+    if meta is None:
+        raise CheckpointError(f"'{json_path}' is not a readable checkpoint JSON")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"'{json_path}' is not an mtlkit checkpoint (format field missing)")
     if meta.get("version") != VERSION:
@@ -199,112 +251,84 @@ def load_checkpoint(path: str | os.PathLike, which: str = "last") -> tuple[dict[
         raise CheckpointError(f"'{json_path}' names '{name}', which does not exist")
     size = tensor_path.stat().st_size
     if size != meta.get("tensors_bytes") or sha256_file(tensor_path) != meta.get("tensors_sha256"):
-        raise CheckpointError(f"'{tensor_path}' does not match '{json_path.name}' (truncated, replaced or an "
-                              f"interrupted save)")
-    return meta, read_safetensors(tensor_path), json_path
+        raise CheckpointError(f"'{tensor_path}' does not match '{json_path.name}' (truncated or replaced)")
+    return meta
 
 
-# -- model / optimizer / weighting state ---------------------------------------------
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint JSON")
+def _step_dirs(ckpt_dir: Path) -> list[Path]:
+    """Step folders, newest first."""
+    found = [(m, p) for p in ckpt_dir.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    found.sort(key=lambda mp: (int(mp[0][1]), int(mp[0][2] or 0)), reverse=True)
+    return [p for _, p in found]
 
 
-def pack_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-               weighting: nn.Module | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors for the safetensors file and the JSON part of optimizer state."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    if weighting is not None:
-        tensors.update({f"weighting.{k}": v for k, v in weighting.state_dict().items()})
-    opt_meta: dict[str, Any] = {}
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        extra: dict[str, dict[str, Any]] = {}
-        for idx, pstate in sd["state"].items():
-            for key, value in pstate.items():
-                if isinstance(value, Tensor):
-                    tensors[f"optimizer.{idx}.{key}"] = value
-                else:
-                    extra.setdefault(str(idx), {})[key] = _jsonable(value)
-        opt_meta = {"class": type(optimizer).__name__, "param_groups": _jsonable(sd["param_groups"]),
-                    "extra_state": extra}
-    return tensors, opt_meta
+def checkpoint_meta(path: str | os.PathLike, which: str = "last") -> tuple[dict[str, Any], Path]:
+    """(meta, meta.json path) of the complete checkpoint ``path`` stands for, or CheckpointError.
+
+    ``path``: a run folder, its ``checkpoints`` folder, a step folder, a pointer or meta
+    JSON, or a checkpoint's tensor file. For folders ``which`` picks the checkpoint:
+    "last", or "best" -- the best, else the last (a run without ``best_metric`` has no best).
+    """
+    if which not in POINTERS:
+        raise ValueError(f"which: 'last' or 'best', not {which!r}")
+    p = Path(path)
+    if p.is_dir():
+        if (p / META).is_file():
+            return _verified(p / META), p / META
+        ckpt = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        for name in ("best", "last") if which == "best" else ("last",):
+            target = _follow(ckpt / f"{name}.json")
+            if target is not None:  # a pointer names a complete folder by construction: damage is an error
+                return _verified(target), target
+        steps = _step_dirs(ckpt)
+        for folder in steps:  # no usable pointer: killed in the first save, or pointers lost
+            try:
+                return _verified(folder / META), folder / META
+            except CheckpointError:
+                continue
+        marks = ("checkpoints", "recipe.toml", "log.jsonl")  # a run folder, written before the first save
+        if steps or p.name == "checkpoints" or any((p / m).exists() for m in marks):
+            raise CheckpointError(f"{path}: {NO_CHECKPOINT}")
+        raise CheckpointError(f"'{p}' is not an mtlkit run folder (no checkpoints folder)")
+    if p.suffix == ".safetensors":
+        p = p.with_name(META) if p.name == TENSORS else p.with_suffix(".json")
+    if p.suffix != ".json" or not p.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist (give a run folder or a checkpoint .json)")
+    if _is_pointer(_read_json(p)):
+        target = _follow(p)
+        if target is None:
+            raise CheckpointError(f"'{p}' names a step folder that is missing or incomplete")
+        p = target
+    return _verified(p), p
 
 
-def _restore_module(module: nn.Module, tensors: dict[str, Tensor], prefix: str, where: str) -> None:
-    own = module.state_dict()
-    given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing = sorted(set(own) - set(given))
-    unexpected = sorted(set(given) - set(own))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise CheckpointError(f"{where}: {prefix.rstrip('.')} state does not fit this model ({'; '.join(parts)})")
-    for key, value in given.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{where}: {prefix}{key} has shape {tuple(value.shape)} in the checkpoint, "
-                                  f"{tuple(own[key].shape)} in the model")
-    module.load_state_dict(given, strict=True)
+def resolve_checkpoint(path: str | os.PathLike, which: str = "last") -> Path:
+    """The meta JSON of the complete checkpoint ``path`` stands for (see checkpoint_meta)."""
+    return checkpoint_meta(path, which)[1]
 
 
-def unpack_state(tensors: dict[str, Tensor], opt_meta: dict[str, Any], model: nn.Module,
-                 optimizer: torch.optim.Optimizer | None, weighting: nn.Module | None, where: str) -> None:
-    _restore_module(model, tensors, "model.", where)
-    if weighting is not None:
-        _restore_module(weighting, tensors, "weighting.", where)
-    if optimizer is None:
-        return
-    if opt_meta.get("class") != type(optimizer).__name__:
-        raise CheckpointError(f"{where}: the checkpoint's optimiser is {opt_meta.get('class')}, "
-                              f"this run's is {type(optimizer).__name__}")
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for idx, extra in opt_meta.get("extra_state", {}).items():
-        state.setdefault(int(idx), {}).update(extra)
-    groups = []
-    for g in opt_meta.get("param_groups", []):
-        g = dict(g)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    current = optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
-        raise CheckpointError(f"{where}: optimiser parameter groups do not fit this model")
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{where}: optimiser state does not fit this model ({exc})") from None
+def load_checkpoint(path: str | os.PathLike, which: str = "last") -> tuple[dict[str, Any], dict[str, Tensor], Path]:
+    """(meta, tensors, meta JSON path) of a complete checkpoint, or CheckpointError."""
+    meta, json_path = checkpoint_meta(path, which)
+    return meta, read_safetensors(json_path.with_name(meta["tensors_file"])), json_path
 
 
 # -- init_from ----------------------------------------------------------------------
 def load_model_weights(model: nn.Module, path: str | os.PathLike,
-                       key_filter: str | Iterable[str] | Callable[[str], bool] | None = None) -> dict[str, list[str]]:
+                       key_filter: str | Iterable[str] | Callable[[str], bool] | None = None,
+                       which: str = "best") -> dict[str, list[str]]:
     """Copy weights from a safetensors file (or an mtlkit checkpoint / run folder) into ``model``.
 
     Keys are model ``state_dict`` keys; an mtlkit checkpoint's ``model.`` prefix is
     stripped. ``key_filter`` keeps only some keys: a glob (``"backbone.*"``), a list of
     globs, or a callable. Every kept key must exist in the model with the same shape
     (CheckpointError otherwise); model keys the file does not provide keep their values.
+    A run folder stands for its best, else last, checkpoint (``which="last"``: the last).
     Returns ``{"loaded": [...], "skipped": [model keys not loaded]}``.
     """
     p = Path(path)
     if p.is_dir() or p.suffix == ".json":
-        meta, tensors, json_path = load_checkpoint(p)
+        meta, tensors, json_path = load_checkpoint(p, which)
         source = json_path.with_name(meta["tensors_file"])
     else:
         tensors, source = read_safetensors(p), p

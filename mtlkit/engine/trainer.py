@@ -773,15 +773,14 @@ class Trainer:
             "best": self.best, "history": self.history, "elapsed": self.elapsed,
             "torch_version": torch.__version__,
         }
-        for stem in stems:
-            save_checkpoint(self.run_dir / "checkpoints" / stem, tensors, meta)
+        save_checkpoint(self.run_dir / "checkpoints", tensors, meta, names=stems)  # one commit for all
 
     def _resume(self, path: str | os.PathLike) -> None:
+        from .checkpoint import check_recipe
+
         meta, tensors, json_path = load_checkpoint(path)
         where = str(json_path)
-        if self.recipe_hash and meta.get("recipe_sha256") and meta["recipe_sha256"] != self.recipe_hash:
-            raise CheckpointError(f"{where}: the run was made with a different recipe (sha256 "
-                                  f"{meta['recipe_sha256'][:12]}, now {self.recipe_hash[:12]})")
+        check_recipe(meta, self.recipe_hash, where)
         unpack_state(tensors, meta.get("optimizer", {}), self.raw_model, self.optimizer, self.weighting, where)
         self.base_lrs = list(meta.get("schedule", {}).get("base_lrs", self.base_lrs))
         try:
@@ -803,6 +802,11 @@ class Trainer:
             self.reporter.message(f"note: the run used {meta.get('world_size')} processes, now "
                                   f"{self.ctx.world_size}: data order from here differs from an uninterrupted run")
             seed_everything(derive_seed(self.cfg.seed, self.ctx.rank, self.global_step, 3))
+        if self.writes:  # every check passed: clear what a killed save left behind
+            from .checkpoint import clean_checkpoints, remove_temp_files
+
+            clean_checkpoints(self.run_dir / "checkpoints", keep=[json_path.parent])
+            remove_temp_files(self.run_dir)
         self._truncate_log()
 
     def _truncate_log(self) -> None:
