@@ -73,10 +73,13 @@ def _annotations(root: Path, domain: str, split: str) -> dict:
 
 
 def _checkpoint(run: Path) -> Path:
-    """The weights a run folder stands for: checkpoints/best, else last (as submit and init_from)."""
-    best = run / "checkpoints" / "best.json"
-    pointer = best if best.is_file() else run / "checkpoints" / "last.json"
-    return run / "checkpoints" / json.loads(pointer.read_text())["dir"] / "model.safetensors"
+    """The weights of the run's one checkpoint. These runs train one epoch, so best and last
+    are the same step folder (asserted here); choosing best over last when they differ is
+    tested in tests/test_checkpoint_atomic.py (init_from loads best, not last)."""
+    names = {json.loads((run / "checkpoints" / f"{p}.json").read_text())["dir"]
+             for p in ("best", "last") if (run / "checkpoints" / f"{p}.json").is_file()}
+    assert len(names) == 1, names
+    return run / "checkpoints" / names.pop() / "model.safetensors"
 
 
 # -- (a) the written layout reads back -------------------------------------------------------
