@@ -89,7 +89,7 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_the_core_imports_no_plugin_and_the_cli_only_from_main():
+def test_the_core_imports_neither_a_plugin_nor_the_cli():
     graph = import_graph(module_files())
     for name, targets in graph.items():
         if name.startswith("mtlkit.plugins"):
