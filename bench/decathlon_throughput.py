@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from mtlkit.decathlon import DOMAINS
+from mtlkit.plugins.decathlon.domains import DOMAINS
 from mtlkit.plugin_manager import get_plugin_manager, get_registry
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     achieved = flops / step_s / 1e9
     peak = gemm_peak(1024 if args.quick else 2048, 5)
 
-    from mtlkit.plugins.datasets.synthetic_decathlon import write_decathlon_layout
+    from mtlkit.plugins.decathlon.synthetic import write_decathlon_layout
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "decathlon"

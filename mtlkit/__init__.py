@@ -8,7 +8,7 @@ from .plugin_manager import get_plugin_manager, get_registry
 __version__ = "0.1.0"
 
 __all__ = ["hookimpl", "compose", "Trainer", "load_recipe", "list_components", "build_parts",
-           "get_registry", "get_plugin_manager", "__version__"]
+           "run_recipe", "build_trainer", "RunResult", "get_registry", "get_plugin_manager", "__version__"]
 
 
 def __getattr__(name: str):
@@ -25,6 +25,9 @@ def __getattr__(name: str):
     if name == "load_recipe":
         from .recipe.loader import load_recipe
         return load_recipe
+    if name in ("run_recipe", "build_trainer", "RunResult"):  # `mtlkit run` as Python
+        from . import runner
+        return getattr(runner, name)
     raise AttributeError(f"module 'mtlkit' has no attribute '{name}'")
 
 

@@ -1,6 +1,8 @@
 """The hooks a plugin may implement. Each receives a ``register`` callback.
 
-``register(name, factory, params=None, description=None, tiny=None)`` adds one component:
+The six component hooks (``register_backbones`` ... ``register_datasets``) share one
+``register(name, factory, params=None, description=None, tiny=None)``, which adds one
+component (the command-line hooks at the end have their own, documented there):
 
 - ``name``: the name recipes use (unique within its kind);
 - ``factory``: ``factory(params, **context)`` builds the component; ``params`` is an
@@ -61,3 +63,30 @@ def register_tasks(register):
 def register_datasets(register):
     """Register data sets. Factory context: ``split`` ("train", "val" or "test").
     Returns a ``torch.utils.data.Dataset`` of dict samples (:class:`mtlkit.contracts`)."""
+
+
+# -- beyond components: the command line ------------------------------------------------
+@hookspec
+def register_commands(register):
+    """Register ``mtlkit`` sub-commands:
+    ``register(name, run, configure=None, help="", group=None)``.
+
+    ``configure(parser)`` adds the command's arguments to its ``argparse`` parser; ``run(args)``
+    executes it and returns the exit code (0 on success; raise :class:`mtlkit.errors.MtlkitError`
+    for a one-line user error, exit code 2). ``group="data"`` makes ``mtlkit data NAME``;
+    without a group the command is ``mtlkit NAME``. A name taken by another plugin, or by a
+    built-in command, is an error naming both."""
+
+
+@hookspec
+def register_compare_columns(register):
+    """Register extra columns of ``mtlkit compare``:
+    ``register(name, value, fmt="{:.4g}", note="")``.
+
+    ``value(summary)`` returns the column's value for one run, or None where it does not
+    apply; a column is shown only when some run has a value. ``summary`` is a dict: ``run``
+    (folder), ``name``, ``recipe`` (the validated :class:`mtlkit.recipe.schema.Recipe`),
+    ``many_to_many``, ``metrics`` (``{task: {metric: mean of the last N evaluations}}``),
+    ``higher_is_better``, ``params``, ``params_ratio``, ``evaluations``. ``fmt`` formats a
+    number (a string value is shown as it is); ``note``, one phrase saying what the column
+    is, is added to the table's title whenever the column is shown."""

@@ -1,12 +1,14 @@
 """The pluggy PluginManager: built-in plugins, lazy entry points, recipe-named modules.
 
-Built-in plugins are ordinary plugins listed in ``DEFAULT_PLUGINS``; third-party plugins
-are loaded lazily (on the first registry access) from the ``mtlkit`` entry-point group,
-unless ``MTLKIT_LOAD_ENTRY_POINTS=0``. An entry-point plugin that fails to import, that
-pluggy refuses (an unknown hook) or whose hook raises is left out with a one-line warning,
-recorded in ``failed_plugins`` and reported by ``mtlkit plugins``; commands that do not
-need it go on. A plugin a recipe names must load: the same faults are a one-line
-PluginError naming it.
+Built-in plugins are ordinary plugins found by :mod:`mtlkit.discovery` (every module under
+``mtlkit.plugins`` that defines a hook implementation); one that fails to import is an
+error. Third-party plugins are loaded lazily (on the first registry access, or when the
+CLI collects its commands) from the ``mtlkit`` entry-point group, unless
+``MTLKIT_LOAD_ENTRY_POINTS=0``. An entry-point plugin that fails to import, that pluggy
+refuses (an unknown hook) or whose hook raises is left out with a one-line warning (and
+its traceback under ``--debug``), recorded in ``failed_plugins`` and reported by
+``mtlkit plugins``; commands that do not need it go on. A plugin a recipe names must
+load: the same faults are a one-line PluginError naming it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pluggy
 
 from . import hookspecs
+from .discovery import builtin_plugin_modules
 from .errors import MtlkitError, PluginError, did_you_mean
 from .registry import KINDS, Registry
 
@@ -31,42 +35,6 @@ ENTRY_POINT_GROUP = "mtlkit"
 # traceback and all, instead of the one-line PluginError (the loader gathers those into
 # one report, which would lose the traceback).
 DEBUG = False
-
-DEFAULT_PLUGINS: tuple[str, ...] = (
-    "mtlkit.plugins.backbones.small_cnn",
-    "mtlkit.plugins.backbones.segnet",
-    "mtlkit.plugins.backbones.timm_backbone",
-    "mtlkit.plugins.backbones.wrn",
-    "mtlkit.plugins.backbones.resnet_adapters",
-    "mtlkit.plugins.heads.classifier",
-    "mtlkit.plugins.heads.dense_pred",
-    "mtlkit.plugins.attention.split",
-    "mtlkit.plugins.attention.single",
-    "mtlkit.plugins.attention.mtan",
-    "mtlkit.plugins.attention.dense",
-    "mtlkit.plugins.attention.cross_stitch",
-    "mtlkit.plugins.weightings.equal",
-    "mtlkit.plugins.weightings.uncertainty",
-    "mtlkit.plugins.weightings.dwa",
-    "mtlkit.plugins.weightings.pcgrad",
-    "mtlkit.plugins.weightings.rlw",
-    "mtlkit.plugins.weightings.scale_invariant",
-    "mtlkit.plugins.weightings.gls",
-    "mtlkit.plugins.weightings.mgda",
-    "mtlkit.plugins.weightings.cagrad",
-    "mtlkit.plugins.weightings.imtl_g",
-    "mtlkit.plugins.weightings.nash_mtl",
-    "mtlkit.plugins.tasks.classification",
-    "mtlkit.plugins.tasks.segmentation",
-    "mtlkit.plugins.tasks.depth",
-    "mtlkit.plugins.tasks.normal",
-    "mtlkit.plugins.datasets.synthetic_classification",
-    "mtlkit.plugins.datasets.synthetic_scenes",
-    "mtlkit.plugins.datasets.nyuv2",
-    "mtlkit.plugins.datasets.cityscapes",
-    "mtlkit.plugins.datasets.decathlon",
-    "mtlkit.plugins.datasets.synthetic_decathlon",
-)
 
 # hook name -> component kind
 HOOK_KINDS: dict[str, str] = {
@@ -78,6 +46,11 @@ HOOK_KINDS: dict[str, str] = {
     "register_datasets": "dataset",
 }
 assert set(HOOK_KINDS.values()) == set(KINDS)
+
+# every hook a plugin may implement (components, CLI commands, compare columns)
+HOOK_NAMES: tuple[str, ...] = tuple(n for n in vars(hookspecs) if n.startswith("register_"))
+
+T = TypeVar("T")
 
 
 class MtlkitPluginManager:
@@ -94,21 +67,10 @@ class MtlkitPluginManager:
         self._want_entry_points = load_entry_points
         self._entry_points_loaded = False
         self._registry: Registry | None = None
-        for module_name in DEFAULT_PLUGINS:
-            self._import_and_register(module_name, source="builtin")
+        for module in builtin_plugin_modules(debug=DEBUG):
+            self.register(module, name=module.__name__, source="builtin")
 
     # -- loading -----------------------------------------------------------------
-    def _import_and_register(self, module_name: str, source: str) -> Any | None:
-        if self.pm.has_plugin(module_name):
-            return self.pm.get_plugin(module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:  # a broken plugin must not break other commands
-            self.failed_plugins[module_name] = f"{type(exc).__name__}: {exc}"
-            return None
-        self.register(module, name=module_name, source=source)
-        return module
-
     def register(self, plugin: Any, name: str | None = None, source: str = "api") -> str:
         """Register a plugin object or module; returns its name. A plugin that pluggy refuses
         (an unknown hook, a hook with the wrong arguments, registered twice) is left out and
@@ -190,7 +152,10 @@ class MtlkitPluginManager:
 
     def _record_failure(self, name: str, exc: BaseException) -> None:
         self.failed_plugins[name] = _one_line(exc)
-        # One line, once: the plugin's components will be missing (`mtlkit plugins` lists it).
+        # One line, once: the plugin's components will be missing (`mtlkit plugins` lists it);
+        # its author, under --debug, also gets the traceback of where it failed.
+        if DEBUG:
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"warning: plugin '{name}' failed to load ({self.failed_plugins[name]}); "
               f"its components are unavailable", file=sys.stderr)
 
@@ -203,11 +168,16 @@ class MtlkitPluginManager:
         return self._registry
 
     def _build_registry(self) -> Registry:
-        # An entry-point plugin whose hook fails is left out (like one that fails to import)
-        # and the registry is built again without it; any other plugin's failure is an error.
+        return self.collect(self._try_build_registry)
+
+    def collect(self, build: Callable[[], T]) -> T:
+        """``build()``, which calls hooks through :meth:`call_each`. An entry-point plugin
+        whose hook fails is left out (like one that fails to import) and ``build`` runs
+        again without it, so nothing it registered before failing is kept; any other
+        plugin's failure is an error."""
         while True:
             try:
-                return self._try_build_registry()
+                return build()
             except _HookFailed as failed:
                 source = self.sources.get(failed.plugin)
                 if source in ("entry point", "recipe"):  # not left behind to fail every later lookup
@@ -218,27 +188,33 @@ class MtlkitPluginManager:
                     raise PluginError(str(failed)) from failed.__cause__
                 self._record_failure(failed.plugin, failed.__cause__ or failed)
 
+    def call_each(self, hook_name: str, make_register: Callable[[str], Callable[..., None]]) -> None:
+        """Call every implementation of ``hook_name`` on its own, in registration order, with
+        ``register=make_register(plugin_name)``, so that whatever it registers knows its
+        plugin. A failure names the plugin (use within :meth:`collect`)."""
+        # pluggy lists implementations in registration order (and calls them in reverse):
+        # built-ins first, so a later plugin that reuses a built-in's name is the one refused.
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            plugin_name = impl.plugin_name
+            try:
+                impl.function(register=make_register(plugin_name))
+            except MtlkitError as exc:  # e.g. a duplicate name: already one line naming the plugin
+                raise _HookFailed(plugin_name, str(exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - named and reported as one line
+                label = self.files.get(plugin_name, plugin_name)
+                raise _HookFailed(plugin_name, f"plugin '{label}': {hook_name} failed: {_one_line(exc)}") from exc
+
     def _try_build_registry(self) -> Registry:
         registry = Registry()
         for hook_name, kind in HOOK_KINDS.items():
-            hook = getattr(self.pm.hook, hook_name)
-            # Call each implementation on its own so every component knows its plugin.
-            for impl in reversed(hook.get_hookimpls()):  # registration order
-                plugin_name = impl.plugin_name
-
-                def register(name, factory, params=None, description=None, tiny=None, *, _kind=kind,
-                             _plugin=plugin_name):
+            def make_register(plugin_name: str, _kind: str = kind) -> Callable[..., None]:
+                def register(name, factory, params=None, description=None, tiny=None):
                     registry.register(_kind, name, factory, params=params, description=description,
-                                      plugin=_plugin, tiny=tiny)
+                                      plugin=plugin_name, tiny=tiny)
 
-                try:
-                    impl.function(register=register)
-                except MtlkitError as exc:  # e.g. a duplicate name: already one line naming the plugin
-                    raise _HookFailed(plugin_name, str(exc)) from exc
-                except Exception as exc:  # noqa: BLE001 - named and reported as one line
-                    label = self.files.get(plugin_name, plugin_name)
-                    raise _HookFailed(plugin_name, f"plugin '{label}': {hook_name} failed: "
-                                                   f"{_one_line(exc)}") from exc
+                return register
+
+            self.call_each(hook_name, make_register)
         return registry
 
     def plugin_rows(self) -> list[dict[str, Any]]:
@@ -268,11 +244,11 @@ def _one_line(exc: BaseException) -> str:
 
 def _validation_message(exc: BaseException) -> str:
     """pluggy's message, on one line and without the module's repr (the name says it)."""
-    names = ", ".join(HOOK_KINDS)
+    names = ", ".join(HOOK_NAMES)
     text = " ".join(str(exc).split())
     if text.startswith("unknown hook "):
         hook = text.split("'")[1] if "'" in text else text
-        return f"unknown hook '{hook}'{did_you_mean(hook, HOOK_KINDS)} (hooks: {names})"
+        return f"unknown hook '{hook}'{did_you_mean(hook, HOOK_NAMES)} (hooks: {names})"
     return text
 
 

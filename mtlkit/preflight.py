@@ -11,9 +11,10 @@ from typing import Any, Callable
 import torch
 
 from .build import Parts, build_data, build_model, build_weighting, check_parts
+from .earlier_runs import init_from, resolve_baselines
 from .engine.checks import check_best_metric, check_data, check_samples, check_weighting
 from .engine.distributed import env_world, resolve_device
-from .errors import ConfigError, MtlkitError
+from .errors import ConfigError, DataError, MtlkitError
 from .recipe.loader import LoadedRecipe
 
 
@@ -28,8 +29,6 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
     ``meta`` builds the model and weighting on the meta device (no memory, no weight
     init: what validate needs). Raises one MtlkitError listing every problem, one a line.
     """
-    from .cli import _data_hint, init_from, resolve_baselines
-
     recipe = loaded.recipe
     where = str(loaded.path) if loaded.path is not None else "<recipe>"
     errors: list[MtlkitError] = []
@@ -63,7 +62,7 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
         train, val = build_data(recipe)
         data_built = True
     except MtlkitError as exc:
-        errors.append(_data_hint(loaded, exc))
+        errors.append(data_hint(loaded, exc))
         train = val = None
         data_built = False
     if tasks is not None:
@@ -83,6 +82,17 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
     if probe and not meta:
         check_parts(recipe, parts)
     return parts, baselines
+
+
+def data_hint(loaded: LoadedRecipe, exc: MtlkitError) -> MtlkitError:
+    """Append the one flag that switches to synthetic data when the recipe offers it."""
+    r = loaded.recipe
+    has_stand_in = (r.data is not None and r.data.synthetic is not None) or any(
+        t.data is not None and t.data.synthetic is not None for t in r.tasks.values()
+    )
+    if isinstance(exc, DataError) and has_stand_in:
+        return DataError(f"{exc} (no data? run with --synthetic to use the built-in synthetic stand-in)")
+    return exc
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
-"""Run folders: naming, creation, clean-up of a run that never reached a checkpoint, and
-reading a run's log.
+"""Run folders: naming, creation, clean-up of a run that never reached a checkpoint, the
+folder all torchrun ranks share, writing text files into them and reading a run's log.
 
 A new run's folder is created only after its model, tasks, data and weighting are built
-and checked (see ``cmd_run``), and removed again when the run fails before its first
+and checked (see :mod:`mtlkit.runner`), and removed again when the run fails before its first
 checkpoint: a folder under ``runs/`` is then always a run that can be resumed, compared
 and plotted. (The alternative, a hidden folder renamed into place at the first
 checkpoint, would need the Trainer to follow the rename of its own run folder and of its
@@ -101,6 +101,48 @@ def create_run_dir(path: Path) -> Path:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointError(f"run folder {path}: cannot be created ({reason})") from None
     return top
+
+
+def check_run_dir(path: Path) -> Path:
+    """``path`` if it is a run folder (a folder holding the run's recipe.toml)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a run folder (no such directory)")
+    if not (path / "recipe.toml").is_file():
+        raise CheckpointError(f"{path}: not a run folder (no recipe.toml)")
+    return path
+
+
+def is_rank_zero() -> bool:
+    """Rank 0 of a torchrun job (or a single process): the one that writes run folders."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def agree_on_run_dir(run_dir: Path, device: str) -> Path:
+    """Under torchrun every rank must use rank 0's run folder (time stamps may differ)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return run_dir
+    import torch.distributed as dist
+
+    from .engine.distributed import setup
+
+    setup(device)  # joins the process group (the Trainer reuses it)
+    box = [str(run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    from .engine.checkpoint import atomic_write_bytes  # the one atomic writer (torch: lazy)
+
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_text_file(path: Path, text: str) -> None:
+    """atomic_write_text, with a failure (read-only, full disk) as one line naming the file."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def has_checkpoint(run: Path) -> bool:

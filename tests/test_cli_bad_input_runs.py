@@ -114,7 +114,7 @@ def annotation(tmp_path: Path, **changes) -> Path:
 ])
 def test_decathlon_ids_that_are_not_integers(tmp_path, change, field):
     from mtlkit.errors import DataError
-    from mtlkit.plugins.datasets.decathlon import read_official_index
+    from mtlkit.plugins.decathlon.dataset import read_official_index
 
     root = annotation(tmp_path, **change)
     with pytest.raises(DataError) as info:
@@ -125,7 +125,7 @@ def test_decathlon_ids_that_are_not_integers(tmp_path, change, field):
 @pytest.mark.parametrize("name", ["/etc/passwd", "../outside.jpg", "data/../../outside.jpg"])
 def test_decathlon_file_name_outside_the_root(tmp_path, name):
     from mtlkit.errors import DataError
-    from mtlkit.plugins.datasets.decathlon import read_official_index
+    from mtlkit.plugins.decathlon.dataset import read_official_index
 
     root = annotation(tmp_path, **{"images.1.file_name": name})
     with pytest.raises(DataError) as info:

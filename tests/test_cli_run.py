@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -110,11 +109,15 @@ def test_compare_and_plot(finished_run, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_console_script_and_module_entry(tmp_path):
-    env = dict(os.environ, MTLKIT_LOAD_ENTRY_POINTS="0")
-    proc = subprocess.run([sys.executable, "-m", "mtlkit", "list", "task"], capture_output=True, text=True,
+def test_module_entry_in_a_real_process(tmp_path):
+    """The one plain CLI subprocess (the in-process tests cover the rest): `python -m mtlkit`
+    runs main, and a user error leaves the process as one line and exit code 2, no traceback."""
+    env = dict(os.environ, MTLKIT_LOAD_ENTRY_POINTS="0", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "mtlkit", "run", "quickstrt"], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0 and "classification" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "did you mean 'quickstart'" in lines[0] and list(tmp_path.iterdir()) == []
 
 
 def test_torchrun_cli_two_processes(tmp_path):

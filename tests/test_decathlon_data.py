@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mtlkit import decathlon as dec
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.plugin_manager import get_registry
-from mtlkit.plugins.datasets.synthetic_decathlon import SYNTHETIC_CLASSES, generate, write_decathlon_layout
+from mtlkit.plugins.decathlon import domains as dec
+from mtlkit.plugins.decathlon import stats as decathlon_stats
+from mtlkit.plugins.decathlon.mean_std import compute_mean_std
+from mtlkit.plugins.decathlon.synthetic import SYNTHETIC_CLASSES, generate, write_decathlon_layout
 
 N_TRAIN, N_VAL, N_TEST = 6, 3, 2
 
@@ -80,7 +82,7 @@ def test_train_augmentation_crop_flip_and_normalisation(layout):
     raw = load(root, "dtd", "val", normalize=False)[1]["image"]
     assert torch.equal(ds64[1]["image"], raw[:, 4:68, 4:68])  # centre crop for evaluation
     normed = load(root, "dtd", "val")[1]["image"]
-    stats = dec.load_stats()["dtd"]
+    stats = decathlon_stats.load_stats()["dtd"]
     mean = torch.tensor(stats["mean"]).view(3, 1, 1)
     std = torch.tensor(stats["std"]).view(3, 1, 1)
     assert torch.allclose(normed, (raw - mean) / std, atol=1e-6)
@@ -189,26 +191,26 @@ def test_writer_refuses_a_non_empty_folder(tmp_path):
 
 # ------------------------------------------------------------------------------ statistics
 def test_shipped_stats_cover_every_domain():
-    stats = dec.load_stats()
+    stats = decathlon_stats.load_stats()
     assert set(stats) == set(dec.DOMAINS)
-    assert json.loads(dec.stats_path().read_text())["placeholder"] is True
+    assert json.loads(decathlon_stats.stats_path().read_text())["placeholder"] is True
 
 
 def test_compute_and_use_mean_std(layout, tmp_path):
     root, _ = layout
-    stats = dec.compute_mean_std(root, domains=["gtsrb"], split="val")
+    stats = compute_mean_std(root, domains=["gtsrb"], split="val")
     imgs = torch.stack([load(root, "gtsrb", "val", normalize=False)[i]["image"] for i in range(N_VAL)]).double()
     assert stats["gtsrb"]["mean"] == pytest.approx(imgs.mean(dim=(0, 2, 3)).tolist(), abs=1e-5)
     assert stats["gtsrb"]["std"] == pytest.approx(imgs.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-5)
-    path = dec.write_stats(stats, tmp_path / "stats.json")
-    assert dec.load_stats(path) == stats
+    path = decathlon_stats.write_stats(stats, tmp_path / "stats.json")
+    assert decathlon_stats.load_stats(path) == stats
     ds = load(root, "gtsrb", "val", stats_file=str(path))
     assert torch.allclose(ds.mean.flatten(), torch.tensor(stats["gtsrb"]["mean"]))
     with pytest.raises(DataError, match="no mean/std for domain 'svhn'"):
         load(root, "svhn", "val", stats_file=str(path))
     (tmp_path / "bad.json").write_text(json.dumps({"domains": {"svhn": {"mean": [0, 0], "std": [1, 1, 1]}}}))
     with pytest.raises(DataError, match=r"bad\.json: domain 'svhn' needs 3 means"):
-        dec.load_stats(tmp_path / "bad.json")
+        decathlon_stats.load_stats(tmp_path / "bad.json")
 
 
 # ------------------------------------------------------------------------------ synthetic, in memory

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from mtlkit.cli import main
-from mtlkit.decathlon import DOMAINS, decathlon_score
+from mtlkit.plugins.decathlon.domains import DOMAINS
+from mtlkit.plugins.decathlon.score import decathlon_score
 
 RUN_DOMAINS = {"svhn": 10, "daimlerpedcls": 2, "gtsrb": 6}  # synthetic class counts
 SIZE = 24
@@ -84,8 +85,8 @@ def _checkpoint(run: Path) -> Path:
 
 # -- (a) the written layout reads back -------------------------------------------------------
 def test_synth_decathlon_writes_the_official_layout_and_the_loader_reads_it(written):
-    from mtlkit.plugins.datasets.decathlon import DecathlonDataset, DecathlonParams
-    from mtlkit.plugins.datasets.synthetic_decathlon import SYNTHETIC_CLASSES
+    from mtlkit.plugins.decathlon.dataset import DecathlonDataset, DecathlonParams
+    from mtlkit.plugins.decathlon.synthetic import SYNTHETIC_CLASSES
 
     counts = {"train": 8, "val": 4, "test": 4}
     for i, domain in enumerate(DOMAINS):
@@ -113,7 +114,7 @@ def test_synth_decathlon_writes_the_official_layout_and_the_loader_reads_it(writ
 def test_run_then_submit_writes_one_offset_prediction_per_test_image(mtan_run, written, capsys):
     from mtlkit.build import build_parts
     from mtlkit.engine import load_model_weights
-    from mtlkit.plugins.datasets.decathlon import DecathlonDataset, DecathlonParams
+    from mtlkit.plugins.decathlon.dataset import DecathlonDataset, DecathlonParams
     from mtlkit.recipe.loader import load_recipe
 
     out = mtan_run / "sub.zip"
@@ -149,7 +150,7 @@ def test_run_then_submit_writes_one_offset_prediction_per_test_image(mtan_run, w
 # -- (c) init_from with include/exclude globs --------------------------------------------------
 def test_init_from_loads_exactly_the_globbed_tensors(mtan_run, written, tmp_path, capsys):
     from mtlkit.build import build_model
-    from mtlkit.cli import init_from
+    from mtlkit.earlier_runs import init_from
     from mtlkit.recipe.loader import load_recipe
 
     # finetune-style: one domain, a plain split network, only the shared body from the MTAN run

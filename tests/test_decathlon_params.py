@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtlkit.decathlon import DOMAINS
 from mtlkit.plugin_manager import get_plugin_manager, get_registry
+from mtlkit.plugins.decathlon.domains import DOMAINS
 
 
 def _registry_with_mtan():

@@ -7,9 +7,10 @@ import zipfile
 
 import pytest
 
-from mtlkit.decathlon import (BASELINE_ACCURACY, DOMAINS, decathlon_score, default_category_offsets,
-                              domain_score, domain_scores, write_submission)
 from mtlkit.errors import ConfigError, DataError
+from mtlkit.plugins.decathlon.domains import DOMAINS, default_category_offsets
+from mtlkit.plugins.decathlon.score import BASELINE_ACCURACY, decathlon_score, domain_score, domain_scores
+from mtlkit.plugins.decathlon.submission import write_submission
 
 
 def test_domains_and_class_counts():

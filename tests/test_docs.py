@@ -29,24 +29,70 @@ def test_every_hook_is_documented():
         assert f"`{name}`" in guide, f"hook {name} is not documented in docs/writing-plugins.md"
 
 
-def test_every_hook_registers_into_its_kind(fresh_pm):
-    """A plugin implementing every hook: each component it registers through a hook's
-    ``register`` callback lands in the registry under the kind the hook is named after."""
+def _component_probe(hook):
+    def impl(register):
+        register(f"probe_{hook}", lambda params, **context: None, description=f"probe of {hook}")
+    return impl
+
+
+def _commands_probe(register):
+    def configure(parser):
+        parser.add_argument("--word", default="none")
+
+    register("probe-cmd", lambda args: print(f"probe said {args.word}") or 0, configure=configure, help="a probe")
+    register("inner", lambda args: print("grouped probe") or 0, group="probe-group")
+
+
+def _check_commands(pm, capsys):
+    from mtlkit.cli import main
+
+    assert main(["probe-cmd", "--word", "hello"]) == 0 and "probe said hello" in capsys.readouterr().out
+    assert main(["probe-group", "inner"]) == 0 and "grouped probe" in capsys.readouterr().out
+
+
+def _columns_probe(register):
+    register("probe_col", lambda summary: summary["evaluations"] * 2, fmt="{:d}x", note="probe: doubled")
+
+
+def _check_columns(pm, capsys):
+    from mtlkit.cli.compare import compare_columns
+
+    column = next(c for c in compare_columns(pm) if c.name == "probe_col")
+    assert column.plugin == "probe_plugin" and column.note == "probe: doubled"
+    assert column.cell({"evaluations": 3, "run": "r"}) == "6x"
+
+
+# hooks beyond the component kinds: the probe's implementation and how it is checked
+OTHER_HOOKS = {"register_commands": (_commands_probe, _check_commands),
+               "register_compare_columns": (_columns_probe, _check_columns)}
+
+
+def test_every_hook_is_exercised_by_a_probe_plugin(fresh_pm, capsys):
+    """A plugin implementing every hook. Each component it registers through a component
+    hook's ``register`` lands in the registry under the kind the hook is named after; each
+    other hook's registrations work where mtlkit uses them (a new hook needs a probe here)."""
     from types import SimpleNamespace
 
     from mtlkit import hookimpl
-
-    def implementation(hook):
-        def impl(register):
-            register(f"probe_{hook}", lambda params, **context: None, description=f"probe of {hook}")
-        impl.__name__ = hook
-        return hookimpl(impl)
+    from mtlkit.plugin_manager import HOOK_KINDS
 
     hooks = _hook_names()
+    assert set(hooks) == set(HOOK_KINDS) | set(OTHER_HOOKS), "a hook without a probe in this test"
+
+    def implementation(hook):
+        impl = OTHER_HOOKS[hook][0] if hook in OTHER_HOOKS else _component_probe(hook)
+
+        def named(register):
+            return impl(register)
+        named.__name__ = hook
+        return hookimpl(named)
+
     plugin = SimpleNamespace(**{h: implementation(h) for h in hooks})
     fresh_pm.register(plugin, name="probe_plugin")
     registry = fresh_pm.registry
-    for hook in hooks:
-        kind = hook.removeprefix("register_").removesuffix("s")  # register_heads -> head
+    for hook, kind in HOOK_KINDS.items():
+        assert kind == hook.removeprefix("register_").removesuffix("s")  # register_heads -> head
         component = registry.get(kind, f"probe_{hook}")
         assert component.plugin == "probe_plugin" and component.description == f"probe of {hook}"
+    for _, check in OTHER_HOOKS.values():
+        check(fresh_pm, capsys)

@@ -9,7 +9,7 @@ import torch
 import mtlkit.plugins.datasets.synthetic_scenes as scenes
 from mtlkit.errors import ConfigError
 from mtlkit.plugin_manager import get_registry
-from mtlkit.scenes_render import render
+from mtlkit.plugins.datasets.scenes_render import render
 
 H, W = 24, 32
 

@@ -32,6 +32,11 @@ def _value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
+def toml_value(v: Any) -> str:
+    """One value as a TOML literal (what ``--set KEY=VALUE`` takes as VALUE)."""
+    return _value(v)
+
+
 def dumps(data: dict[str, Any]) -> str:
     """Scalars and lists first, then sub-tables; ``None`` values are left out."""
     lines: list[str] = []

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from pydantic import Field, field_validator

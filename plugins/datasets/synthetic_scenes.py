@@ -1,7 +1,7 @@
 """Procedural indoor scenes with segmentation, depth and normals (embedded, no download).
 
 Each sample is a room (floor, walls, ceiling, pictures) with 3-8 boxes, spheres and
-cylinders, ray cast from a pinhole camera by :mod:`mtlkit.scenes_render` (see it for the
+cylinders, ray cast from a pinhole camera by :mod:`.scenes_render` (see it for the
 classes, the camera frame and the intrinsics). The three targets are geometrically
 consistent: ``depth`` is z-depth in metres and ``normal`` the unit surface normal in the
 camera frame (x right, y down, z forward), so normals estimated from the back-projected
@@ -9,7 +9,7 @@ depth map agree with ``normal`` on planar surfaces.
 
 ``num_classes`` is 2 or at least 7. With 2, labels are 0 = room structure (floor, wall,
 ceiling, picture) and 1 = object: the 13-class scene of the same seed, coarsened (see
-:mod:`mtlkit.scenes_render`), so 2 / 7 / 13 classes give a task-complexity ladder like the
+:mod:`.scenes_render`), so 2 / 7 / 13 classes give a task-complexity ladder like the
 paper's 2 / 7 / 19 CityScapes classes.
 
 Samples match the NYUv2 loader: ``image`` 3HW float32 in [0, 1], ``segmentation`` HW int64,
@@ -24,7 +24,8 @@ gave 7.7 and 190 images/s wall-clock).
 Use DataLoader workers, or :func:`write_nyuv2_layout` once, for full-size training.
 
 :func:`write_nyuv2_layout` and :func:`write_cityscapes_layout` save rendered scenes as .npy
-files in the real releases' layouts (for testing the real loaders, or as stand-ins).
+files in the real releases' layouts (for testing the real loaders, or as stand-ins);
+``mtlkit data synth-scenes`` is their command.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from torch.utils.data import Dataset
 
 from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
-from mtlkit.scenes_render import NUM_STUFF, render
 from mtlkit.registry import Params
+
+from .scenes_render import NUM_STUFF, render
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 TARGETS = ("segmentation", "depth", "normal")
@@ -192,3 +194,33 @@ def write_cityscapes_layout(out_dir: str | os.PathLike, n_train: int = 8, n_val:
 def register_datasets(register):
     register("synthetic_scenes", SyntheticScenes, params=SyntheticScenesParams,
              description="Ray-cast indoor rooms: segmentation, z-depth, camera-frame normals (embedded)")
+
+
+# -- mtlkit data synth-scenes -----------------------------------------------------------------
+def _configure_synth_scenes(p) -> None:
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=200, help="training images")
+    p.add_argument("--n-val", type=int, default=None, help="validation images (default: n/4)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=13)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=["nyuv2", "cityscapes"], default="nyuv2")
+
+
+def synth_scenes_command(args) -> int:
+    n_val = args.n_val if args.n_val is not None else max(1, args.n // 4)
+    if args.layout == "nyuv2":
+        h, w = args.height or 288, args.width or 384
+        write_nyuv2_layout(args.out, args.n, n_val, height=h, width=w, num_classes=args.num_classes, seed=args.seed)
+    else:
+        h, w = args.height or 128, args.width or 256
+        write_cityscapes_layout(args.out, args.n, n_val, height=h, width=w, seed=args.seed)
+    print(f"wrote {args.n} train + {n_val} val scenes ({h}x{w}, {args.layout} layout) to {args.out}")
+    return 0
+
+
+@hookimpl
+def register_commands(register):
+    register("synth-scenes", synth_scenes_command, configure=_configure_synth_scenes, group="data",
+             help="synthetic indoor scenes in the NYUv2 (or CityScapes) layout")

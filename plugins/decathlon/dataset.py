@@ -22,7 +22,7 @@ is ``crop = 72``, with a random crop after ``pad`` pixels of zero padding on eac
 also flips horizontally with p = 0.5, except in gtsrb, omniglot and svhn.
 Normalisation uses the per-domain mean/std of ``decathlon_stats.json`` (shipped as data;
 its values are placeholders users may replace, see that file and
-:func:`mtlkit.decathlon.compute_mean_std`), or of ``stats_file``.
+:func:`mtlkit.plugins.decathlon.mean_std.compute_mean_std`), or of ``stats_file``.
 
 Samples: ``{"image": 3HW float, "label": long (-1 for the unlabelled test split),
 "image_id": int}``.
@@ -42,10 +42,12 @@ from PIL import Image
 from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
-from mtlkit.decathlon import DOMAINS, NO_FLIP_DOMAINS, DomainName, category_offset, load_stats
 from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
+
+from .domains import DOMAINS, NO_FLIP_DOMAINS, DomainName, category_offset
+from .stats import load_stats
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "val", "test")
@@ -320,7 +322,7 @@ class DecathlonDataset(Dataset):
 
 def tiny_decathlon(root: Path) -> dict:
     """Write a small copy of the official layout (two domains) under ``root``; params for one."""
-    from .synthetic_decathlon import write_decathlon_layout
+    from .synthetic import write_decathlon_layout
 
     write_decathlon_layout(root, n_train=2, n_val=1, n_test=1, image_size=72, domains=["cifar100", "svhn"])
     return {"root": str(root), "domain": "svhn"}

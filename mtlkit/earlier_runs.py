@@ -1,0 +1,60 @@
+"""What a recipe takes from earlier runs: Delta_m baselines (their ``results.json``) and
+starting weights (``model.init_from``, their checkpoints).
+
+Both are read by :func:`mtlkit.preflight.prepare` before a run writes anything, so that a
+missing or foreign earlier run is a one-line error and not a half-made run folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def resolve_baselines(baselines: dict, recipe_path: Path | None) -> dict[str, dict[str, float]]:
+    """Recipe baselines: metric tables as given, or read from earlier runs' results.json
+    (a relative path is tried as given first, then next to the recipe)."""
+    out = {}
+    for task, spec in baselines.items():
+        if isinstance(spec, dict):
+            out[task] = spec
+            continue
+        path = Path(spec)
+        if not path.is_absolute() and recipe_path is not None and not path.exists():
+            path = recipe_path.parent / path
+        results = path / "results.json" if path.is_dir() else path
+        if not results.is_file():
+            raise ConfigError(f"[baselines] {task}: '{spec}' is not a run folder with a results.json")
+        try:
+            data = json.loads(results.read_text())
+            table = (data.get("last_n_mean") or {}).get("metrics") or data.get("final") or {}
+        except (json.JSONDecodeError, AttributeError):
+            raise ConfigError(f"[baselines] {task}: {results} is not a results.json") from None
+        if task not in table:
+            raise ConfigError(f"[baselines] {task}: {results} has no results for task '{task}'")
+        out[task] = table[task]
+    return out
+
+
+def init_from(model, spec) -> None:
+    """Load the weights a recipe's ``model.init_from`` names (include/exclude globs)."""
+    from .engine import load_model_weights  # torch: only when a recipe asks for it
+
+    def keep(key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) for p in spec.include) and not any(
+            fnmatch.fnmatchcase(key, p) for p in spec.exclude)
+
+    load_model_weights(model, newest_run(Path(spec.path)), key_filter=keep, which="best")  # best, else last
+
+
+def newest_run(path: Path) -> Path:
+    """A file or run folder as it is; a folder of run folders (runs/<name>) -> its newest run."""
+    if path.is_dir() and not (path / "checkpoints").is_dir():
+        runs = sorted(p for p in path.iterdir() if (p / "checkpoints").is_dir())
+        if not runs:
+            raise ConfigError(f"[model.init_from] path: '{path}' holds no run folder with checkpoints")
+        return runs[-1]  # run folders are named by their start time
+    return path
