@@ -258,7 +258,7 @@ def test_kill_at_every_file_operation_resumes_bit_identically(fast_tmp):
 
 
 def test_init_from_loads_the_best_checkpoint_not_the_last(tmp_path):
-    from mtlkit.cli import init_from
+    from mtlkit.earlier_runs import init_from
     from mtlkit.recipe.schema import InitFrom
 
     run = tmp_path / "runs" / "20240101-000000"
