@@ -54,7 +54,8 @@ class Settings:
     lr: float = 1e-3  # at 3e-3 Split Wide's depth did not beat the mean (1/8 width, 128-ch deepest level)
     schedule: str = "cosine"  # decays to 0 by the last epoch: final metrics less noisy than at a constant lr
     width_mult: float = 0.125
-    seed: int = 0
+    seed: int = 0  # training: initialisation and batch order
+    data_seed: int | None = None  # the rendered scenes (None: the same as seed)
     max_steps_per_epoch: int | None = None
 
 
@@ -65,7 +66,8 @@ def overrides(arch: str, s: Settings) -> list[str]:
     out = [
         f"data.params.height={s.height}", f"data.params.width={s.width}",
         f"data.params.num_train={s.num_train}", f"data.params.num_val={s.num_val}",
-        f"data.params.num_classes={s.num_classes}", f"data.params.seed={s.seed}",
+        f"data.params.num_classes={s.num_classes}",
+        f"data.params.seed={s.seed if s.data_seed is None else s.data_seed}",
         f"tasks.segmentation.params.num_classes={s.num_classes}",
         f"optimizer.lr={s.lr}", f"schedule.name={s.schedule}", "weighting.name=equal",
         f"training.epochs={s.epochs}", f"training.batch_size={s.batch_size}", f"training.seed={s.seed}",

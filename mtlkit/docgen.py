@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from .atomic import atomic_write_text
 from .plugin_manager import get_registry
 from .recipe.schema import Recipe
 
@@ -93,9 +94,7 @@ def write(docs_dir: Path) -> list[Path]:
     written = []
     for name, fn in GENERATED.items():
         path = docs_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(fn(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, fn())
         written.append(path)
     return written
 

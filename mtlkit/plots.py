@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .engine.checkpoint import atomic_write_bytes  # noqa: E402
+from .atomic import atomic_write_bytes  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .rundir import read_log  # noqa: E402
 

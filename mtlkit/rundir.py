@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, ConfigError
+from .atomic import atomic_write_text  # noqa: F401  (re-exported: the one atomic writer)
 
 
 def check_run_name(name: str, field: str, where: str) -> str:
@@ -129,12 +130,6 @@ def agree_on_run_dir(run_dir: Path, device: str) -> Path:
     box = [str(run_dir)]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    from .engine.checkpoint import atomic_write_bytes  # the one atomic writer (torch: lazy)
-
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_text_file(path: Path, text: str) -> None:

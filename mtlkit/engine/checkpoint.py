@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -36,6 +35,8 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 # the trainer imports the state helpers from here
+from ..atomic import atomic_write_bytes, atomic_write_json, fsync_dir as _fsync_dir  # noqa: F401
+from ..atomic import remove_quietly as _remove, remove_temp_files  # noqa: F401
 from .state import capture_rng, pack_state, rng_to_json, set_rng_state, unpack_state  # noqa: F401
 
 FORMAT = "mtlkit-checkpoint"
@@ -47,52 +48,7 @@ _STEP_DIR = re.compile(r"step-(\d+)(?:\.(\d+))?")
 NO_CHECKPOINT = "no checkpoint was completed (the run was interrupted before its first save)"
 
 
-# -- small file helpers -----------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` in one rename: readers see the old or the new file,
-    never part of one. The temp file sits next to it, named ``.<name>.<random>.tmp``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(path.parent)  # the rename itself must be on disk before anything relies on it
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a folder; its renames are durable anyway
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def remove_temp_files(folder: Path) -> None:
-    """Remove the temp files of atomic writes that a killed process left in ``folder``."""
-    for p in Path(folder).glob(".*.tmp"):
-        _remove(p)
-
-
+# -- small file helpers: the one atomic writer lives in mtlkit.atomic (re-exported here) ----
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -31,8 +31,6 @@ files in the real releases' layouts (for testing the real loaders, or as stand-i
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +38,8 @@ import torch
 from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 
-from mtlkit.errors import DataError
+from mtlkit.atomic import atomic_folder
+
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
@@ -116,24 +115,6 @@ class SyntheticScenes(Dataset):
 
 
 # -- writing the real layouts ---------------------------------------------------------------
-def _write_atomically(out_dir: str | os.PathLike, fill) -> Path:
-    """Write everything into a temp folder next to ``out_dir``, then rename it into place."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"output folder '{out}' exists and is not empty; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename cannot replace a folder on every OS
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def _save(folder: Path, index: int, array: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / f"{index}.npy", array, allow_pickle=False)
@@ -156,7 +137,7 @@ def write_nyuv2_layout(out_dir: str | os.PathLike, n_train: int = 8, n_val: int 
                 _save(tmp / split / "depth", i, r["depth"][..., None])
                 _save(tmp / split / "normal", i, r["normal"])
 
-    return _write_atomically(out_dir, fill)
+    return atomic_folder(out_dir, fill)
 
 
 # 19 scene classes (4 room + 15 objects = 3 shapes x 5 colour families) -> CityScapes 7:
@@ -187,7 +168,7 @@ def write_cityscapes_layout(out_dir: str | os.PathLike, n_train: int = 8, n_val:
                 _save(tmp / split / "label_7", i, SCENE19_TO_7[r["label"]])
                 _save(tmp / split / "depth", i, (DISPARITY_SCALE / r["depth"])[..., None].astype(np.float32))
 
-    return _write_atomically(out_dir, fill)
+    return atomic_folder(out_dir, fill)
 
 
 @hookimpl

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mtlkit.errors import DataError
 
-from ._files import atomic_write_bytes
+from mtlkit.atomic import atomic_write_bytes
 
 
 def stats_path() -> Path:
@@ -50,5 +50,6 @@ def write_stats(stats: Mapping[str, Mapping[str, Sequence[float]]], path: str | 
     body = {"source": source, "domains": {d: {"mean": list(v["mean"]), "std": list(v["std"])} for d, v in stats.items()}}
     data = (json.dumps(body, indent=2) + "\n").encode()
     out = Path(path)
-    atomic_write_bytes(out, lambda fh: fh.write(data))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, data)
     return out

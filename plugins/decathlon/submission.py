@@ -12,7 +12,7 @@ from typing import Any
 
 from mtlkit.errors import ConfigError, DataError, did_you_mean
 
-from ._files import atomic_write_bytes
+from mtlkit.atomic import atomic_write
 from .domains import DOMAINS, default_category_offsets
 
 SUBMISSION_MEMBER = "results.json"
@@ -59,7 +59,8 @@ def write_submission(
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(SUBMISSION_MEMBER, data)
 
-    atomic_write_bytes(out, write)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, write)
     return out
 
 

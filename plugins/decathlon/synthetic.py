@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ from torch.utils.data import Dataset
 
 from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.atomic import atomic_folder
 from mtlkit.registry import Params
 
 from ._painters import GENERATORS, SYNTHETIC_CLASSES, _Canvas
@@ -91,10 +90,9 @@ def write_decathlon_layout(
     for n, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
         if n < 0:
             raise DataError(f"write_decathlon_layout: {what} must be >= 0, got {n}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     summary: dict[str, dict[str, int]] = {}
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "annotations").mkdir()
         for d in names:
             num_classes = SYNTHETIC_CLASSES[d]
@@ -121,12 +119,8 @@ def write_decathlon_layout(
                     body["annotations"] = annotations
                 (tmp / "annotations" / name).write_text(json.dumps(body))
             summary[d] = {"num_classes": num_classes, "category_offset": offset}
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_folder(out, fill)
     return summary
 
 
