@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -32,33 +31,9 @@ def as_ref(value: RefLike, where: str) -> ComponentRef:
 
 
 def build_component(kind: str, ref: ComponentRef, where: str, **context: Any) -> Any:
-    component = get_registry().get(kind, ref.name)
-    params = component.validate_params(ref.params, where=where)
-    accepted = _accepted_kwargs(component.factory)
-    if accepted is not None:
-        context = {k: v for k, v in context.items() if k in accepted or k in _REQUIRED_CONTEXT.get(kind, ())}
-    try:
-        return component.build(params, **context)
-    except MtlkitError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"[{where}] {kind} '{ref.name}': {exc}") from exc
-
-
-# context every factory of a kind must take; optional context (e.g. task_names for
-# backbones) is passed only to factories whose signature accepts it
-_REQUIRED_CONTEXT = {"head": ("in_channels", "task"), "attention": ("backbone", "heads", "tasks"),
-                     "weighting": ("task_names",), "task": ("name",), "dataset": ("split",)}
-
-
-def _accepted_kwargs(factory: Any) -> set[str] | None:
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return set(sig.parameters)
+    """The registered ``kind`` named by ``ref``, built by :meth:`Component.build` (the one
+    build path); ``where`` is its recipe table, named in errors."""
+    return get_registry().get(kind, ref.name).build(ref.params, where=where, **context)
 
 
 def build_tasks(tasks: Mapping[str, RefLike | Task]) -> dict[str, Task]:

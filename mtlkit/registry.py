@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError, PluginError, UnknownComponentError, did_you_mean
+from .errors import ConfigError, MtlkitError, PluginError, UnknownComponentError, did_you_mean
 
 KINDS: tuple[str, ...] = ("backbone", "head", "attention", "weighting", "task", "dataset")
 
@@ -75,6 +75,22 @@ def first_doc_line(obj: Any) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+# context every factory of a kind must take; optional context (e.g. task_names for
+# backbones) is passed only to factories whose signature accepts it
+_REQUIRED_CONTEXT = {"head": ("in_channels", "task"), "attention": ("backbone", "heads", "tasks"),
+                     "weighting": ("task_names",), "task": ("name",), "dataset": ("split",)}
+
+
+def _accepted_kwargs(factory: Any) -> set[str] | None:
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return set(sig.parameters)
+
+
 @dataclass(frozen=True)
 class Component:
     kind: str
@@ -103,13 +119,26 @@ class Component:
                                              model=self.params, location=f"{table}.params" if table else "")
             raise ConfigError("; ".join(lines)) from None
 
-    def build(self, params: dict | BaseModel | None = None, **context: Any) -> Any:
-        """Validate ``params`` and call the factory with the kind's context.
+    def build(self, params: dict | BaseModel | None = None, *, where: str = "", **context: Any) -> Any:
+        """Validate ``params`` and call the factory with the kind's context: the one build path.
 
-        A head's raw output gets its task's output activation here (the one build path
-        every head goes through), so a head never has to apply it itself.
+        Optional context (e.g. ``task_names`` for backbones, ``in_stride`` for heads) reaches
+        only factories whose signature takes it; the kind's required context always does. A
+        factory's ValueError/TypeError becomes one ConfigError naming ``where`` (the recipe
+        table). A head's raw output gets its task's output activation here, so a head never
+        has to apply it itself.
         """
-        built = self.factory(self.validate_params(params), **context)
+        validated = self.validate_params(params, where=where)
+        accepted = _accepted_kwargs(self.factory)
+        if accepted is not None:
+            context = {k: v for k, v in context.items() if k in accepted or k in _REQUIRED_CONTEXT.get(self.kind, ())}
+        try:
+            built = self.factory(validated, **context)
+        except MtlkitError:
+            raise
+        except (ValueError, TypeError) as exc:
+            table = where or _TABLES.get(self.kind) or self.kind
+            raise ConfigError(f"[{table}] {self.kind} '{self.name}': {exc}") from exc
         if self.kind == "head" and "task" in context:
             from .contracts import attach_output_activation
 
