@@ -190,10 +190,46 @@ def test_writer_refuses_a_non_empty_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------ statistics
-def test_shipped_stats_cover_every_domain():
+# The reference implementation's per-domain statistics (shared/reference/decathlon.md), typed
+# in from that table, not read from the shipped file.
+REFERENCE_STATS = {
+    "imagenet12": ([0.485000, 0.456000, 0.406000], [0.229000, 0.224000, 0.225000]),
+    "aircraft": ([0.479830, 0.510741, 0.534380], [0.210702, 0.205089, 0.237297]),
+    "cifar100": ([0.507059, 0.486667, 0.440784], [0.267451, 0.256471, 0.276078]),
+    "daimlerpedcls": ([0.482035] * 3, [0.236126] * 3),
+    "dtd": ([0.526965, 0.470252, 0.423967], [0.252269, 0.240918, 0.249941]),
+    "gtsrb": ([0.339213, 0.311784, 0.320470], [0.275603, 0.265761, 0.270899]),
+    "omniglot": ([0.080998] * 3, [0.270469] * 3),
+    "svhn": ([0.437682, 0.443770, 0.472804], [0.198030, 0.201016, 0.197036]),
+    "ucf101": ([0.499531, 0.498804, 0.499820], [0.108987, 0.108102, 0.106799]),
+    "vgg-flowers": ([0.434147, 0.383099, 0.297148], [0.285098, 0.238423, 0.263963]),
+}
+
+
+def test_shipped_stats_are_the_reference_per_domain_values(recwarn):
     stats = decathlon_stats.load_stats()
     assert set(stats) == set(dec.DOMAINS)
-    assert json.loads(decathlon_stats.stats_path().read_text())["placeholder"] is True
+    for d, (mean, std) in REFERENCE_STATS.items():
+        assert stats[d]["mean"] == pytest.approx(mean, abs=5e-7), d
+        assert stats[d]["std"] == pytest.approx(std, abs=5e-7), d
+    assert json.loads(decathlon_stats.stats_path().read_text())["placeholder"] is False
+    assert not [w for w in recwarn if "placeholder" in str(w.message)]
+
+
+def test_loader_normalises_omniglot_with_its_own_mean(layout):
+    ds = load(layout[0], "omniglot", "val")
+    assert ds.mean.flatten().tolist() == pytest.approx([0.080998] * 3)
+    assert ds.std.flatten().tolist() == pytest.approx([0.270469] * 3)
+
+
+def test_a_placeholder_stats_file_warns(layout, tmp_path):
+    path = tmp_path / "ph.json"
+    path.write_text(json.dumps({"placeholder": True, "domains": {"svhn": {"mean": [0.5] * 3, "std": [0.25] * 3}}}))
+    with pytest.warns(UserWarning, match=r"ph\.json: marked 'placeholder'"):
+        load(layout[0], "svhn", "val", stats_file=str(path))
+    path.write_text(json.dumps({"placeholder": "yes", "domains": {}}))
+    with pytest.raises(DataError, match=r"ph\.json: 'placeholder' must be true or false"):
+        decathlon_stats.load_stats(path)
 
 
 def test_compute_and_use_mean_std(layout, tmp_path):

@@ -20,9 +20,9 @@ is ``crop = 72``, with a random crop after ``pad`` pixels of zero padding on eac
 (4) for training; the residual-adapter setting's 64x64 input is ``crop = 64`` (random
 64x64 window for training, centre crop for val/test; ``pad`` may then be 0). Training
 also flips horizontally with p = 0.5, except in gtsrb, omniglot and svhn.
-Normalisation uses the per-domain mean/std of ``decathlon_stats.json`` (shipped as data;
-its values are placeholders users may replace, see that file and
-:func:`mtlkit.plugins.decathlon.mean_std.compute_mean_std`), or of ``stats_file``.
+Normalisation uses the per-domain mean/std of ``decathlon_stats.json`` (the reference
+implementation's values, shipped as data), or of ``stats_file`` (for a new domain:
+:func:`mtlkit.plugins.decathlon.mean_std.compute_mean_std`).
 
 Samples: ``{"image": 3HW float, "label": long (-1 for the unlabelled test split),
 "image_id": int}``.
