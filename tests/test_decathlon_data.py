@@ -303,3 +303,65 @@ def test_every_synthetic_domain_is_learnable():
         with torch.no_grad():
             acc = (net(xv).argmax(1) == yv).float().mean().item()
         assert acc > min(0.7, 2.0 / n_cls), f"{d}: accuracy {acc:.2f} with {n_cls} classes"
+
+
+# ------------------------------------------------------------------------------ reference augmentation
+@pytest.fixture(scope="module")
+def wide_images(tmp_path_factory):
+    """An ImageFolder copy with one 72 x 100 (H x W) PNG per domain: lossless, already at the
+    release's short side, so decoded pixels equal the array written."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("wide")
+    arr = np.random.default_rng(0).integers(0, 256, size=(72, 100, 3), dtype=np.uint8)
+    for d in ("dtd", "svhn", "gtsrb", "omniglot"):
+        for split in ("train", "val"):
+            (root / d / split / "0").mkdir(parents=True)
+            Image.fromarray(arr).save(root / d / split / "0" / "a.png")
+    return root, torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+
+
+def windows_seen(ds, full, crop, n=60):
+    """(top, left, flipped) of every sample: each must be an exact crop x crop window of the
+    unpadded image (zero padding would match no window)."""
+    seen = set()
+    for _ in range(n):
+        out = ds[0]["image"]
+        assert out.shape == (3, crop, crop)
+        hits = [(t, l, f) for t in range(full.shape[1] - crop + 1) for l in range(full.shape[2] - crop + 1)
+                for f in (False, True)
+                if torch.equal(out, full[:, t:t + crop, l:l + crop].flip(-1) if f else full[:, t:t + crop, l:l + crop])]
+        assert hits, "output is no window of the image: padded or resized"
+        seen.add(hits[0])
+    return seen
+
+
+def test_reference_augmentation_jitters_along_the_long_side_without_padding(wide_images):
+    root, full = wide_images
+    torch.manual_seed(0)
+    ds = load(root, "dtd", layout="imagefolder", augmentation="reference", normalize=False)
+    seen = windows_seen(ds, full, 72)
+    assert {t for t, _, _ in seen} == {0}  # the short side is the crop: no vertical jitter
+    assert len({l for _, l, _ in seen}) > 10 and all(0 <= l <= 28 for _, l, _ in seen)
+    assert {f for _, _, f in seen} == {False, True}
+    seen64 = windows_seen(load(root, "dtd", layout="imagefolder", augmentation="reference", crop=64,
+                               normalize=False), full, 64)
+    assert len({t for t, _, _ in seen64}) > 1 and max(l for _, l, _ in seen64) > 8  # 72 x 100 -> 64 x 64 windows
+    val = load(root, "dtd", "val", layout="imagefolder", augmentation="reference", normalize=False)[0]["image"]
+    assert torch.equal(val, full[:, :, 14:86])  # CenterCrop(72): round((100 - 72) / 2) = 14
+
+
+@pytest.mark.parametrize("domain", ["gtsrb", "omniglot", "svhn"])
+def test_reference_augmentation_leaves_signs_glyphs_and_digits_alone(wide_images, domain):
+    root, full = wide_images
+    torch.manual_seed(0)
+    ds = load(root, domain, layout="imagefolder", augmentation="reference", normalize=False)
+    assert ds.augment is False and ds.flip is False
+    assert windows_seen(ds, full, 72, n=20) == {(0, 14, False)}  # the centre crop, every time
+
+
+def test_reference_augmentation_refuses_a_pad(wide_images):
+    with pytest.raises(ConfigError, match="pad: the reference augmentation crops without padding"):
+        load(wide_images[0], "dtd", layout="imagefolder", augmentation="reference", pad=4)
+    with pytest.raises(ConfigError, match=r"crop \(80\) must be at most image_size \(72\)"):
+        load(wide_images[0], "dtd", layout="imagefolder", augmentation="reference", crop=80)
