@@ -10,8 +10,11 @@ convention of the published NYUv2 tables: 9 metrics). With ``per_task_first=True
 task's metrics are averaged first and then the K task means are averaged, so a task with
 many metrics (normals: 5) does not outweigh one with few. Report which one you use.
 
-The metrics used are exactly those of the single-task baseline ``stl``; every one must be
-present in ``mtl`` and in ``higher_is_better`` (extra entries in ``mtl`` are ignored).
+The metrics used are those of the single-task baseline ``stl``; every one must be present
+in ``mtl`` and in ``higher_is_better`` (extra entries in ``mtl`` are ignored). A task's
+validation ``loss`` (which classification records next to its accuracy, so that a
+Decathlon run's baseline results carry one per domain) is left out: it is a training
+quantity, not one of the paper's metrics, and would count as one more "metric" per task.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import math
 from collections.abc import Mapping
 
 from .errors import ConfigError
+
+# Recorded next to the metrics but never part of Delta_m (see the module docstring).
+NOT_METRICS = frozenset({"loss"})
 
 
 def relative_changes(
@@ -32,6 +38,7 @@ def relative_changes(
         raise ConfigError("delta_m: the single-task baseline has no tasks")
     out: dict[str, dict[str, float]] = {}
     for task, base in stl.items():
+        base = {m: v for m, v in base.items() if m not in NOT_METRICS}
         if not base:
             raise ConfigError(f"delta_m: single-task baseline of task '{task}' has no metrics")
         if task not in mtl:

@@ -209,6 +209,18 @@ def test_cityscapes_label_sets(tmp_path):
     cs(tmp_path, num_classes=7)  # label_19 is not needed for 7 classes
 
 
+def test_cityscapes_reads_the_releases_own_two_class_labels(tmp_path):
+    write_cs(tmp_path)
+    for i in range(3):  # labels the mapping could never give: a checkerboard of 0/1 with a void corner
+        l2 = (np.indices((H, W)).sum(0) % 2).astype(np.float32)
+        l2[0, 0] = -1
+        (tmp_path / "train" / "label_2").mkdir(exist_ok=True)
+        np.save(tmp_path / "train" / "label_2" / f"{i}.npy", l2)
+        np.testing.assert_array_equal(cs(tmp_path, num_classes=2)[i]["segmentation"].numpy(), l2.astype(int))
+    np.testing.assert_array_equal(cs(tmp_path)[0]["segmentation"].numpy(),  # 7 classes: label_7 as before
+                                  np.load(tmp_path / "train" / "label_7" / "0.npy").astype(int))
+
+
 def test_cityscapes_zoom_scales_disparity_up(tmp_path):
     write_cs(tmp_path, n=1)
     plain = np.unique(cs(tmp_path)[0]["depth"].numpy())

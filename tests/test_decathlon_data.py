@@ -190,10 +190,46 @@ def test_writer_refuses_a_non_empty_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------ statistics
-def test_shipped_stats_cover_every_domain():
+# The reference implementation's per-domain statistics (shared/reference/decathlon.md), typed
+# in from that table, not read from the shipped file.
+REFERENCE_STATS = {
+    "imagenet12": ([0.485000, 0.456000, 0.406000], [0.229000, 0.224000, 0.225000]),
+    "aircraft": ([0.479830, 0.510741, 0.534380], [0.210702, 0.205089, 0.237297]),
+    "cifar100": ([0.507059, 0.486667, 0.440784], [0.267451, 0.256471, 0.276078]),
+    "daimlerpedcls": ([0.482035] * 3, [0.236126] * 3),
+    "dtd": ([0.526965, 0.470252, 0.423967], [0.252269, 0.240918, 0.249941]),
+    "gtsrb": ([0.339213, 0.311784, 0.320470], [0.275603, 0.265761, 0.270899]),
+    "omniglot": ([0.080998] * 3, [0.270469] * 3),
+    "svhn": ([0.437682, 0.443770, 0.472804], [0.198030, 0.201016, 0.197036]),
+    "ucf101": ([0.499531, 0.498804, 0.499820], [0.108987, 0.108102, 0.106799]),
+    "vgg-flowers": ([0.434147, 0.383099, 0.297148], [0.285098, 0.238423, 0.263963]),
+}
+
+
+def test_shipped_stats_are_the_reference_per_domain_values(recwarn):
     stats = decathlon_stats.load_stats()
     assert set(stats) == set(dec.DOMAINS)
-    assert json.loads(decathlon_stats.stats_path().read_text())["placeholder"] is True
+    for d, (mean, std) in REFERENCE_STATS.items():
+        assert stats[d]["mean"] == pytest.approx(mean, abs=5e-7), d
+        assert stats[d]["std"] == pytest.approx(std, abs=5e-7), d
+    assert json.loads(decathlon_stats.stats_path().read_text())["placeholder"] is False
+    assert not [w for w in recwarn if "placeholder" in str(w.message)]
+
+
+def test_loader_normalises_omniglot_with_its_own_mean(layout):
+    ds = load(layout[0], "omniglot", "val")
+    assert ds.mean.flatten().tolist() == pytest.approx([0.080998] * 3)
+    assert ds.std.flatten().tolist() == pytest.approx([0.270469] * 3)
+
+
+def test_a_placeholder_stats_file_warns(layout, tmp_path):
+    path = tmp_path / "ph.json"
+    path.write_text(json.dumps({"placeholder": True, "domains": {"svhn": {"mean": [0.5] * 3, "std": [0.25] * 3}}}))
+    with pytest.warns(UserWarning, match=r"ph\.json: marked 'placeholder'"):
+        load(layout[0], "svhn", "val", stats_file=str(path))
+    path.write_text(json.dumps({"placeholder": "yes", "domains": {}}))
+    with pytest.raises(DataError, match=r"ph\.json: 'placeholder' must be true or false"):
+        decathlon_stats.load_stats(path)
 
 
 def test_compute_and_use_mean_std(layout, tmp_path):
@@ -267,3 +303,65 @@ def test_every_synthetic_domain_is_learnable():
         with torch.no_grad():
             acc = (net(xv).argmax(1) == yv).float().mean().item()
         assert acc > min(0.7, 2.0 / n_cls), f"{d}: accuracy {acc:.2f} with {n_cls} classes"
+
+
+# ------------------------------------------------------------------------------ reference augmentation
+@pytest.fixture(scope="module")
+def wide_images(tmp_path_factory):
+    """An ImageFolder copy with one 72 x 100 (H x W) PNG per domain: lossless, already at the
+    release's short side, so decoded pixels equal the array written."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("wide")
+    arr = np.random.default_rng(0).integers(0, 256, size=(72, 100, 3), dtype=np.uint8)
+    for d in ("dtd", "svhn", "gtsrb", "omniglot"):
+        for split in ("train", "val"):
+            (root / d / split / "0").mkdir(parents=True)
+            Image.fromarray(arr).save(root / d / split / "0" / "a.png")
+    return root, torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+
+
+def windows_seen(ds, full, crop, n=60):
+    """(top, left, flipped) of every sample: each must be an exact crop x crop window of the
+    unpadded image (zero padding would match no window)."""
+    seen = set()
+    for _ in range(n):
+        out = ds[0]["image"]
+        assert out.shape == (3, crop, crop)
+        hits = [(t, l, f) for t in range(full.shape[1] - crop + 1) for l in range(full.shape[2] - crop + 1)
+                for f in (False, True)
+                if torch.equal(out, full[:, t:t + crop, l:l + crop].flip(-1) if f else full[:, t:t + crop, l:l + crop])]
+        assert hits, "output is no window of the image: padded or resized"
+        seen.add(hits[0])
+    return seen
+
+
+def test_reference_augmentation_jitters_along_the_long_side_without_padding(wide_images):
+    root, full = wide_images
+    torch.manual_seed(0)
+    ds = load(root, "dtd", layout="imagefolder", augmentation="reference", normalize=False)
+    seen = windows_seen(ds, full, 72)
+    assert {t for t, _, _ in seen} == {0}  # the short side is the crop: no vertical jitter
+    assert len({l for _, l, _ in seen}) > 10 and all(0 <= l <= 28 for _, l, _ in seen)
+    assert {f for _, _, f in seen} == {False, True}
+    seen64 = windows_seen(load(root, "dtd", layout="imagefolder", augmentation="reference", crop=64,
+                               normalize=False), full, 64)
+    assert len({t for t, _, _ in seen64}) > 1 and max(l for _, l, _ in seen64) > 8  # 72 x 100 -> 64 x 64 windows
+    val = load(root, "dtd", "val", layout="imagefolder", augmentation="reference", normalize=False)[0]["image"]
+    assert torch.equal(val, full[:, :, 14:86])  # CenterCrop(72): round((100 - 72) / 2) = 14
+
+
+@pytest.mark.parametrize("domain", ["gtsrb", "omniglot", "svhn"])
+def test_reference_augmentation_leaves_signs_glyphs_and_digits_alone(wide_images, domain):
+    root, full = wide_images
+    torch.manual_seed(0)
+    ds = load(root, domain, layout="imagefolder", augmentation="reference", normalize=False)
+    assert ds.augment is False and ds.flip is False
+    assert windows_seen(ds, full, 72, n=20) == {(0, 14, False)}  # the centre crop, every time
+
+
+def test_reference_augmentation_refuses_a_pad(wide_images):
+    with pytest.raises(ConfigError, match="pad: the reference augmentation crops without padding"):
+        load(wide_images[0], "dtd", layout="imagefolder", augmentation="reference", pad=4)
+    with pytest.raises(ConfigError, match=r"crop \(80\) must be at most image_size \(72\)"):
+        load(wide_images[0], "dtd", layout="imagefolder", augmentation="reference", crop=80)

@@ -82,3 +82,16 @@ def test_bad_input_names_the_metric(mutate, message):
     mutate(mtl, stl, hib)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         delta_m(mtl, stl, hib)
+
+
+def test_a_decathlon_runs_validation_loss_is_not_a_metric():
+    # two domains, each baseline with accuracy and validation loss (as a classification run
+    # records them): Delta_m is the mean over the accuracies only
+    stl = {"dtd": {"accuracy": 50.0, "loss": 2.0}, "svhn": {"accuracy": 90.0, "loss": 0.5}}
+    mtl = {"dtd": {"accuracy": 55.0, "loss": 1.0}, "svhn": {"accuracy": 81.0, "loss": 0.25}}
+    hib = {t: {"accuracy": True, "loss": False} for t in stl}
+    # dtd: -(55 - 50) / 50 * 100 = -10; svhn: -(81 - 90) / 90 * 100 = +10 -> 0
+    assert delta_m(mtl, stl, hib) == pytest.approx(0.0, abs=1e-12)
+    assert set(relative_changes(mtl, stl, hib)["dtd"]) == {"accuracy"}
+    with pytest.raises(ConfigError, match="task 'dtd' has no metrics"):
+        delta_m(mtl, {"dtd": {"loss": 2.0}}, hib)

@@ -189,10 +189,15 @@ def compare_runs(runs: Sequence[str | Path], last: int = 10, baselines: Sequence
                          {t: s["higher_is_better"][t] for t in common}) if common else float("nan")
             row.append(f"{dm:+.2f}")
         rows.append(row)
+        paper = _paper_row(s, metric_columns, extra, len(header))
+        if paper is not None:
+            rows.append(paper)
     counts = sorted({s["evaluations"] for s in summaries})
     title = (f"mean of the last {counts[0]} evaluation{'s' if counts[0] > 1 else ''}" if len(counts) == 1 else
              f"mean of the last {counts[0]} to {counts[-1]} evaluations (column evals: per run)")
     notes = [c.note for c in extra if c.note]
+    if any(s["recipe"].paper is not None and s["recipe"].paper.metrics for s in summaries):
+        notes.append("rows '(paper)': the numbers the recipe's [paper] block quotes, under its protocol")
     if notes:
         title += "; " + "; ".join(notes)
     # Many domains x (accuracy, loss) do not fit a terminal: the printed table leaves the
@@ -217,6 +222,24 @@ def compare_runs(runs: Sequence[str | Path], last: int = 10, baselines: Sequence
     if targets:
         print("wrote " + " and ".join(str(p) for p, _ in targets))
     return 0
+
+
+def _paper_row(s: dict[str, Any], metric_columns: list[tuple[str, str]], extra: list[Column],
+               width: int) -> list[str] | None:
+    """The paper's numbers for a run's recipe, in the run's columns ('-' where the paper has
+    none); plugin columns (e.g. the Decathlon score) are computed from the paper's metrics."""
+    paper = s["recipe"].paper
+    if paper is None or not paper.metrics:
+        return None
+    protocol = paper.protocol if isinstance(paper.protocol, str) else \
+        ", ".join(f"{t}: {p}" for t, p in paper.protocol.items())
+    name = f"{s['name']} (paper{'; ' + protocol if protocol else ''})"
+    ratio = f"{paper.params_ratio:.3f}" if paper.params_ratio is not None else "-"
+    row = [name, paper.architecture or s["architecture"], s["weighting"], ratio, "-"]
+    row += [_fmt(paper.metrics.get(t, {}).get(m)) for t, m in metric_columns]
+    quoted = {**s, "metrics": {t: dict(v) for t, v in paper.metrics.items()}}
+    row += [c.cell(quoted) or "-" for c in extra]
+    return row + ["-"] * (width - len(row))  # no Delta_m for the paper's row
 
 
 def _print(title: str, header: list[str], rows: list[list[str]], hidden: set[str]) -> None:

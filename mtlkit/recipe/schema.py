@@ -75,6 +75,11 @@ class PaperReference(Params):
     params_runs: int = Field(
         1, ge=1, description="how many runs of this recipe the paper's #P counts (Finetune: one per domain, 10)")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict, description="{task: {metric: value}}")
+    # The paper's numbers are only comparable under the evaluation rules that produced them
+    # (e.g. the MTAN paper's NYUv2 mIoU is per image, 2019 code), so the block says which.
+    protocol: Union[str, dict[str, str]] = Field(
+        "", description="the evaluation protocol behind `metrics`: one name for every task, or {task: name} "
+        "(the task plugins' protocol names, e.g. segmentation = 'per_image_2019')")
 
 
 class Recipe(Params):

@@ -8,9 +8,13 @@ Layout: ``root/{train,val}/{image,label_7,label_19,depth}/{i}.npy``: image H x W
 ``num_classes``: 19 reads ``label_19``, 7 reads ``label_7``, and 2 maps ``label_7`` to two
 classes. The 7 classes are the Cityscapes categories without void:
 0 flat, 1 construction, 2 object, 3 nature, 4 sky, 5 human, 6 vehicle (void = -1).
-The 2-class variant splits them into **stuff** (class 0: flat, construction, nature, sky)
-and **things** (class 1: object, human, vehicle: countable, movable or man-made items);
-void stays -1.
+For 2 classes the release's own ``label_2`` folder is read when the split has one (the
+MTAN authors' task-complexity study used their own 2-class labels). Otherwise ``label_7``
+is mapped by mtlkit's own grouping - neither the paper nor the release documents one -
+into **stuff** (class 0: flat, construction, nature, sky) and **things** (class 1: object,
+human, vehicle); void stays -1. Note that Cityscapes' own ``labels.py`` marks only the
+human and vehicle classes ``hasInstances``: runs on the mapping are not the paper's
+2-class setting, and the 2-class numbers should say which labels they used.
 
 Samples: ``image`` 3HW float32, ``segmentation`` HW int64, ``depth`` 1HW float32 (the
 disparity, under the task name "depth"). Validation and augmentation as in
@@ -70,8 +74,12 @@ class CityScapes(DenseNpyDataset):
         self.folders = {"segmentation": label_folder, "depth": "depth"}
         self.depth_scale_power = -1.0 if params.reference_disparity_scaling else 1.0
         super().__init__(params, split)
+        # the release's own 2-class labels win over mtlkit's mapping (see the module docstring)
+        self.release_two_class = params.num_classes == 2 and (self.split_dir / "label_2").is_dir()
 
     def read_target(self, target: str, index: int, hw: tuple[int, int]) -> Tensor:
+        if target == "segmentation" and self.release_two_class:
+            return self.read_label("label_2", index, hw, num_classes=2)
         if target == "segmentation" and self.num_classes == 2:
             label = self.read_label("label_7", index, hw, num_classes=7)
             mapped = torch.from_numpy(SEVEN_TO_TWO)[label.clamp_min(0)]

@@ -12,17 +12,19 @@ Layouts (``layout``):
   split shares one class order; a test split may be flat (no class folders, no labels).
   Image ids are positions in the sorted file list.
 
-Preprocessing: every image is decoded
-once to RGB, its short side resized to ``image_size`` (72, the release's size) and centre
-cropped to ``image_size`` x ``image_size``; the network then sees a ``crop`` x ``crop``
-input. The MTAN WRN-28-4 facts give a 72x72 input (72 -> 36 -> 18 -> 9), so the default
-is ``crop = 72``, with a random crop after ``pad`` pixels of zero padding on each side
-(4) for training; the residual-adapter setting's 64x64 input is ``crop = 64`` (random
-64x64 window for training, centre crop for val/test; ``pad`` may then be 0). Training
-also flips horizontally with p = 0.5, except in gtsrb, omniglot and svhn.
-Normalisation uses the per-domain mean/std of ``decathlon_stats.json`` (shipped as data;
-its values are placeholders users may replace, see that file and
-:func:`mtlkit.plugins.decathlon.mean_std.compute_mean_std`), or of ``stats_file``.
+Preprocessing (``augmentation``, see :mod:`.geometry`): every image is decoded once to
+RGB with its short side resized to ``image_size`` (72, the release's size); the network
+sees a ``crop`` x ``crop`` input. ``"padded_square"`` (the default, mtlkit's original
+behaviour) centre-crops a square when decoding, then trains on a random crop after
+``pad`` pixels of zero padding (4) and flips, except in gtsrb, omniglot and svhn.
+``"reference"`` (the reference implementation, used by the shipped Decathlon recipes)
+keeps the aspect ratio, trains on a random crop without padding plus a flip, and does not
+augment gtsrb, omniglot and svhn at all. Evaluation takes the centre crop. The MTAN
+WRN-28-4 facts give a 72x72 input (72 -> 36 -> 18 -> 9), hence ``crop = 72``; the
+residual-adapter setting's 64x64 input is ``crop = 64``.
+Normalisation uses the per-domain mean/std of ``decathlon_stats.json`` (the reference
+implementation's values, shipped as data), or of ``stats_file`` (for a new domain:
+:func:`mtlkit.plugins.decathlon.mean_std.compute_mean_std`).
 
 Samples: ``{"image": 3HW float, "label": long (-1 for the unlabelled test split),
 "image_id": int}``.
@@ -46,7 +48,8 @@ from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from .domains import DOMAINS, NO_FLIP_DOMAINS, DomainName, category_offset
+from .domains import DOMAINS, DomainName, category_offset
+from .geometry import augments, centre_crop, flips, random_crop
 from .stats import load_stats
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -57,9 +60,12 @@ class DecathlonParams(Params):
     root: str = Field(..., description="the release root (holding data/ and annotations/) or the ImageFolder root")
     domain: DomainName = Field(..., description="one of the ten Decathlon domains")
     layout: Literal["official", "imagefolder"] = "official"
-    image_size: int = Field(72, ge=8, description="short side after resizing; images are centre-cropped to a square")
+    image_size: int = Field(72, ge=8, description="short side after resizing (padded_square: then centre-cropped to a square)")
     crop: int = Field(72, ge=8, description="network input side")
-    pad: int = Field(4, ge=0, description="zero padding before the training random crop")
+    augmentation: Literal["padded_square", "reference"] = Field(
+        "padded_square", description="padded_square: square image, padded random crop + flip; reference: "
+        "the reference's unpadded random crop + flip, none for gtsrb/omniglot/svhn")
+    pad: int = Field(4, ge=0, description="zero padding before the training random crop (padded_square only)")
     augment: bool = Field(True, description="random crop + flip on the train split")
     normalize: bool = True
     stats_file: str | None = Field(None, description="per-domain mean/std JSON replacing the shipped one")
@@ -68,7 +74,13 @@ class DecathlonParams(Params):
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "DecathlonParams":
-        if self.crop > self.image_size + 2 * self.pad:
+        if self.augmentation == "reference":
+            # the reference crops without padding: a pad asked for here would be silently dropped
+            if "pad" in self.model_fields_set and self.pad:
+                raise ValueError("pad: the reference augmentation crops without padding (set pad = 0 or leave it out)")
+            if self.crop > self.image_size:
+                raise ValueError(f"crop ({self.crop}) must be at most image_size ({self.image_size})")
+        elif self.crop > self.image_size + 2 * self.pad:
             raise ValueError(f"crop ({self.crop}) must be at most image_size + 2 * pad ({self.image_size + 2 * self.pad})")
         return self
 
@@ -218,19 +230,23 @@ def read_imagefolder_index(root: Path, domain: str, split: str) -> dict[str, Any
             "num_classes": len(classes) or DOMAINS[domain], "class_names": classes, "source": folder}
 
 
-def decode_image(path: Path, image_size: int) -> np.ndarray:
-    """Decode to RGB, resize the short side to ``image_size``, centre crop a square: HWC uint8."""
+def decode_image(path: Path, image_size: int, square: bool = True) -> np.ndarray:
+    """Decode to RGB and resize the short side to ``image_size``; ``square``: then centre
+    crop a square (else keep the aspect ratio, the long side truncated as torchvision's
+    ``Resize`` does). HWC uint8."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
             w, h = im.size
             if min(w, h) != image_size:
                 scale = image_size / min(w, h)
-                im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
-                               Image.Resampling.BILINEAR)
+                size = (round(w * scale), round(h * scale)) if square else (int(w * scale), int(h * scale))
+                size = (image_size, size[1]) if w <= h else (size[0], image_size)  # short side exact
+                im = im.resize((max(image_size, size[0]), max(image_size, size[1])), Image.Resampling.BILINEAR)
                 w, h = im.size
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
+            if square:
+                left, top = (w - image_size) // 2, (h - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DataError(f"{path}: image file is missing") from None
@@ -263,8 +279,8 @@ class DecathlonDataset(Dataset):
         self.num_classes: int = index["num_classes"]
         self.class_names: list[str] = index["class_names"]
         self.source = index["source"]
-        self.augment = params.augment and split == "train"
-        self.flip = self.augment and params.domain not in NO_FLIP_DOMAINS
+        self.augment = params.augment and split == "train" and augments(params.augmentation, params.domain)
+        self.flip = self.augment and flips(params.augmentation, params.domain)
         if params.normalize:
             stats_file = params.stats_file
             stats = load_stats(stats_file)
@@ -280,33 +296,20 @@ class DecathlonDataset(Dataset):
         return len(self.paths)
 
     def decoded(self, index: int) -> np.ndarray:
-        """The decoded ``image_size`` x ``image_size`` uint8 image (cached if asked)."""
+        """The decoded uint8 image, short side ``image_size`` (cached if asked)."""
+        square = self.params.augmentation == "padded_square"
         if self._cache is not None:
             arr = self._cache.get(index)
             if arr is None:
-                arr = self._cache[index] = decode_image(self.paths[index], self.params.image_size)
+                arr = self._cache[index] = decode_image(self.paths[index], self.params.image_size, square)
             return arr
-        return decode_image(self.paths[index], self.params.image_size)
+        return decode_image(self.paths[index], self.params.image_size, square)
 
     def _geometry(self, image: torch.Tensor) -> torch.Tensor:
         p = self.params
         if self.augment:
-            if p.pad:
-                image = F.pad(image, (p.pad, p.pad, p.pad, p.pad))
-            h, w = image.shape[1:]
-            top = int(torch.randint(h - p.crop + 1, ()))
-            left = int(torch.randint(w - p.crop + 1, ()))
-            image = image[:, top:top + p.crop, left:left + p.crop]
-            if self.flip and bool(torch.rand(()) < 0.5):
-                image = image.flip(-1)
-            return image
-        h, w = image.shape[1:]
-        if p.crop > h:  # crop larger than the image: centred zero padding
-            extra = p.crop - h
-            image = F.pad(image, (extra // 2, extra - extra // 2, extra // 2, extra - extra // 2))
-            return image
-        top, left = (h - p.crop) // 2, (w - p.crop) // 2
-        return image[:, top:top + p.crop, left:left + p.crop]
+            return random_crop(image, p.crop, p.pad if p.augmentation == "padded_square" else 0, self.flip)
+        return centre_crop(image, p.crop, p.augmentation)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.paths):

@@ -32,6 +32,8 @@ TEST_SIZES: dict[str, int] = {
 
 # Domains trained without horizontal flips (flipping changes the class or reads wrong).
 NO_FLIP_DOMAINS: frozenset[str] = frozenset({"gtsrb", "omniglot", "svhn"})
+# Domains the reference implementation trains with no augmentation at all (centre crop only).
+NO_AUGMENT_DOMAINS: frozenset[str] = frozenset({"gtsrb", "omniglot", "svhn"})
 
 
 def check_domain(name: str, where: str = "decathlon", error: type[Exception] = ConfigError) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +21,12 @@ def stats_path() -> Path:
 
 def load_stats(path: str | os.PathLike | None = None) -> dict[str, dict[str, list[float]]]:
     """Read a stats file: ``{"domains": {domain: {"mean": [r, g, b], "std": [r, g, b]}}}``
-    (values for images scaled to [0, 1]). Bad content -> DataError naming the file."""
+    (values for images scaled to [0, 1]). Bad content -> DataError naming the file.
+
+    A file marked ``"placeholder": true`` holds stand-in numbers (e.g. ImageNet's for every
+    domain), not its domains' statistics: it still loads, so that a pipeline can be tried,
+    but with a warning naming the file, since normalising omniglot (mean 0.081) with
+    ImageNet's 0.45 silently shifts every input."""
     path = Path(path) if path is not None else stats_path()
     try:
         raw = json.loads(path.read_text())
@@ -31,6 +37,12 @@ def load_stats(path: str | os.PathLike | None = None) -> dict[str, dict[str, lis
     domains = raw.get("domains") if isinstance(raw, dict) else None
     if not isinstance(domains, dict):
         raise DataError(f"{path}: expected an object with a 'domains' mapping")
+    placeholder = raw.get("placeholder", False)
+    if not isinstance(placeholder, bool):
+        raise DataError(f"{path}: 'placeholder' must be true or false, not {placeholder!r}")
+    if placeholder:
+        warnings.warn(f"{path}: marked 'placeholder': its mean/std are stand-ins, not the domains' own "
+                      "statistics (compute them with compute_mean_std)", UserWarning, stacklevel=2)
     out: dict[str, dict[str, list[float]]] = {}
     for name, entry in domains.items():
         try:
@@ -47,7 +59,7 @@ def load_stats(path: str | os.PathLike | None = None) -> dict[str, dict[str, lis
 def write_stats(stats: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike,
                 source: str = "computed with mtlkit.plugins.decathlon.mean_std.compute_mean_std") -> Path:
     """Write a stats file (the :func:`load_stats` format) atomically."""
-    body = {"source": source, "domains": {d: {"mean": list(v["mean"]), "std": list(v["std"])} for d, v in stats.items()}}
+    body = {"source": source, "placeholder": False, "domains": {d: {"mean": list(v["mean"]), "std": list(v["std"])} for d, v in stats.items()}}
     data = (json.dumps(body, indent=2) + "\n").encode()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,13 @@
 """Surface normals: 1 - mean cosine over valid pixels; angular error statistics.
 
-A pixel is valid where the target normal is not the zero vector. Heads L2-normalise their
-output. Loss: ``1 - sum_valid (p . g) / #valid``.
+A pixel is valid where the target normal is not the zero vector (the data's own marker of
+a missing normal). Heads L2-normalise their output. Loss: ``1 - sum_valid (p . g) / #valid``.
+
+``protocol="reference"`` also takes the reference's validity rule, in the loss and the
+metrics: a pixel counts where the *signed sum* of the target's three components is not 0
+(``sum(g, dim=1) != 0``). That drops the zero vector too, but also genuine normals whose
+components cancel, such as (0.6, -0.6, 0) or (0.5, 0.25, -0.75) - rare in real data, but
+the reference's numbers were computed that way.
 
 Metrics: per-pixel angle = degrees(acos(clamp(p . g, -1, 1))), computed in float64, then
 ``mean`` and ``median`` (degrees, lower is better) and ``within_11.25`` / ``within_22.5`` /
@@ -51,14 +57,17 @@ def _check(prediction: Tensor, target: Tensor) -> None:
         )
 
 
-def valid_mask(target: Tensor) -> Tensor:
-    """B x H x W: the target normal is not the zero vector."""
+def valid_mask(target: Tensor, protocol: Protocol = "exact") -> Tensor:
+    """B x H x W: the target normal is not the zero vector ("exact"), or its components do
+    not sum to 0 ("reference", the reference implementation's rule)."""
+    if protocol == "reference":
+        return target.sum(dim=1) != 0
     return (target != 0).any(dim=1)
 
 
-def angles_deg(prediction: Tensor, target: Tensor) -> Tensor:
+def angles_deg(prediction: Tensor, target: Tensor, protocol: Protocol = "exact") -> Tensor:
     """Angles (degrees, float64) at the valid pixels, flattened."""
-    valid = valid_mask(target)
+    valid = valid_mask(target, protocol)
     # float64: acos is steep near 1, float32 dot products would cost ~0.03 degree there
     dot = (prediction.double() * target.double()).sum(1)[valid].clamp(-1.0, 1.0)
     return torch.rad2deg(torch.acos(dot))
@@ -86,7 +95,7 @@ class NormalErrorState(MetricState):
         prediction = prediction.detach()
         target = target.to(prediction.device)
         _check(prediction, target)
-        ang = angles_deg(prediction, target)
+        ang = angles_deg(prediction, target, self.protocol)
         n = ang.numel()
         within = torch.stack([(ang < t).sum() for t in THRESHOLDS]).double()
         if self.protocol == "exact":
@@ -146,7 +155,7 @@ class Normal(Task):
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
         target = target.to(prediction.device)
         _check(prediction, target)
-        valid = valid_mask(target)
+        valid = valid_mask(target, self.protocol)
         n = int(valid.sum())
         if n == 0:
             return prediction.sum() * 0.0
