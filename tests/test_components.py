@@ -105,3 +105,29 @@ def test_dataset_sample(c, tmp_path):
     assert len(data) > 0
     sample = data[0]
     assert sample["image"].dim() == 3 and sample["image"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("attention", ids("attention"), ids=lambda c: c.name)
+@pytest.mark.parametrize("backbone", ids("backbone"), ids=lambda c: c.name)
+def test_attention_on_every_backbone(attention, backbone):
+    """Every attention plugin on every backbone's tiny variant: it either runs, giving each
+    task its output at the input's resolution (dense tasks upsample on strided encoders),
+    or refuses at build time with one ConfigError naming the model section."""
+    from mtlkit.errors import ConfigError
+
+    torch.manual_seed(0)
+    tasks = {"seg": ("segmentation", {"num_classes": 3}), "depth": "depth"}
+    try:
+        model = compose(backbone=(backbone.name, tiny(backbone)), attention=(attention.name, tiny(attention)),
+                        tasks=tasks)
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message and "model" in message, message
+        # only attention that runs the backbone stage by stage may refuse; taps are enough for these
+        assert attention.name not in ("split", "mtan", "single"), message
+        return
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out["seg"].shape == (2, 3, 64, 64) and out["depth"].shape == (2, 1, 64, 64)
+    torch.testing.assert_close(out["seg"].exp().sum(1), torch.ones(2, 64, 64))  # log-probabilities
+    assert list(model(x, tasks=["depth"])) == ["depth"]
