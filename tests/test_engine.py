@@ -74,6 +74,23 @@ def test_one_to_many_epoch_is_a_shuffled_pass():
     assert order[0] == [i for _, b in trainer(training={"batch_size": 5, "seed": 1}).epoch_plan(0) for i, _ in b]
 
 
+def test_seed_streams_are_named_and_never_collide():
+    import itertools
+
+    from mtlkit.engine.sampling import Seeds, Stream
+
+    seeds = Seeds(7)
+    drawn = {}
+    for stream in Stream:
+        for parts in itertools.product(range(3), repeat=stream.arity):
+            drawn[(stream, parts)] = seeds.for_(stream, *parts)
+    assert len(set(drawn.values())) == len(drawn)  # e.g. rank 2's sample seeds != domain 1's third pass
+    assert Seeds(7).for_(Stream.DATA_ORDER, 2) == drawn[(Stream.DATA_ORDER, (2,))]  # a pure function
+    assert Seeds(8).for_(Stream.DATA_ORDER, 0) != drawn[(Stream.DATA_ORDER, (0,))]
+    with pytest.raises(TypeError, match="DOMAIN_ORDER takes 3"):
+        seeds.for_(Stream.DOMAIN_ORDER, 0, 1)  # the pass number forgotten
+
+
 def m2m_plan(order, **extra):
     tasks = make_tasks()
     a, _ = make_data(num_train=9)
