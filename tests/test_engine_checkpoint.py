@@ -129,10 +129,12 @@ def test_many_to_many_mid_epoch_resume(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     tasks = make_tasks()
-    interrupt_at(tasks["colour"], 4, "raise")
+    interrupt_at(tasks["colour"], 4, "signal")  # epoch 2, step 2: the step finishes, then a save
     first = build(run_dir, tasks=tasks, m2m=True, domain_order="round_robin")
     with pytest.raises(KeyboardInterrupt):
         first[0].fit()
+    meta = load_checkpoint(run_dir)[0]
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 2)  # mid-epoch
     resumed = build(run_dir, m2m=True, domain_order="round_robin")
     resumed[0].fit(resume_from=run_dir)
     assert_same_run(ref, resumed)

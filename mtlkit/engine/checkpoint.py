@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-# the trainer imports the state helpers from here
+# the trainer and snapshot.py import the state helpers from here
 from .state import capture_rng, pack_state, rng_to_json, set_rng_state, unpack_state  # noqa: F401
 
 FORMAT = "mtlkit-checkpoint"
