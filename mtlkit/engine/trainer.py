@@ -4,7 +4,8 @@ gradient-level weightings, exact resume, evaluation over whole splits, torchrun.
 The concerns live next door: one step in :mod:`.step`, data order and seed streams in
 :mod:`.sampling`, optimiser and schedule in :mod:`.optim`, evaluation in
 :mod:`.evaluation`, per-step values in :mod:`.readout`, the log and results in
-:mod:`.runfiles`, checkpoints in :mod:`.checkpoint` and :mod:`.state`.
+:mod:`.runfiles`, Ctrl-C in :mod:`.signals`, the trainer's state in and out of checkpoints
+in :mod:`.snapshot`, checkpoint files and parts in :mod:`.checkpoint` and :mod:`.state`.
 
 Data settings
 -------------
@@ -57,8 +58,8 @@ from .optim import apply_lr, build_optimizer, lr_factor
 from .progress import ProgressReporter
 from .readout import StepValues
 from .runfiles import RunFiles
-from .signals import StopSignals
 from .sampling import Seeds, Stream, epoch_plan, make_loader, seed_everything, set_data_epoch, train_dataset
+from .signals import StopSignals
 from .snapshot import restore_trainer, save_trainer
 from .step import TrainStep
 
