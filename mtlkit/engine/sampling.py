@@ -3,11 +3,10 @@ world size), per-sample seeds, and the named seed streams everything random is d
 
 Seed streams
 ------------
-Every seed the engine uses is ``Seeds(training.seed).for_(Stream.X, *parts)``: a hash of
-the run's seed, the stream's number and the stream's parts (its arity is fixed and
-checked). Two streams never share a seed, so e.g. one rank's sample seeds cannot equal a
-domain's shuffle seed. A stream's number is part of every seed drawn from it: never
-renumber one (data orders would change); add new ones at the end.
+Every seed the engine uses is ``Seeds(training.seed).for_(Stream.X, *parts)``: a hash
+(numpy's SeedSequence) of the run's seed and integers laid out per stream (``_LAYOUT``),
+from the stream's parts, whose number is fixed and checked. No two streams share a seed.
+Changing a layout changes data orders: runs would no longer repeat as they did.
 
 Sharding
 --------
@@ -41,26 +40,45 @@ def derive_seed(*parts: int) -> int:
     return ((int(state[0]) << 32) | int(state[1])) >> 1
 
 
-class Stream(enum.IntEnum):
-    """What a seed is for. The value enters the seed: never renumber, append new ones."""
+class Stream(enum.Enum):
+    """What a seed is for: (number, the parts it takes). Each stream takes a fixed number of
+    integer parts; the number only tells streams apart (values must be unique)."""
 
-    DATA_ORDER = 1  # (epoch,): the one-to-many permutation of the training set
-    DOMAIN_ORDER = 2  # (epoch, domain index, pass): one pass over one domain
-    DOMAIN_PICK = 3  # (epoch,): the domains drawn by domain_order = "proportional"
-    SAMPLE_AUGMENT = 4  # (epoch, rank): each sample's seed (augmentation), in plan order
-    TRAINING = 5  # (rank,): the global RNGs (dropout) at the start of a run
-    LOADER = 6  # (epoch,): the training DataLoader's generator (worker base seeds)
-    RESEED_AFTER_WORLD_CHANGE = 7  # (rank, global step): resumed with another world size
-    EVAL_LOADER = 8  # (): the evaluation DataLoaders' generator
+    DATA_ORDER = (1, "epoch")  # the one-to-many permutation of the training set
+    DOMAIN_ORDER = (2, "epoch, domain index, pass")  # one pass over one domain (many-to-many)
+    DOMAIN_PICK = (3, "epoch")  # the domains drawn by domain_order = "proportional"
+    SAMPLE_AUGMENT = (4, "epoch, rank")  # each sample's seed (augmentation), in plan order
+    TRAINING = (5, "rank")  # the global RNGs (dropout) at the start of a run
+    LOADER = (6, "epoch")  # the training DataLoader's generator (worker base seeds)
+    RESEED_AFTER_WORLD_CHANGE = (7, "rank, global step")  # resumed with another world size
+    EVAL_LOADER = (8, "")  # the evaluation DataLoaders' generator
+
+    @property
+    def parts(self) -> str:
+        return self.value[1]
 
     @property
     def arity(self) -> int:
         """How many integer parts a seed of this stream is drawn from."""
-        return _ARITY[self]
+        return len(self.parts.split(", ")) if self.parts else 0
 
 
-_ARITY = {Stream.DATA_ORDER: 1, Stream.DOMAIN_ORDER: 3, Stream.DOMAIN_PICK: 1, Stream.SAMPLE_AUGMENT: 2,
-          Stream.TRAINING: 1, Stream.LOADER: 1, Stream.RESEED_AFTER_WORLD_CHANGE: 2, Stream.EVAL_LOADER: 0}
+# The integers each stream's seed is mixed from, after the run's seed. They are the ones the
+# engine used before its seeds had names, so data orders -- and every result measured on
+# them -- stay as they were; except DOMAIN_ORDER's: its old layout (epoch, domain + 1,
+# pass) met four other streams (SeedSequence pads with zeros, so (r, 3) = (r, 3, 0): the
+# dropout stream of rank r was domain 2's first shuffle of epoch r), so it has its own, and
+# many-to-many data orders changed with it. A new stream needs a layout no other can
+# produce, zero padding included: e.g. its own last part, 6 or more.
+_LAYOUT = {
+    Stream.DATA_ORDER: lambda epoch: (epoch, 0, 0),
+    Stream.DOMAIN_ORDER: lambda epoch, domain, pass_: (epoch, domain, pass_, 5),
+    Stream.DOMAIN_PICK: lambda epoch: (epoch, 0, 1),
+    Stream.SAMPLE_AUGMENT: lambda epoch, rank: (epoch, rank, 2),
+    Stream.TRAINING: lambda rank: (rank, 3),
+    Stream.LOADER: lambda epoch: (epoch, 4),
+    Stream.RESEED_AFTER_WORLD_CHANGE: lambda rank, step: (rank, step, 3),
+}
 
 
 class Seeds:
@@ -71,8 +89,11 @@ class Seeds:
 
     def for_(self, stream: Stream, *parts: int) -> int:
         if len(parts) != stream.arity:  # a part missing or extra would silently alias streams
-            raise TypeError(f"seed stream {stream.name} takes {stream.arity} part(s), got {len(parts)}")
-        return derive_seed(self.seed, int(stream), *parts)
+            raise TypeError(f"seed stream {stream.name} ({stream.parts or 'no parts'}) takes {stream.arity} "
+                            f"part(s), got {len(parts)}")
+        if stream is Stream.EVAL_LOADER:
+            return self.seed  # evaluation draws nothing itself; its loader has always used the seed as is
+        return derive_seed(self.seed, *_LAYOUT[stream](*parts))
 
     def generator(self, stream: Stream, *parts: int) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(self.for_(stream, *parts)))
