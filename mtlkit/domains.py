@@ -115,46 +115,26 @@ def domain_specific_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def _private_parameter_ids(model: nn.Module) -> set[int]:
-    ids = {id(p) for p in domain_specific_parameters(model)}
-    # Heads and per-task modules follow the MultiTaskNetwork convention (contracts.py):
-    # ``heads`` and ``task_specific`` ModuleDicts, wherever they sit in the model.
-    for module in model.modules():
-        for attr in ("heads", "task_specific"):
-            sub = getattr(module, attr, None)
-            if isinstance(sub, nn.Module):
-                ids.update(id(p) for p in sub.parameters())
-    return ids
-
-
 def _keep_eval(module: nn.Module, args: Any) -> None:
     module.training = False
 
 
 def freeze_shared(model: nn.Module, freeze_bn_stats: bool = True) -> int:
-    """Freeze every parameter not inside a DomainSpecific module, a ``heads`` or a
-    ``task_specific`` module (the "feature" baseline: a fixed shared extractor).
+    """Freeze every shared parameter: all but the domain-specific layers, the ``heads`` and
+    the ``task_specific`` modules (the "feature" baseline: a fixed shared extractor). What is
+    shared is :func:`mtlkit.contracts.split_parameters`'s rule, the engine's too.
 
     With ``freeze_bn_stats`` the shared BatchNorm layers also always run in eval mode
     (their running statistics are part of the fixed extractor, and ``model.train()``
     would otherwise update them). Returns the number of parameters frozen.
     """
-    private = _private_parameter_ids(model)
-    frozen = 0
-    for p in model.parameters():
-        if id(p) not in private:
-            if p.requires_grad:
-                p.requires_grad_(False)
-            frozen += p.numel()
+    from .contracts import module_owners, split_parameters
+
+    shared, _ = split_parameters(model)
+    for p in shared:
+        p.requires_grad_(False)
     if freeze_bn_stats:
-        private_modules = set()
-        for module in model.modules():
-            if isinstance(module, DomainSpecific):
-                private_modules.update(id(m) for m in module.modules())
-            for attr in ("heads", "task_specific"):
-                sub = getattr(module, attr, None)
-                if isinstance(sub, nn.Module):
-                    private_modules.update(id(m) for m in sub.modules())
+        private_modules = module_owners(model)
         for module in model.modules():
             if isinstance(module, _BatchNorm) and id(module) not in private_modules:
                 if not getattr(module, "_mtlkit_frozen_stats", False):
@@ -162,4 +142,4 @@ def freeze_shared(model: nn.Module, freeze_bn_stats: bool = True) -> int:
                     module.register_forward_pre_hook(_keep_eval)
                     module._mtlkit_frozen_stats = True
                 module.eval()
-    return frozen
+    return sum(p.numel() for p in shared)

@@ -74,6 +74,35 @@ def test_one_to_many_epoch_is_a_shuffled_pass():
     assert order[0] == [i for _, b in trainer(training={"batch_size": 5, "seed": 1}).epoch_plan(0) for i, _ in b]
 
 
+def test_seed_streams_are_named_and_keep_the_seeds_data_orders_were_drawn_from():
+    import itertools
+    from collections import defaultdict
+
+    from mtlkit.engine.sampling import Seeds, Stream, derive_seed
+
+    seeds = Seeds(7)
+    # the integers of the engine before its seeds had names: data orders stay as they were
+    assert seeds.for_(Stream.DATA_ORDER, 2) == derive_seed(7, 2, 0, 0)
+    assert seeds.for_(Stream.DOMAIN_PICK, 2) == derive_seed(7, 2, 0, 1)
+    assert seeds.for_(Stream.SAMPLE_AUGMENT, 2, 1) == derive_seed(7, 2, 1, 2)
+    assert seeds.for_(Stream.TRAINING, 1) == derive_seed(7, 1, 3)
+    assert seeds.for_(Stream.LOADER, 2) == derive_seed(7, 2, 4)
+    assert seeds.for_(Stream.RESEED_AFTER_WORLD_CHANGE, 1, 9) == derive_seed(7, 1, 9, 3)
+    assert seeds.for_(Stream.EVAL_LOADER) == 7
+    # except DOMAIN_ORDER's, which met other streams: the old (epoch, domain + 1, pass) gave
+    # domain 2's first shuffle of epoch 1 the seed of rank 1's dropout stream
+    assert derive_seed(7, 1, 3, 0) == derive_seed(7, 1, 3)  # (SeedSequence pads with zeros)
+    assert seeds.for_(Stream.DOMAIN_ORDER, 1, 2, 0) != seeds.for_(Stream.TRAINING, 1)
+    # every stream and every choice of parts has a seed of its own
+    drawn = defaultdict(set)
+    for stream in Stream:
+        for parts in itertools.product(range(5), repeat=stream.arity):
+            drawn[seeds.for_(stream, *parts)].add((stream, parts))
+    assert all(len(v) == 1 for v in drawn.values()), [v for v in drawn.values() if len(v) > 1][:3]
+    with pytest.raises(TypeError, match="DOMAIN_ORDER .* takes 3"):
+        seeds.for_(Stream.DOMAIN_ORDER, 0, 1)  # the pass number forgotten
+
+
 def m2m_plan(order, **extra):
     tasks = make_tasks()
     a, _ = make_data(num_train=9)

@@ -6,13 +6,14 @@ import json
 import os
 import signal
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
 from mtlkit.engine import Trainer, load_model_weights
-from mtlkit.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from mtlkit.engine.checkpoint import load_checkpoint, read_safetensors, resolve_checkpoint, sha256_file
 from mtlkit.errors import CheckpointError, TrainingError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,13 +22,15 @@ from test_engine_common import Uncertainty, make_data, make_model, make_tasks, s
 CFG = dict(epochs=2, batch_size=4, log_interval=100, seed=3)  # 16 samples -> 4 steps an epoch
 
 
-def build(run_dir, tasks=None, m2m=False, **training):
+def build(run_dir, tasks=None, m2m=False, reorder=False, **training):
     tasks = tasks or make_tasks()
     train, val = make_data(num_train=16)
     if m2m:
         train2, val2 = make_data(num_train=10, num_val=5, seed=1)
         train, val = {"shape": train, "colour": train2}, {"shape": val, "colour": val2}
     model = make_model(tasks, dropout=0.5)  # dropout: the RNG state must be restored too
+    if reorder:  # the same network with its parameters registered in another order (heads first)
+        model._modules = OrderedDict(reversed(model._modules.items()))
     weighting = Uncertainty(list(tasks))  # trained tensors + JSON state
     trainer = Trainer(model, tasks, train, val, weighting=weighting, optimizer={"name": "adam", "lr": 1e-2},
                       schedule={"name": "step", "step_size": 1, "gamma": 0.5},
@@ -79,16 +82,35 @@ def test_resume_at_epoch_boundary_is_bit_identical(tmp_path, reference):
     assert_same_run(reference[0], second)
 
 
-@pytest.mark.parametrize("how", ["raise", "signal"])
+def interrupt_after_step(trainer, epoch: int, step: int) -> None:
+    """A KeyboardInterrupt between two steps (as a second Ctrl-C arriving while the next
+    batch loads): raised by the progress display right after ``step`` of ``epoch`` (1-based)."""
+    original = trainer.reporter.step
+
+    def step_shown(e, s, losses, lr):
+        original(e, s, losses, lr)
+        if (e + 1, s) == (epoch, step):
+            raise KeyboardInterrupt
+
+    trainer.reporter.step = step_shown
+
+
+@pytest.mark.parametrize("how", ["raise", "signal", "between"])
 def test_interrupt_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, reference, how):
     tasks = make_tasks()
-    interrupt_at(tasks["shape"], 6, how)  # step 6 = epoch 2, step 2
+    if how != "between":
+        interrupt_at(tasks["shape"], 6, how)  # step 6 = epoch 2, step 2
     first = build(tmp_path, tasks=tasks)
+    if how == "between":
+        interrupt_after_step(first[0], 2, 1)  # after step 5 = epoch 2, step 1
     with pytest.raises(KeyboardInterrupt):
         first[0].fit()
     meta = load_checkpoint(tmp_path)[0]
-    # a raised interrupt abandons step 6; a signal lets it finish
-    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == ((1, 1, 5) if how == "raise" else (1, 2, 6))
+    # a signal lets step 6 finish and saves it; an interrupt between steps saves the state
+    # after step 5; one raised inside step 6 (a second Ctrl-C) saves nothing: the state is
+    # half-updated, and the end of epoch 1's checkpoint stays
+    expected = {"raise": (1, 0, 4), "signal": (1, 2, 6), "between": (1, 1, 5)}[how]
+    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == expected
     resumed = build(tmp_path)
     resumed[0].fit(resume_from=tmp_path)
     assert_same_run(reference[0], resumed)
@@ -107,10 +129,12 @@ def test_many_to_many_mid_epoch_resume(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     tasks = make_tasks()
-    interrupt_at(tasks["colour"], 4, "raise")
+    interrupt_at(tasks["colour"], 4, "signal")  # epoch 2, step 2: the step finishes, then a save
     first = build(run_dir, tasks=tasks, m2m=True, domain_order="round_robin")
     with pytest.raises(KeyboardInterrupt):
         first[0].fit()
+    meta = load_checkpoint(run_dir)[0]
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 2)  # mid-epoch
     resumed = build(run_dir, m2m=True, domain_order="round_robin")
     resumed[0].fit(resume_from=run_dir)
     assert_same_run(ref, resumed)
@@ -133,8 +157,10 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
     meta, tensors, _ = load_checkpoint(tmp_path)
     assert meta["global_step"] == 4  # the end of epoch 1, not overwritten
     assert all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
-    # the NaN never reached the weights
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # losses are read once per log interval (here: at the epoch's end, after step 8): the
+    # error still names step 6, and the log holds the good steps before it
+    logged = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in logged if r["type"] == "step"] == [1, 2, 3, 4, 5]
 
 
 def test_resume_refuses_non_runs_and_bad_files(tmp_path):
@@ -200,3 +226,69 @@ def test_load_model_weights(tmp_path):
     with pytest.raises(CheckpointError, match="no tensors"):
         load_model_weights(fresh, run, key_filter="nothing.*")
 
+
+
+# -- optimiser state by parameter name -------------------------------------------------------------
+def optimizer_state_by_name(trainer):
+    names = {id(p): f"model.{n}" for n, p in trainer.raw_model.named_parameters()}
+    names.update({id(p): f"weighting.{n}" for n, p in trainer.weighting.named_parameters()})
+    return {names[id(p)]: st for p, st in trainer.optimizer.state.items()}
+
+
+def test_optimizer_state_lands_on_its_parameter_after_reordering(tmp_path, reference):
+    """A model whose parameters are registered in another order resumes with each
+    parameter's own Adam moments, and ends exactly where the uninterrupted run does."""
+    build(tmp_path, epochs=1)[0].fit()
+    resumed = build(tmp_path, reorder=True)
+    order = [n for n, _ in resumed[1].named_parameters()]
+    assert order[0].startswith("heads.") and order[-1].startswith("backbone.")  # positions moved
+    resumed[0].fit(resume_from=tmp_path)
+    ref = reference[0][0]
+    assert state_equal(reference[0][1], resumed[1]) and state_equal(reference[0][2], resumed[2])
+    got, want = optimizer_state_by_name(resumed[0]), optimizer_state_by_name(ref)
+    assert got.keys() == want.keys() and len(got) == len(order) + 1  # + the weighting's log_vars
+    for name in want:
+        for key, value in want[name].items():
+            assert torch.equal(got[name][key], value), (name, key)
+
+
+def test_checkpoint_with_positional_optimizer_state_is_refused(tmp_path):
+    """Checkpoints of older mtlkit versions stored optimiser state by position: resuming one
+    is refused in one line naming the file (and nothing is written); its weights still load."""
+    build(tmp_path, epochs=1)[0].fit()
+    meta_path = resolve_checkpoint(tmp_path)
+    meta = json.loads(meta_path.read_text())
+    tensors = read_safetensors(meta_path.with_name("model.safetensors"))
+    names = [n for g in meta["optimizer"]["param_groups"] for n in g["params"]]
+    index = {n: i for i, n in enumerate(names)}
+    old = {}
+    for key, value in tensors.items():  # optimizer.<name>.<key> -> optimizer.<position>.<key>
+        if key.startswith("optimizer."):
+            name, state_key = key[len("optimizer."):].rsplit(".", 1)
+            key = f"optimizer.{index[name]}.{state_key}"
+        old[key] = value
+    from safetensors.torch import save_file
+
+    save_file(old, str(meta_path.with_name("model.safetensors")), metadata={"format": "mtlkit-checkpoint"})
+    opt = meta["optimizer"]
+    del opt["layout"]
+    offset = 0
+    for g in opt["param_groups"]:
+        g["params"], offset = list(range(offset, offset + len(g["params"]))), offset + len(g["params"])
+    opt["extra_state"] = {str(index[n]): v for n, v in opt["extra_state"].items()}
+    meta["tensors_bytes"] = meta_path.with_name("model.safetensors").stat().st_size
+    meta["tensors_sha256"] = sha256_file(meta_path.with_name("model.safetensors"))
+    meta_path.write_text(json.dumps(meta))
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+
+    trainer, model, _ = build(tmp_path)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        trainer.fit(resume_from=tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(meta_path))
+    assert "written by an older mtlkit" in message and "by position" in message
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+    report = load_model_weights(make_model(make_tasks()), tmp_path)
+    assert report["loaded"] and not report["skipped"]

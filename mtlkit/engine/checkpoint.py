@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-# the trainer imports the state helpers from here
 from ..atomic import atomic_write_bytes, atomic_write_json, fsync_dir as _fsync_dir  # noqa: F401
 from ..atomic import remove_quietly as _remove, remove_temp_files  # noqa: F401
+# the trainer and snapshot.py import the state helpers from here
 from .state import capture_rng, pack_state, rng_to_json, set_rng_state, unpack_state  # noqa: F401
 
 FORMAT = "mtlkit-checkpoint"

@@ -66,7 +66,9 @@ class TrainingConfig(Params):
                                               "batch size per domain (others use batch_size).")
     domain_loss_weight: dict[str, float] = Field(default_factory=dict, description="Many-to-many only: "
                                                  "factor on a domain's loss (default 1).")
-    log_interval: int = Field(10, ge=1, description="Steps between plain-text progress lines.")
+    log_interval: int = Field(10, ge=1, description="Steps between plain-text progress lines. Also how "
+                              "often per-step losses are read from the device (log records, NaN check) "
+                              "and, under torchrun, how soon ranks agree to stop on Ctrl-C.")
     metrics_last_n: Optional[int] = Field(None, ge=1, description="Also report the mean of the last n "
                                           "evaluations in results.json (the MTAN paper uses 10).")
 

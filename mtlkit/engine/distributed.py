@@ -4,7 +4,7 @@ Under ``torchrun`` (env ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) the trainer call
 :func:`setup` which initialises the default process group (gloo on CPU, nccl on CUDA) once.
 Every helper here is a no-op in a single process, so the training loop has one code path.
 
-Data sharding is done by the engine itself (see ``trainer.epoch_plan``), equivalent to
+Data sharding is done by the engine itself (see ``sampling.epoch_plan``), equivalent to
 ``DistributedSampler(shuffle=True, seed=...)`` with ``set_epoch(epoch)``: each epoch's
 permutation is drawn from (seed, epoch), padded to a multiple of the world size, and rank r
 takes every world-th index. The engine needs its own version because every rank must also

@@ -68,19 +68,22 @@ class ProgressReporter:
             self._task = self._progress.add_task("train", total=total_steps, completed=done_steps,
                                                  epoch=epoch + 1, epochs=self.epochs, losses="", rate="-")
 
-    def step(self, epoch: int, step: int, losses: dict[str, float], lr: float) -> None:
-        """``step``: batches done in this epoch (1-based)."""
+    def step(self, epoch: int, step: int, losses: dict[str, float] | None, lr: float) -> None:
+        """``step``: batches done in this epoch (1-based). ``losses``: the step's losses, or
+        None between read-outs (the trainer reads them from the device once per
+        ``log_interval`` steps and at the epoch's end, the steps a plain line is printed at)."""
         if not self.enabled:
             return
         self._window_steps += 1
         now = time.perf_counter()
         if self.live and self._progress is not None:
             rate = self._window_steps / max(now - self._epoch_start, 1e-9)
-            self._progress.update(self._task, completed=step, losses=_losses_text(losses), rate=f"{rate:.2f}")
+            shown = {} if losses is None else {"losses": _losses_text(losses)}
+            self._progress.update(self._task, completed=step, rate=f"{rate:.2f}", **shown)
         elif step % self.log_interval == 0 or step == self._total:
             rate = self._window_steps / max(now - self._window_start, 1e-9)
             eta = (self._total - step) / rate if rate > 0 else float("nan")
-            print(f"epoch {epoch + 1}/{self.epochs} step {step}/{self._total} {_losses_text(losses)} "
+            print(f"epoch {epoch + 1}/{self.epochs} step {step}/{self._total} {_losses_text(losses or {})} "
                   f"lr={lr:.3g} {rate:.2f} it/s eta {eta:.0f}s", file=self.stream, flush=True)
             self._window_start, self._window_steps = now, 0
 

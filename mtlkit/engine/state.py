@@ -1,8 +1,13 @@
 """Training state as checkpoint parts: RNG states as JSON; model, optimiser and weighting
 state as tensors (for the safetensors file) plus JSON (optimiser scalars).
 
-Tensor keys: ``model.<state_dict key>``, ``optimizer.<param index>.<state key>``,
-``weighting.<state_dict key>``.
+Tensor keys: ``model.<state_dict key>``, ``weighting.<state_dict key>``, and
+``optimizer.<parameter>.<state key>`` where ``<parameter>`` is the parameter's qualified
+name, ``model.<name>`` or ``weighting.<name>``. Optimiser state is matched to parameters
+by that name, so a model whose parameters are registered in another order (or that gained
+a frozen parameter) still gets each parameter's own moments. Checkpoints of mtlkit
+versions that stored it by position (``optimizer.<index>.<key>``) cannot be matched safely
+and are refused for resuming; their weights still load (``load_model_weights``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ..errors import CheckpointError
 
 # -- RNG states as JSON -----------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
-    """The global RNG states, raw (cheap enough to take after every step)."""
+    """The global RNG states, raw. Taken when a checkpoint is written, never per step."""
     out: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.get_rng_state_all()
@@ -70,6 +75,26 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint JSON")
 
 
+OPTIMIZER_LAYOUT = "by-name"
+
+
+def qualified_parameters(model: nn.Module, weighting: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
+    """``(model.<name> | weighting.<name>, parameter)``, each parameter once."""
+    named = [(f"model.{n}", p) for n, p in model.named_parameters()]
+    if weighting is not None:
+        named += [(f"weighting.{n}", p) for n, p in weighting.named_parameters()]
+    return named
+
+
+def _group_names(optimizer: torch.optim.Optimizer, model: nn.Module, weighting: nn.Module | None) -> list[list[str]]:
+    names = {id(p): n for n, p in reversed(qualified_parameters(model, weighting))}  # first name wins
+    try:
+        return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    except KeyError:
+        raise CheckpointError("the optimiser holds a parameter that is neither the model's nor the "
+                              "weighting's (it has no name to store its state under)") from None
+
+
 def pack_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                weighting: nn.Module | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Tensors for the safetensors file and the JSON part of optimizer state."""
@@ -78,15 +103,16 @@ def pack_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         tensors.update({f"weighting.{k}": v for k, v in weighting.state_dict().items()})
     opt_meta: dict[str, Any] = {}
     if optimizer is not None:
-        sd = optimizer.state_dict()
-        extra: dict[str, dict[str, Any]] = {}
-        for idx, pstate in sd["state"].items():
-            for key, value in pstate.items():
-                if isinstance(value, Tensor):
-                    tensors[f"optimizer.{idx}.{key}"] = value
-                else:
-                    extra.setdefault(str(idx), {})[key] = _jsonable(value)
-        opt_meta = {"class": type(optimizer).__name__, "param_groups": _jsonable(sd["param_groups"]),
+        groups, extra = [], {}
+        for g, names in zip(optimizer.param_groups, _group_names(optimizer, model, weighting)):
+            groups.append({**_jsonable({k: v for k, v in g.items() if k != "params"}), "params": names})
+            for p, name in zip(g["params"], names):
+                for key, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, Tensor):
+                        tensors[f"optimizer.{name}.{key}"] = value
+                    else:
+                        extra.setdefault(name, {})[key] = _jsonable(value)
+        opt_meta = {"class": type(optimizer).__name__, "layout": OPTIMIZER_LAYOUT, "param_groups": groups,
                     "extra_state": extra}
     return tensors, opt_meta
 
@@ -110,33 +136,65 @@ def _restore_module(module: nn.Module, tensors: dict[str, Tensor], prefix: str, 
     module.load_state_dict(given, strict=True)
 
 
+def check_optimizer_layout(opt_meta: dict[str, Any], where: str) -> None:
+    """Refuse optimiser state stored by position (older mtlkit): one line naming the file."""
+    if opt_meta.get("layout") != OPTIMIZER_LAYOUT:
+        raise CheckpointError(f"{where}: written by an older mtlkit, which stored optimiser state by position; "
+                              f"it cannot be matched to parameters safely, so this run cannot be resumed "
+                              f"(start a new one; init_from can take its weights)")
+
+
 def unpack_state(tensors: dict[str, Tensor], opt_meta: dict[str, Any], model: nn.Module,
                  optimizer: torch.optim.Optimizer | None, weighting: nn.Module | None, where: str) -> None:
+    if optimizer is not None:  # before anything changes: a refused resume leaves the trainer as it was
+        check_optimizer_layout(opt_meta, where)
+        if opt_meta.get("class") != type(optimizer).__name__:
+            raise CheckpointError(f"{where}: the checkpoint's optimiser is {opt_meta.get('class')}, "
+                                  f"this run's is {type(optimizer).__name__}")
+        state_dict = _optimizer_state_by_name(tensors, opt_meta, _group_names(optimizer, model, weighting), where)
     _restore_module(model, tensors, "model.", where)
     if weighting is not None:
         _restore_module(weighting, tensors, "weighting.", where)
     if optimizer is None:
         return
-    if opt_meta.get("class") != type(optimizer).__name__:
-        raise CheckpointError(f"{where}: the checkpoint's optimiser is {opt_meta.get('class')}, "
-                              f"this run's is {type(optimizer).__name__}")
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for idx, extra in opt_meta.get("extra_state", {}).items():
-        state.setdefault(int(idx), {}).update(extra)
-    groups = []
-    for g in opt_meta.get("param_groups", []):
-        g = dict(g)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    current = optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
-        raise CheckpointError(f"{where}: optimiser parameter groups do not fit this model")
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        optimizer.load_state_dict(state_dict)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{where}: optimiser state does not fit this model ({exc})") from None
+
+
+def _optimizer_state_by_name(tensors: dict[str, Tensor], opt_meta: dict[str, Any], names_now: list[list[str]],
+                             where: str) -> dict[str, Any]:
+    """The checkpoint's optimiser state as ``optimizer.load_state_dict`` wants it for this
+    optimiser: positions (this run's parameter order) filled by name."""
+    saved = opt_meta.get("param_groups", [])
+    if len(saved) != len(names_now):
+        raise CheckpointError(f"{where}: the checkpoint's optimiser has {len(saved)} parameter group(s), "
+                              f"this run's {len(names_now)} (the weighting's parameters form the second)")
+    for g, now in zip(saved, names_now):
+        then = g.get("params", [])
+        gone, new = sorted(set(then) - set(now)), sorted(set(now) - set(then))
+        if gone or new:
+            name, what = (new[0], "is trained now but was not") if new else (gone[0], "was trained but is not now")
+            raise CheckpointError(f"{where}: optimiser state does not fit this model: '{name}' {what}")
+    by_name: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            # state keys (exp_avg, momentum_buffer, ...) have no dot; parameter names do
+            name, state_key = key[len("optimizer."):].rsplit(".", 1)
+            by_name.setdefault(name, {})[state_key] = value
+    for name, extra in opt_meta.get("extra_state", {}).items():
+        by_name.setdefault(name, {}).update(extra)
+    state: dict[int, dict[str, Any]] = {}
+    groups, index = [], 0
+    for g, now in zip(saved, names_now):
+        g = {k: v for k, v in g.items() if k != "params"}
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        g["params"] = list(range(index, index + len(now)))
+        for name in now:
+            if name in by_name:  # a parameter that never had a gradient has no state
+                state[index] = by_name[name]
+            index += 1
+        groups.append(g)
+    return {"state": state, "param_groups": groups}

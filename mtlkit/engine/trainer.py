@@ -1,5 +1,11 @@
-"""The training loop: one-to-many and many-to-many, loss- and gradient-level weightings,
-exact resume, evaluation over whole splits, torchrun.
+"""The Trainer: wiring and the epoch loop. One-to-many and many-to-many, loss- and
+gradient-level weightings, exact resume, evaluation over whole splits, torchrun.
+
+The concerns live next door: one step in :mod:`.step`, data order and seed streams in
+:mod:`.sampling`, optimiser and schedule in :mod:`.optim`, evaluation in
+:mod:`.evaluation`, per-step values in :mod:`.readout`, the log and results in
+:mod:`.runfiles`, Ctrl-C in :mod:`.signals`, the trainer's state in and out of checkpoints
+in :mod:`.snapshot`, checkpoint files and parts in :mod:`.checkpoint` and :mod:`.state`.
 
 Data settings
 -------------
@@ -7,152 +13,59 @@ Data settings
   ``model(x)`` returns every task's output.
 - Many-to-many: ``train_data`` is a dict domain (= task name) -> Dataset. Each batch comes
   from one domain and runs ``model(x, tasks=[domain])``. ``training.domain_order`` says how
-  domains alternate. Gradient-level weightings (``requires_grads = "shared"``) need every
-  task's loss on the same batch, which a one-domain batch never has, so they are refused
-  here (ConfigError naming ``weighting``).
+  domains alternate. Gradient-level weightings need every task's loss on the same batch,
+  which a one-domain batch never has, so they are refused here.
 
-Reproducibility
----------------
-Each epoch's batches are a pure function of (seed, epoch, rank, world size): see
-:meth:`Trainer.epoch_plan`. Each sample is loaded with the global RNGs seeded from its own
-seed (augmentations repeat whatever ``num_workers`` is, and on resume); in the main process
-the training RNG stream (dropout) is kept apart from data loading. Checkpoints store the
-RNG states after the last completed step, so N steps in one go and N/2 + resume + N/2
-end with bit-identical weights on CPU.
+The hot loop stays on the device
+--------------------------------
+Nothing in a loss-level step waits for the device: losses and weights stay tensors and
+are read once per ``training.log_interval`` steps (log records are still one per step,
+written in batches), where non-finite losses are also detected (the error names the first
+bad step; no checkpoint is written after it, and the weights in memory may already be
+non-finite). RNG states are captured only when a checkpoint is written.
 
-Distributed (torchrun)
-----------------------
-The model is wrapped in DistributedDataParallel (``find_unused_parameters`` in the
-many-to-many setting, where one branch runs per step). Parameters of the weighting
-(outside DDP) get their gradients averaged by hand. Gradient-level weightings run the
-forward under ``model.no_sync()`` and compute every gradient with ``torch.autograd.grad``
-(no DDP reducer involved); the K x P per-task gradient matrix, the task losses and the
-task-specific gradients are averaged across ranks by all-reduce before ``combine_grads``,
-so every rank's weighting sees the same values and applies the same update. Tasks with no
-valid target in the batch (a zero gradient row) are left out of ``combine_grads``. Rank 0
-alone writes files and prints.
+Interrupts
+----------
+First Ctrl-C (or SIGTERM): the step in progress finishes, a checkpoint is saved, training
+stops (KeyboardInterrupt). In one process this is checked after every step; under torchrun
+the ranks agree at the next read-out, so up to ``log_interval`` more steps run (the
+agreement is an all-reduce, not one per step). A second Ctrl-C stops at once: at a step
+boundary the state is saved (it is exact); in the middle of a step (or of the epoch's
+end: weighting hooks, evaluation, saving) nothing is saved and the last checkpoint stays.
+Each epoch's batches are a pure function of (seed, epoch, rank, world size), so N steps
+in one go and N/2 + resume + N/2 end with bit-identical weights on CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
-import random
-import signal
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+from torch import nn
 
 from ..contracts import Task, Weighting
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError
 from . import distributed as D
-from .checks import check_best_metric, check_data, check_weighting, missing_key
-from .checkpoint import (atomic_write_json, capture_rng, load_checkpoint, pack_state, recipe_sha256,
-                         rng_to_json, save_checkpoint, set_rng_state, unpack_state)
+from .checks import check_best_metric, check_data, check_weighting
+from .checkpoint import capture_rng, recipe_sha256
 from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
+from .evaluation import delta_m, evaluate, improved_best
+from .optim import apply_lr, build_optimizer, lr_factor
 from .progress import ProgressReporter
+from .readout import StepValues
+from .runfiles import RunFiles
+from .sampling import Seeds, Stream, epoch_plan, make_loader, seed_everything, set_data_epoch, train_dataset
+from .signals import StopSignals
+from .snapshot import restore_trainer, save_trainer
+from .step import TrainStep
+
+__all__ = ["Trainer", "seed_everything"]
 
 
-# -- seeding ----------------------------------------------------------------------------
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (numpy's SeedSequence: stable across platforms)."""
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint32)
-    return ((int(state[0]) << 32) | int(state[1])) >> 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and python's random (call before building the model)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Ctrl-C is the main process's business: it finishes the step, saves and shuts the
-    # workers down; a worker dying on SIGINT would turn that into a DataLoader error.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # DataLoader seeds torch per worker from its (seeded) generator; numpy and random follow.
-    s = torch.initial_seed()
-    np.random.seed(s % 2**32)
-    random.seed(s)
-
-
-def _seed_data_rngs(seed: int) -> None:
-    # CPU generator only: torch.manual_seed would also reseed CUDA, the dropout stream on GPU.
-    torch.default_generator.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-class _SeededSamples(Dataset):
-    """``dataset[index]`` with the global RNGs seeded from the sample's own seed."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        if get_worker_info() is not None:  # a worker's RNG serves data loading only
-            _seed_data_rngs(seed)
-            return self.dataset[index]
-        saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        try:
-            _seed_data_rngs(seed)
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(saved[0])
-            np.random.set_state(saved[1])
-            random.setstate(saved[2])
-
-
-class _Concat(Dataset):
-    """Domains side by side (global index = domain offset + local index)."""
-
-    def __init__(self, datasets: list[Dataset]) -> None:
-        self.datasets = datasets
-        self.offsets = np.cumsum([0] + [len(d) for d in datasets]).tolist()
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getitem__(self, index: int):
-        d = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return self.datasets[d][index - self.offsets[d]]
-
-
-def _shard_permutation(n: int, seed: int, rank: int, world: int) -> list[int]:
-    """DistributedSampler(shuffle=True) semantics: permute, pad by wrapping, take rank::world."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    perm = torch.randperm(n, generator=g).tolist()
-    if world > 1:
-        total = math.ceil(n / world) * world
-        while len(perm) < total:
-            perm += perm[: total - len(perm)]
-        perm = perm[rank:total:world]
-    return perm
-
-
-def _chunks(indices: list[int], size: int, drop_last: bool) -> list[list[int]]:
-    out = [indices[i:i + size] for i in range(0, len(indices), size)]
-    if drop_last and out and len(out[-1]) < size:
-        out.pop()
-    return out
-
-
-# -- the trainer ---------------------------------------------------------------------------
 class Trainer:
     """Train a :class:`~mtlkit.contracts.MultiTaskNetwork` on one or several tasks.
 
@@ -182,35 +95,39 @@ class Trainer:
         if unknown:
             raise ConfigError(f"baselines: '{unknown[0]}' is not a task (tasks: {', '.join(self.tasks)})")
         self.many_to_many = isinstance(train_data, Mapping)
-        self.train_data = train_data
-        self.val_data = val_data
-        self._check_data()
+        self.train_data, self.val_data = train_data, val_data
+        check_data(self.tasks, train_data, val_data, self.cfg)
         self.weighting = weighting if weighting is not None else Weighting(list(self.tasks))
-        self._check_weighting()
-        self._check_best_metric()
+        check_weighting(self.weighting, self.tasks, self.many_to_many)
+        self.best_higher = check_best_metric(self.cfg.best_metric, self.tasks)
 
         self.ctx = D.setup(self.cfg.device)
         self.device = self.ctx.device
+        self.seeds = Seeds(self.cfg.seed)
         self.raw_model = model.to(self.device)
         self.weighting.to(self.device)
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                             find_unused_parameters=self.many_to_many)
+                             find_unused_parameters=self.many_to_many)  # one branch runs per many-to-many step
         else:
             self.model = self.raw_model
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.opt_cfg, self.raw_model, self.weighting)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.train_step = TrainStep(self.model, self.raw_model, self.tasks, self.weighting, self.optimizer,
+                                    self.cfg, self.ctx)
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writes = self.run_dir is not None and self.ctx.is_main
         if self.writes and not self.run_dir.is_dir():
             raise ConfigError(f"run folder '{self.run_dir}' does not exist (the caller creates it)")
+        self.files = RunFiles(self.run_dir, self.writes)
         self.recipe_hash = recipe_sha256(recipe)
         self.quiet = quiet
         self.reporter = ProgressReporter(self.cfg.epochs, self.cfg.log_interval, quiet=quiet,
                                          enabled=self.ctx.is_main)
+        self.values = StepValues(self.ctx)
 
         # progress state (what a checkpoint stores)
         self.epoch = 0
@@ -222,274 +139,37 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.elapsed = 0.0
         self._started = False
-        self._committed_rng: dict[str, Any] | None = None
-        self._stop_requested = False
-        self._log_fh = None
-        self._phase = "idle"  # idle | forward | update: where a KeyboardInterrupt landed
-        self._buffer_snapshot: list[Tensor] = []
+        self.stop = StopSignals()
+        self._torn = False  # inside a step or an epoch's end: an exception there leaves no exact state
+        self._saved_at: tuple[int, int] | None = None  # (epoch, global step) of the last checkpoint
+        self._epoch_start_rng: dict[str, Any] | None = None  # before on_epoch_start (see _interrupt_rng)
 
-    # -- validation ----------------------------------------------------------------------
-    def _check_data(self) -> None:
-        check_data(self.tasks, self.train_data, self.val_data, self.cfg)
-
-    def _check_weighting(self) -> None:
-        check_weighting(self.weighting, self.tasks, self.many_to_many)
-
-    def _check_best_metric(self) -> None:
-        self.best_higher = check_best_metric(self.cfg.best_metric, self.tasks)
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        c = self.opt_cfg
-        groups = [{"params": [p for p in self.raw_model.parameters() if p.requires_grad]}]
-        wparams = [p for p in self.weighting.parameters() if p.requires_grad]
-        if wparams:  # weighting parameters (log-variances...) are not weights to shrink
-            groups.append({"params": wparams, "weight_decay": 0.0})
-        if c.name == "sgd":
-            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-                                   weight_decay=c.weight_decay)
-        cls = torch.optim.Adam if c.name == "adam" else torch.optim.AdamW
-        return cls(groups, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
-
-    # -- schedule --------------------------------------------------------------------------
+    # -- public helpers ----------------------------------------------------------------------
     def lr_factor(self, epoch: int) -> float:
         """The schedule as a pure function of the epoch (exact on resume)."""
-        s = self.sched_cfg
-        if s.name == "step":
-            return s.gamma ** (epoch // s.step_size)
-        if s.name == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * epoch / self.cfg.epochs))
-        return 1.0
-
-    def _apply_lr(self, epoch: int) -> None:
-        f = self.lr_factor(epoch)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = base * f
-
-    # -- data order --------------------------------------------------------------------------
-    def _domains(self) -> list[str]:
-        return list(self.train_data) if self.many_to_many else []
-
-    def _batch_size(self, domain: str | None) -> int:
-        return self.cfg.domain_batch_size.get(domain, self.cfg.batch_size) if domain else self.cfg.batch_size
+        return lr_factor(self.sched_cfg, self.cfg.epochs, epoch)
 
     def epoch_plan(self, epoch: int) -> list[tuple[str | None, list[tuple[int, int]]]]:
         """This rank's batches of ``epoch``: (domain or None, [(index, sample seed), ...]).
 
         Indices are into the training set (many-to-many: into the domains side by side).
         """
-        c, rank, world = self.cfg, self.ctx.rank, self.ctx.world_size
-        plan: list[tuple[str | None, list[int]]] = []
-        if not self.many_to_many:
-            perm = _shard_permutation(len(self.train_data), derive_seed(c.seed, epoch, 0, 0), rank, world)
-            plan = [(None, b) for b in _chunks(perm, c.batch_size, c.drop_last)]
-        else:
-            domains = self._domains()
-            sizes = [len(self.train_data[d]) for d in domains]
-            offsets = np.cumsum([0] + sizes).tolist()
+        return epoch_plan(self.train_data, self.cfg, epoch, self.ctx.rank, self.ctx.world_size)
 
-            def passes(i: int):
-                """Endless batches of domain i: pass after pass, each freshly shuffled."""
-                r = 0
-                while True:
-                    perm = _shard_permutation(sizes[i], derive_seed(c.seed, epoch, i + 1, r), rank, world)
-                    batches = _chunks([offsets[i] + j for j in perm], self._batch_size(domains[i]), c.drop_last)
-                    if not batches:
-                        return
-                    yield from batches
-                    r += 1
+    def evaluate(self, split_data=None) -> dict[str, dict[str, float]]:
+        """Metrics over a whole split ({task: {metric: value}}); default: the validation data.
 
-            per_pass = [len(_chunks(list(range(math.ceil(n / world))), self._batch_size(d), c.drop_last))
-                        for n, d in zip(sizes, domains)]
-            if c.domain_order == "sequential":
-                for i, d in enumerate(domains):
-                    it = passes(i)
-                    plan += [(d, next(it)) for _ in range(per_pass[i])]
-            elif c.domain_order == "round_robin":
-                its = [passes(i) for i in range(len(domains))]
-                for k in range(max(per_pass)):
-                    plan += [(d, next(its[i])) for i, d in enumerate(domains) if k < per_pass[i]]
-            else:  # proportional: as many batches as one pass over all; domain drawn by size^(1/T)
-                w = np.array(sizes, dtype=np.float64) ** (1.0 / c.proportional_temperature)
-                rng = np.random.Generator(np.random.PCG64(derive_seed(c.seed, epoch, 0, 1)))
-                picks = rng.choice(len(domains), size=sum(per_pass), p=w / w.sum())
-                its = [passes(i) for i in range(len(domains))]
-                plan = [(domains[i], next(its[i])) for i in picks.tolist() if per_pass[i] > 0]
-        if c.max_steps_per_epoch is not None:
-            plan = plan[: c.max_steps_per_epoch]
-        total = sum(len(b) for _, b in plan)
-        rng = np.random.Generator(np.random.PCG64(derive_seed(c.seed, epoch, rank, 2)))
-        seeds = rng.integers(0, 2**62, size=total).tolist()
-        out, k = [], 0
-        for d, b in plan:
-            out.append((d, list(zip(b, seeds[k:k + len(b)]))))
-            k += len(b)
-        return out
-
-    def _set_data_epoch(self, epoch: int) -> None:
-        """Tell data sets with their own seeded augmentation (``set_epoch``) which epoch this is.
-
-        Such a data set draws its crops and flips from (its seed, epoch, index): without this
-        call every epoch would see the same ones. Called before the epoch's loader is made,
-        so worker processes get the data set with the epoch already set.
+        Under torchrun each rank evaluates indices rank, rank + world, ... (no padding, no
+        sample twice) and the metric states are summed across ranks before ``compute``.
         """
-        datasets = self.train_data.values() if self.many_to_many else [self.train_data]
-        for ds in datasets:
-            if callable(getattr(ds, "set_epoch", None)):
-                ds.set_epoch(epoch)
+        data = self.val_data if split_data is None else split_data
+        if data is None:
+            raise ConfigError("evaluate: no validation data given")
+        return evaluate(self.raw_model, self.tasks, data, self.cfg, self.ctx)
 
-    def _train_dataset(self) -> Dataset:
-        if self.many_to_many:
-            return _SeededSamples(_Concat([self.train_data[d] for d in self._domains()]))
-        return _SeededSamples(self.train_data)
-
-    def _loader(self, dataset: Dataset, batch_sampler, seed: int) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.cfg.num_workers,
-                          pin_memory=self.device.type == "cuda", worker_init_fn=_seed_worker,
-                          generator=torch.Generator().manual_seed(seed))
-
-    # -- one step -------------------------------------------------------------------------------
-    def _targets(self, batch: dict, names: list[str], where: str) -> dict[str, Tensor]:
-        out = {}
-        for t in names:
-            key = self.tasks[t].target
-            if key not in batch:
-                raise missing_key(where, key, t, batch)
-            out[t] = batch[key].to(self.device, non_blocking=True)
-        return out
-
-    def _forward(self, model: nn.Module, batch: dict, domain: str | None, where: str) -> dict[str, Tensor]:
-        if "image" not in batch:
-            raise missing_key(where, "image", have=batch)
-        x = batch["image"].to(self.device, non_blocking=True)
-        out = model(x, tasks=[domain]) if domain is not None else model(x)
-        names = [domain] if domain is not None else list(self.tasks)
-        for t in names:
-            if t not in out:
-                raise TrainingError(f"the model returned no output for task '{t}'")
-        return out
-
-    def _train_step(self, batch: dict, domain: str | None) -> dict[str, float]:
-        names = [domain] if domain is not None else list(self.tasks)
-        gradient_level = self.weighting.requires_grads == "shared"
-        sync_ctx = self.model.no_sync() if gradient_level and self.ctx.enabled else contextlib.nullcontext()
-        with sync_ctx:
-            out = self._forward(self.model, batch, domain, "train_data")
-            targets = self._targets(batch, names, "train_data")
-            losses = {t: self.tasks[t].loss(out[t], targets[t]) for t in names}
-            values = {t: float(losses[t].detach()) for t in names}
-            bad = [not math.isfinite(values[t]) for t in names]
-            if self.ctx.enabled:
-                bad = (D.all_reduce_sum(torch.tensor(bad, dtype=torch.float32), self.ctx) > 0).tolist()
-            if any(bad):
-                t = names[bad.index(True)]
-                raise TrainingError(f"task '{t}': loss is {values[t]} at epoch {self.epoch + 1} step "
-                                    f"{self.step_in_epoch + 1} (global step {self.global_step + 1}); "
-                                    f"the last good checkpoint is kept")
-            if domain is not None:
-                wt = self.cfg.domain_loss_weight.get(domain, 1.0)
-                losses = {domain: losses[domain] * wt} if wt != 1.0 else losses
-            self.optimizer.zero_grad(set_to_none=True)
-            self._phase = "update"  # from here an interrupt tears the state
-            if gradient_level:
-                self._gradient_level_backward(losses)
-            else:
-                self.weighting.combine(losses).backward()
-                self._average_grads([p for p in self.weighting.parameters() if p.grad is not None])
-            self.optimizer.step()
-        return values
-
-    def _average_grads(self, params: list[nn.Parameter]) -> None:
-        """Average gradients DDP does not see (one flat all-reduce)."""
-        if not self.ctx.enabled or not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        D.all_reduce_mean_(flat, self.ctx)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
-
-    def _gradient_level_backward(self, losses: dict[str, Tensor]) -> None:
-        """Shared parameters: ``combine_grads`` of the global batch; the rest: ``combine``.
-
-        Everything the weighting reads is averaged across ranks first, the K x P gradient
-        matrix and the K task losses alike: with a rank's own losses (MGDA's loss
-        normalisation) the ranks would choose different weights and the replicas drift.
-        """
-        model = self.raw_model
-        shared = [p for p in model.shared_parameters() if p.requires_grad]
-        if not shared:
-            raise ConfigError("weighting: gradient-level weighting needs shared parameters, the model has none")
-        shared_ids = {id(p) for p in shared}
-        names = list(self.weighting.task_names)
-        rows = []
-        for t in names:
-            grads = torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                   for g, p in zip(grads, shared)]))
-        G = torch.stack(rows)  # K x P
-        D.all_reduce_mean_(G, self.ctx)
-        # float64 carries any task's loss dtype exactly; each goes back to its own dtype
-        mean = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in names])
-        D.all_reduce_mean_(mean, self.ctx)
-        global_losses = {t: mean[k].to(losses[t].dtype) for k, t in enumerate(names)}
-        combined = self._combine_present(G, global_losses)
-        offset = 0
-        for p in shared:
-            n = p.numel()
-            # no task to learn from: no gradient, so the optimiser leaves the trunk alone
-            # (a zero gradient would still move it by momentum and weight decay)
-            p.grad = None if combined is None else combined[offset:offset + n].detach().view_as(p).clone()
-            offset += n
-        private = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
-        private += [p for p in self.weighting.parameters() if p.requires_grad]
-        if private:
-            grads = torch.autograd.grad(self.weighting.combine(losses), private, allow_unused=True)
-            used = []
-            for p, g in zip(private, grads):
-                if g is not None:
-                    p.grad = g.detach().clone()
-                    used.append(p)
-            self._average_grads(used)
-
-    def _combine_present(self, G: Tensor, losses: dict[str, Tensor]) -> Tensor | None:
-        """``combine_grads`` over the tasks whose gradient row is not zero (None: no such task).
-
-        A task with no valid target in the batch (every label ignored, every depth 0) has a
-        zero loss and a zero row. Left in, it decides the aggregate: the min-norm point of
-        a hull holding 0 is 0 (MGDA), IMTL-G puts all the weight on it; the trunk stops.
-        Such tasks are left out and the weighting solves for the others: during the call
-        its ``task_names`` lists the present tasks, in order, matching the rows of
-        ``grads`` and the keys of ``losses`` (a weighting with per-task state can tell
-        which tasks these are). G is all-reduced already, so every rank leaves out the same.
-        """
-        # max |g| per row: a reduction, no K x P temporary; a NaN row stays in (NaN != 0)
-        keep = (torch.linalg.vector_norm(G, ord=float("inf"), dim=1) != 0).tolist()
-        self._subset_weights = None
-        if all(keep):
-            combined = self.weighting.combine_grads(G, losses)
-        else:
-            full = self.weighting.task_names
-            present = [t for t, k in zip(full, keep) if k]
-            # what the log reports for this step (the weighting's own weights() would pair
-            # the full task list with the present tasks' coefficients)
-            self._subset_weights = dict.fromkeys(full, 0.0)
-            if not present:
-                return None
-            self.weighting.task_names = present
-            try:
-                combined = self.weighting.combine_grads(G[torch.tensor(keep, device=G.device)],
-                                                        {t: losses[t] for t in present})
-                reported = self.weighting.weights()
-            finally:
-                self.weighting.task_names = full
-            # {} is a method's way of saying it reports no weights
-            self._subset_weights = {**self._subset_weights, **reported} if reported else {}
-        if combined.shape != (G.shape[1],):
-            raise TrainingError(f"weighting: combine_grads returned shape {tuple(combined.shape)}, "
-                                f"expected ({G.shape[1]},)")
-        return combined
+    def delta_m(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
+        """Delta_m% of ``metrics`` against ``self.baselines`` (their metrics, all tasks)."""
+        return delta_m(self.tasks, self.baselines, metrics)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume_from: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
@@ -503,88 +183,73 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         elif not self._started:
-            seed_everything(derive_seed(self.cfg.seed, self.ctx.rank, 3))
+            seed_everything(self.seeds.for_(Stream.TRAINING, self.ctx.rank))
         self._started = True
-        self._phase = "idle"
-        self._open_log()
-        self._committed_rng = capture_rng()
-        self._stop_requested = False
-        restore = self._install_signal_handlers()
-        t0 = time.perf_counter()
-        elapsed0 = self.elapsed
+        self._torn = False
+        self.values = StepValues(self.ctx)  # nothing pending from an earlier, interrupted fit()
+        self.files.open()
+        self.stop.requested = False
+        restore = self.stop.install()
+        clock = (time.perf_counter(), self.elapsed)
         last_means: dict[str, float] = {}
         try:
             while self.epoch < self.cfg.epochs:
-                last_means = self._run_epoch(t0, elapsed0)
+                last_means = self._run_epoch(clock)
         except KeyboardInterrupt:
-            self.elapsed = elapsed0 + time.perf_counter() - t0
+            self.elapsed = clock[1] + time.perf_counter() - clock[0]
             self.reporter.close()
-            if self._phase == "update":
-                self.reporter.message("interrupted during a parameter update: no checkpoint saved "
-                                      "(the previous one is kept)")
-                raise
-            if self._phase == "forward":
-                with torch.no_grad():
-                    for b, saved in zip(self._buffers(), self._buffer_snapshot):
-                        b.copy_(saved)
-            self._phase = "idle"
-            self._save(["last"], rng=self._committed_rng)
-            if self.run_dir is not None:
-                self.reporter.message(f"interrupted: saved checkpoint at epoch {self.epoch + 1} step "
-                                      f"{self.step_in_epoch} (global step {self.global_step})")
+            self._on_interrupt()
             raise
         finally:
             restore()
             self.reporter.close()
-            self._close_log()
+            self.files.close()
         if self.history:
             return self.history[-1]["metrics"]
         return {t: {"train_loss": v} for t, v in last_means.items()}
 
-    def _run_epoch(self, t0: float, elapsed0: float) -> dict[str, float]:
+    def _run_epoch(self, clock: tuple[float, float]) -> dict[str, float]:
         epoch = self.epoch
         if self.step_in_epoch == 0:
+            self._epoch_start_rng = capture_rng()  # once an epoch: what a checkpoint before step 1 holds
             self.weighting.on_epoch_start(epoch)
-        self._apply_lr(epoch)
-        self._set_data_epoch(epoch)
+        apply_lr(self.optimizer, self.base_lrs, self.lr_factor(epoch))
+        set_data_epoch(self.train_data, epoch)
         plan = self.epoch_plan(epoch)
         start = min(self.step_in_epoch, len(plan))
-        loader = self._loader(self._train_dataset(), [b for _, b in plan[start:]], derive_seed(self.cfg.seed, epoch, 4))
+        loader = make_loader(train_dataset(self.train_data), self.cfg, self.device,
+                             self.seeds.for_(Stream.LOADER, epoch), batch_sampler=[b for _, b in plan[start:]])
         self.raw_model.train()
         self.weighting.train()
         self.reporter.start_epoch(epoch, len(plan), start)
+        lr = self.optimizer.param_groups[0]["lr"]
         for i, batch in enumerate(loader, start):
             domain = plan[i][0]
-            # A KeyboardInterrupt inside the forward pass leaves BatchNorm statistics
-            # half-updated; keep the buffers so the saved state is exactly the last step's.
-            self._buffer_snapshot = [b.detach().clone() for b in self._buffers()]
-            self._phase = "forward"
-            values = self._train_step(batch, domain)
-            self._phase = "idle"
+            self._torn = True  # from the first kernel on, an exception leaves the state half-updated
+            losses, weights = self.train_step(batch, domain)
             # commit the step: from here a checkpoint includes it
             self.step_in_epoch = i + 1
             self.global_step += 1
-            for t, v in values.items():
-                self.loss_sums[t] = self.loss_sums.get(t, 0.0) + v
-                self.loss_counts[t] = self.loss_counts.get(t, 0) + 1
-            self._committed_rng = capture_rng()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self._log({"type": "step", "epoch": epoch + 1, "step": i + 1, "global_step": self.global_step,
-                       "domain": domain, "losses": values, "weights": self._weights(), "lr": lr,
-                       "time": time.time(), "elapsed": elapsed0 + time.perf_counter() - t0},
-                      flush=(i + 1) % self.cfg.log_interval == 0)
-            self.reporter.step(epoch, i + 1, values, lr)
-            if D.any_flag(self._stop_requested, self.ctx):
+            self._torn = False
+            self.values.add({"type": "step", "epoch": epoch + 1, "step": i + 1, "global_step": self.global_step,
+                             "domain": domain, "lr": lr, "time": time.time(),
+                             "elapsed": clock[1] + time.perf_counter() - clock[0]}, losses, weights)
+            due = (i + 1) % self.cfg.log_interval == 0 or i + 1 == len(plan)
+            shown = self._read_out() if due else None
+            self.reporter.step(epoch, i + 1, shown, lr)
+            # one process: stop after this step; torchrun: the ranks agreed in _read_out
+            if self.stop.requested and (due or not self.ctx.enabled):
                 raise KeyboardInterrupt
+        self._torn = True  # the epoch's end changes weighting state, counters and files together
         means = self._epoch_means()
         self.weighting.on_epoch_end(epoch, means)
         self.reporter.end_epoch(epoch, means)
-        self._log({"type": "epoch", "epoch": epoch + 1, "global_step": self.global_step, "losses": means,
-                   "weights": self._weights(), "time": time.time()}, flush=True)
+        self.files.log([{"type": "epoch", "epoch": epoch + 1, "global_step": self.global_step, "losses": means,
+                         "weights": self._weights_now(), "time": time.time()}])
         self.epoch += 1
         self.step_in_epoch = 0
         self.loss_sums, self.loss_counts = {}, {}
-        self.elapsed = elapsed0 + time.perf_counter() - t0
+        self.elapsed = clock[1] + time.perf_counter() - clock[0]
         stems = ["last"]
         if self.val_data is not None and (self.epoch % self.cfg.eval_interval == 0 or self.epoch == self.cfg.epochs):
             metrics = self.evaluate()
@@ -594,28 +259,40 @@ class Trainer:
                 record["delta_m"] = self.delta_m(metrics)
                 shown["Delta_m"] = {"% vs single-task": record["delta_m"]}
             self.history.append(record)
-            self._log({"type": "eval", **record, "time": time.time()}, flush=True)
+            self.files.log([{"type": "eval", **record, "time": time.time()}])
             self.reporter.metrics(epoch, shown)
-            if self._update_best(metrics):
+            best = improved_best(self.best, self.cfg.best_metric, self.best_higher, metrics, self.epoch,
+                                 self.global_step)
+            if best is not None:
+                self.best = best
                 stems.append("best")
-        self._committed_rng = capture_rng()
-        self._save(stems, rng=self._committed_rng)
-        self._write_results()
+        self._save(stems, capture_rng())
+        self.files.write_results(self.epoch, self.global_step, self.history, self.best, self.cfg.metrics_last_n)
+        self._epoch_start_rng = None
+        self._torn = False
+        # a stop asked for during the epoch's end: the checkpoint just written is the state
+        if D.any_flag(self.stop.requested, self.ctx) and self.epoch < self.cfg.epochs:
+            raise KeyboardInterrupt
         return means
 
-    def delta_m(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
-        """Delta_m% of ``metrics`` against ``self.baselines`` (their metrics, all tasks)."""
-        from ..delta_m import delta_m
+    def _read_out(self) -> dict[str, float] | None:
+        """Read the pending steps from the device (one sync): log them, add them to the
+        epoch's sums; raise at the first non-finite loss. Returns the last step's losses."""
+        records, stop, error = self.values.read(self.stop.requested)
+        self.stop.requested = stop
+        for r in records:
+            for t, v in r["losses"].items():
+                self.loss_sums[t] = self.loss_sums.get(t, 0.0) + v
+                self.loss_counts[t] = self.loss_counts.get(t, 0) + 1
+        self.files.log(records)
+        if error is not None:
+            self._torn = True  # the weights took the non-finite step: never save them
+            raise TrainingError(error)
+        return records[-1]["losses"] if records else None
 
-        directions = {t: dict(self.tasks[t].metrics().higher_is_better) for t in self.baselines}
-        return float(delta_m(metrics, self.baselines, directions))
-
-    def _buffers(self) -> list[Tensor]:
-        return list(self.raw_model.buffers()) + list(self.weighting.buffers())
-
-    def _weights(self) -> dict[str, float]:
-        # a gradient-level step that left tasks out reports them at 0 (see _combine_present)
-        w = getattr(self, "_subset_weights", None)
+    def _weights_now(self) -> dict[str, float]:
+        # the last step's weights when it left tasks out (gradient-level), else the weighting's
+        w = self.train_step.subset_weights
         return {k: float(v) for k, v in (w if w is not None else self.weighting.weights()).items()}
 
     def _epoch_means(self) -> dict[str, float]:
@@ -623,210 +300,42 @@ class Trainer:
         if self.ctx.enabled:  # every rank must hand the weighting the same means
             buf = torch.tensor([[self.loss_sums.get(t, 0.0), float(self.loss_counts.get(t, 0))] for t in names],
                                dtype=torch.float64)
-            buf = D.all_reduce_sum(buf, self.ctx)
-            return {t: float(buf[k, 0] / buf[k, 1]) for k, t in enumerate(names) if buf[k, 1] > 0}
+            buf = D.all_reduce_sum(buf, self.ctx).tolist()
+            return {t: s / n for t, (s, n) in zip(names, buf) if n > 0}
         return {t: self.loss_sums[t] / self.loss_counts[t] for t in names}
 
-    def _update_best(self, metrics: dict[str, dict[str, float]]) -> bool:
-        if self.cfg.best_metric is None:
-            return False
-        task, name = self.cfg.best_metric.split("/")
-        if name not in metrics.get(task, {}):
-            raise ConfigError(f"training.best_metric: evaluation of task '{task}' gave no metric '{name}'")
-        value = metrics[task][name]
-        if not math.isfinite(value):
-            return False
-        if self.best is not None:
-            better = value > self.best["value"] if self.best_higher else value < self.best["value"]
-            if not better:
-                return False
-        self.best = {"metric": self.cfg.best_metric, "value": value, "epoch": self.epoch,
-                     "global_step": self.global_step}
-        return True
-
-    # -- signals ---------------------------------------------------------------------------------
-    def _install_signal_handlers(self):
-        """First Ctrl-C (or SIGTERM): finish the step, save, stop. Second Ctrl-C: stop now."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):
-            if self._stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-
-        for s in previous:
-            signal.signal(s, handler)
-
-        def restore():
-            for s, h in previous.items():
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
-        return restore
-
-    # -- evaluation ----------------------------------------------------------------------------------
-    def evaluate(self, split_data=None) -> dict[str, dict[str, float]]:
-        """Metrics over a whole split ({task: {metric: value}}); default: the validation data.
-
-        Under torchrun each rank evaluates indices rank, rank + world, ... (no padding, no
-        sample twice) and the metric states are summed across ranks before ``compute``.
-        """
-        data = self.val_data if split_data is None else split_data
-        if data is None:
-            raise ConfigError("evaluate: no validation data given")
-        model = self.raw_model
-        was_training = model.training
-        D.broadcast_buffers(model, self.ctx)
-        model.eval()
-        if isinstance(data, Mapping):
-            for d in data:
-                if d not in self.tasks:
-                    raise ConfigError(f"evaluation data: domain '{d}' is not a task")
-            items = [(d, ds, [d]) for d, ds in data.items()]
-        else:
-            items = [(None, data, list(self.tasks))]
-        results: dict[str, dict[str, float]] = {}
-        try:
-            with torch.no_grad():
-                for domain, ds, names in items:
-                    shard = list(range(self.ctx.rank, len(ds), self.ctx.world_size))
-                    loader = DataLoader(Subset(ds, shard), batch_size=self._batch_size(domain), shuffle=False,
-                                        num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                                        worker_init_fn=_seed_worker,
-                                        # a generator keeps the global RNG (dropout stream) untouched
-                                        generator=torch.Generator().manual_seed(self.cfg.seed))
-                    states = {t: self.tasks[t].metrics() for t in names}
-                    for batch in loader:
-                        out = self._forward(model, batch, domain, "evaluation data")
-                        targets = self._targets(batch, names, "evaluation data")
-                        for t in names:
-                            states[t].update(out[t], targets[t])
-                    for t in names:
-                        st = states[t]
-                        for key in sorted(st.state):
-                            st.state[key] = D.all_reduce_sum(st.state[key], self.ctx)
-                        results[t] = {k: float(v) for k, v in st.compute().items()}
-        finally:
-            model.train(was_training)
-        return results
-
-    # -- files -------------------------------------------------------------------------------------
-    def _open_log(self) -> None:
-        if self.writes and self._log_fh is None:
-            self._log_fh = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
-
-    def _close_log(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-
-    def _log(self, record: dict[str, Any], flush: bool = False) -> None:
-        if self._log_fh is not None:
-            self._log_fh.write(json.dumps(record) + "\n")
-            if flush:
-                self._log_fh.flush()
-
-    def _write_results(self) -> None:
-        if not self.writes:
+    # -- interrupts --------------------------------------------------------------------------------
+    def _on_interrupt(self) -> None:
+        """Save what a KeyboardInterrupt left, if it is an exact state worth saving."""
+        if self._torn:
+            # no per-step copy of the buffers exists to undo a half-done step, so nothing is
+            # saved; the last checkpoint is an exact earlier state
+            if self.run_dir is not None:
+                kept = f"global step {self._saved_at[1]}" if self._saved_at else "none was completed"
+                self.reporter.message(f"interrupted in the middle of a step: no checkpoint saved "
+                                      f"(the last one is kept: {kept})")
             return
-        out: dict[str, Any] = {"epochs_done": self.epoch, "global_step": self.global_step,
-                               "final": self.history[-1]["metrics"] if self.history else None,
-                               "best": self.best, "history": self.history}
-        n = self.cfg.metrics_last_n
-        if n and self.history:
-            last = self.history[-n:]
-            mean: dict[str, dict[str, float]] = {}
-            for t, values in last[-1]["metrics"].items():
-                mean[t] = {k: float(np.mean([h["metrics"][t][k] for h in last])) for k in values}
-            out["last_n_mean"] = {"n": len(last), "metrics": mean}
-        atomic_write_json(self.run_dir / "results.json", out)
+        if self._saved_at != (self.epoch, self.global_step):  # else the last checkpoint is this state
+            self._read_out()  # the pending steps' sums belong in the checkpoint
+            self._save(["last"], self._interrupt_rng())
+        if self.run_dir is not None:
+            self.reporter.message(f"interrupted: saved checkpoint at epoch {self.epoch + 1} step "
+                                  f"{self.step_in_epoch} (global step {self.global_step})")
 
+    def _interrupt_rng(self) -> dict[str, Any]:
+        """The RNG states that belong with the state at an interrupt. After a step: now
+        (loading restores the RNGs it seeds; nothing else draws between steps). Before the
+        epoch's first step: as before ``on_epoch_start``, which a resume calls again."""
+        if self.step_in_epoch == 0 and self._epoch_start_rng is not None:
+            return self._epoch_start_rng
+        return capture_rng()
+
+    # -- checkpoints ---------------------------------------------------------------------------------
     def _save(self, stems: list[str], rng: dict[str, Any]) -> None:
         """Write checkpoints (rank 0); every rank takes part (buffers, RNG states)."""
-        if self.run_dir is None:
-            return
-        D.broadcast_buffers(self.raw_model, self.ctx)
-        for name, p in self.raw_model.named_parameters():
-            if not torch.isfinite(p).all():
-                raise TrainingError(f"weights became non-finite ('{name}') by global step {self.global_step}; "
-                                    f"the last good checkpoint is kept")
-        rng_json = rng_to_json(rng)
-        if self.ctx.enabled:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.ctx.world_size
-            dist.all_gather_object(gathered, rng_json)  # in-process exchange, never a file
-            rngs = gathered
-        else:
-            rngs = [rng_json]
-        if not self.writes:
-            return
-        tensors, opt_meta = pack_state(self.raw_model, self.optimizer, self.weighting)
-        meta = {
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "world_size": self.ctx.world_size, "seed": self.cfg.seed,
-            "loss_sums": self.loss_sums, "loss_counts": self.loss_counts,
-            "rng": rngs, "weighting_state": self.weighting.get_state(),
-            "schedule": {"name": self.sched_cfg.name, "base_lrs": self.base_lrs, "epoch": self.epoch,
-                         "lr": [g["lr"] for g in self.optimizer.param_groups]},
-            "optimizer": opt_meta, "recipe_sha256": self.recipe_hash,
-            "best": self.best, "history": self.history, "elapsed": self.elapsed,
-            "torch_version": torch.__version__,
-        }
-        save_checkpoint(self.run_dir / "checkpoints", tensors, meta, names=stems)  # one commit for all
+        if save_trainer(self, stems, rng):
+            self._saved_at = (self.epoch, self.global_step)
 
     def _resume(self, path: str | os.PathLike) -> None:
-        from .checkpoint import check_recipe
-
-        meta, tensors, json_path = load_checkpoint(path)
-        where = str(json_path)
-        check_recipe(meta, self.recipe_hash, where)
-        unpack_state(tensors, meta.get("optimizer", {}), self.raw_model, self.optimizer, self.weighting, where)
-        self.base_lrs = list(meta.get("schedule", {}).get("base_lrs", self.base_lrs))
-        try:
-            self.weighting.set_state(meta.get("weighting_state") or {})
-            self.epoch = int(meta["epoch"])
-            self.step_in_epoch = int(meta["step_in_epoch"])
-            self.global_step = int(meta["global_step"])
-            self.loss_sums = {k: float(v) for k, v in meta.get("loss_sums", {}).items()}
-            self.loss_counts = {k: int(v) for k, v in meta.get("loss_counts", {}).items()}
-            self.history = list(meta.get("history", []))
-            self.best = meta.get("best")
-            self.elapsed = float(meta.get("elapsed", 0.0))
-            rngs = meta["rng"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: missing or bad field ({exc})") from None
-        if meta.get("world_size", 1) == self.ctx.world_size:
-            set_rng_state(rngs[self.ctx.rank])
-        else:
-            self.reporter.message(f"note: the run used {meta.get('world_size')} processes, now "
-                                  f"{self.ctx.world_size}: data order from here differs from an uninterrupted run")
-            seed_everything(derive_seed(self.cfg.seed, self.ctx.rank, self.global_step, 3))
-        if self.writes:  # every check passed: clear what a killed save left behind
-            from .checkpoint import clean_checkpoints, remove_temp_files
-
-            clean_checkpoints(self.run_dir / "checkpoints", keep=[json_path.parent])
-            remove_temp_files(self.run_dir)
-        self._truncate_log()
-
-    def _truncate_log(self) -> None:
-        """Drop log records past the checkpoint (written before a crash, about to be redone)."""
-        if not self.writes:
-            return
-        path = self.run_dir / "log.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            if rec.get("global_step", 0) > self.global_step:
-                continue
-            if rec.get("type") in ("epoch", "eval") and rec.get("epoch", 0) > self.epoch:
-                continue
-            keep.append(line)
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+        restore_trainer(self, path)
+        self._saved_at = (self.epoch, self.global_step)

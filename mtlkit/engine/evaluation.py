@@ -1,0 +1,85 @@
+"""Evaluation over whole splits, Delta_m against single-task baselines, the best checkpoint's
+metric.
+
+Under torchrun each rank evaluates indices rank, rank + world, ... (no padding, no sample
+twice) and every task's metric state (sum-reducible tensors) is summed across ranks
+before ``compute``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from ..contracts import Task
+from ..errors import ConfigError
+from . import distributed as D
+from .config import TrainingConfig
+from .sampling import Seeds, Stream, batch_size, make_loader
+from .step import forward, targets
+
+
+def evaluate(model: nn.Module, tasks: Mapping[str, Task], data, cfg: TrainingConfig,
+             ctx: D.DistContext) -> dict[str, dict[str, float]]:
+    """Metrics of ``model`` (unwrapped: no DDP) over the whole of ``data``: {task: {metric: value}}."""
+    was_training = model.training
+    D.broadcast_buffers(model, ctx)  # rank 0's running statistics everywhere
+    model.eval()
+    if isinstance(data, Mapping):
+        for d in data:
+            if d not in tasks:
+                raise ConfigError(f"evaluation data: domain '{d}' is not a task")
+        items = [(d, ds, [d]) for d, ds in data.items()]
+    else:
+        items = [(None, data, list(tasks))]
+    results: dict[str, dict[str, float]] = {}
+    try:
+        with torch.no_grad():
+            for domain, ds, names in items:
+                shard = list(range(ctx.rank, len(ds), ctx.world_size))
+                loader = make_loader(Subset(ds, shard), cfg, ctx.device, Seeds(cfg.seed).for_(Stream.EVAL_LOADER),
+                                     batch_size=batch_size(cfg, domain), shuffle=False)
+                states = {t: tasks[t].metrics() for t in names}
+                for batch in loader:
+                    out = forward(model, batch, domain, tasks, ctx.device, "evaluation data")
+                    tgt = targets(batch, names, tasks, ctx.device, "evaluation data")
+                    for t in names:
+                        states[t].update(out[t], tgt[t])
+                for t in names:
+                    st = states[t]
+                    for key in sorted(st.state):
+                        st.state[key] = D.all_reduce_sum(st.state[key], ctx)
+                    results[t] = {k: float(v) for k, v in st.compute().items()}
+    finally:
+        model.train(was_training)
+    return results
+
+
+def delta_m(tasks: Mapping[str, Task], baselines: Mapping[str, Mapping[str, float]],
+            metrics: Mapping[str, Mapping[str, float]]) -> float:
+    """Delta_m% of ``metrics`` against ``baselines`` (their metrics, all tasks)."""
+    from ..delta_m import delta_m as compute
+
+    directions = {t: dict(tasks[t].metrics().higher_is_better) for t in baselines}
+    return float(compute(metrics, baselines, directions))
+
+
+def improved_best(best: dict[str, Any] | None, best_metric: str | None, higher: bool | None,
+                  metrics: dict[str, dict[str, float]], epoch: int, global_step: int) -> dict[str, Any] | None:
+    """The new best record if ``metrics`` beat ``best`` by ``best_metric`` ("task/metric"), else None."""
+    if best_metric is None:
+        return None
+    task, name = best_metric.split("/")
+    if name not in metrics.get(task, {}):
+        raise ConfigError(f"training.best_metric: evaluation of task '{task}' gave no metric '{name}'")
+    value = metrics[task][name]
+    if not math.isfinite(value):
+        return None
+    if best is not None and not (value > best["value"] if higher else value < best["value"]):
+        return None
+    return {"metric": best_metric, "value": value, "epoch": epoch, "global_step": global_step}

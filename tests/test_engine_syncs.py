@@ -1,0 +1,106 @@
+"""The hot loop stays on the device: values are read back once per log interval.
+
+Every way a tensor's value reaches Python (``item``, ``tolist``, ``float()``, ``int()``,
+``bool()``, ``numpy()``...) waits for the device to finish its queued work. These tests
+count such reads made by mtlkit's own code (engine, model, tasks, weighting; torch's
+internals are not ours to count) during ``fit`` on CPU, where a read costs nothing, so
+the count is exactly what a GPU run would pay for.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import mtlkit
+from mtlkit.engine import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_common import MeanGrad, make_data, make_model, make_tasks  # noqa: E402
+
+READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+OURS = os.path.realpath(Path(mtlkit.__file__).parent.parent)  # mtlkit/ and plugins/
+TESTS = os.path.realpath(Path(__file__).parent)
+EPOCHS, STEPS, TASKS = 2, 24, 2  # 48 samples in batches of 2
+
+
+def count_reads(monkeypatch) -> Counter:
+    """Patch every read of a tensor's value; count those called from mtlkit's code."""
+    counts: Counter = Counter()
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, _real=real, _name=name, **kwargs):
+            frame = sys._getframe(1)
+            caller = os.path.realpath(frame.f_code.co_filename)
+            if caller.startswith(OURS + os.sep) and not caller.startswith(TESTS + os.sep):
+                counts[f"{_name} {os.path.relpath(caller, OURS)}:{frame.f_lineno}"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return counts
+
+
+def train(monkeypatch, log_interval: int, weighting=None, run_dir=None):
+    tasks = make_tasks()
+    data, _ = make_data(num_train=STEPS * 2, num_val=1)
+    samples = [data[i] for i in range(len(data))]  # made up front: generating them reads tensors too
+    trainer = Trainer(make_model(tasks), tasks, samples, weighting=weighting(list(tasks)) if weighting else None,
+                      optimizer={"name": "sgd", "lr": 0.05}, run_dir=run_dir, quiet=True,
+                      training={"epochs": EPOCHS, "batch_size": 2, "log_interval": log_interval, "device": "cpu"})
+    counts = count_reads(monkeypatch)
+    trainer.fit()
+    monkeypatch.undo()
+    return counts
+
+
+def by_file(counts: Counter) -> Counter:
+    out: Counter = Counter()
+    for key, n in counts.items():
+        out[Path(key.split()[1].split(":")[0]).name] += n
+    return out
+
+
+def test_loss_level_training_reads_once_per_log_interval(monkeypatch, tmp_path):
+    steps = EPOCHS * STEPS
+    every = train(monkeypatch, log_interval=1)
+    interval = train(monkeypatch, log_interval=8, run_dir=tmp_path)
+    # each epoch: one read per interval (steps 8, 16, 24); the shuffled order (a CPU
+    # generator); and the checkpoint's, once: all weights finite? the RNG state as JSON
+    assert by_file(interval) == {"readout.py": EPOCHS * STEPS // 8, "sampling.py": EPOCHS,
+                                 "snapshot.py": EPOCHS, "state.py": EPOCHS}, interval
+    # log_interval = 1 reads after every step: it is the interval, not the step, that reads
+    assert by_file(every) == {"readout.py": steps, "sampling.py": EPOCHS}, every
+    # (the loop used to read a float() per loss and per weight after every step)
+    assert sum(interval.values()) < steps < steps * TASKS
+    # the log still holds one record per step with its losses and weights
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    step_records = [r for r in records if r["type"] == "step"]
+    assert [r["global_step"] for r in step_records] == list(range(1, steps + 1))
+    assert all(set(r["losses"]) == set(r["weights"]) == {"shape", "colour"} for r in step_records)
+    assert all(isinstance(v, float) for r in step_records for v in r["losses"].values())
+
+
+def test_gradient_level_training_reads_which_tasks_take_part_each_step(monkeypatch):
+    """Gradient-level weightings need one decision on the host per step (which tasks have a
+    gradient, see step._combine_present): one read per step, not one per task and value."""
+    counts = train(monkeypatch, log_interval=8, weighting=MeanGrad)
+    per_step = [k for k in counts if "step.py" in k]
+    assert len(per_step) == 1 and counts[per_step[0]] == EPOCHS * STEPS, counts
+    assert sum(counts.values()) == EPOCHS * STEPS + EPOCHS * (1 + STEPS // 8), counts
+
+
+@pytest.mark.parametrize("log_interval", [5, 7])
+def test_read_outs_follow_the_interval_within_each_epoch(monkeypatch, log_interval):
+    """Read-outs fall on every log_interval-th step of an epoch and on its last step (where
+    the plain progress line is printed and the epoch's mean losses are due)."""
+    counts = train(monkeypatch, log_interval=log_interval)
+    per_epoch = 1 + -(-STEPS // log_interval)  # the order, and ceil(STEPS / interval) read-outs
+    assert sum(counts.values()) == EPOCHS * per_epoch, counts
