@@ -218,12 +218,14 @@ PRIVATE_CONTAINERS = ("heads", "task_specific")
 
 
 def _task_containers(module: nn.Module) -> list[nn.ModuleDict]:
-    """The ModuleDicts (task name -> modules) a module holds per the convention."""
-    from .domains import DomainSpecific  # domains.py imports this module
-
-    found = [getattr(module, a, None) for a in PRIVATE_CONTAINERS]
-    if isinstance(module, DomainSpecific):
-        found.append(module.domains)
+    """The ModuleDicts (task name -> modules) a module holds per the convention: its
+    ``heads`` and ``task_specific``, and the attribute its class names in ``task_container``
+    (e.g. :class:`~mtlkit.domains.DomainSpecific`'s per-domain copies)."""
+    names = list(PRIVATE_CONTAINERS)
+    extra = getattr(type(module), "task_container", None)
+    if extra:
+        names.append(extra)
+    found = [getattr(module, a, None) for a in names]
     return [c for c in found if isinstance(c, nn.ModuleDict)]
 
 

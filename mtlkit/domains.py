@@ -52,6 +52,8 @@ class DomainSpecific(nn.Module):
     a single domain (or one built without domain names) needs no activation at all.
     """
 
+    task_container = "domains"  # each copy belongs to its domain (mtlkit.contracts.split_parameters)
+
     def __init__(self, module_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> None:
         super().__init__()
         names = _check_names(task_names, type(self).__name__)

@@ -38,12 +38,16 @@ def module_files() -> dict[str, tuple[Path, bool]]:
 def import_graph(modules: dict[str, tuple[Path, bool]]) -> dict[str, set[str]]:
     """Module -> the modules it imports, anywhere in its file (a function-level import closes
     a cycle at run time just as well). A package's own import by its submodules is Python's
-    doing, not an edge."""
+    doing, not an edge; nor is an import under ``if TYPE_CHECKING:`` (never run)."""
     graph = {}
     for name, (path, is_pkg) in modules.items():
         package = name if is_pkg else name.rpartition(".")[0]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                node.body = []  # type-only imports: the walk below no longer sees them
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
