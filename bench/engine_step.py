@@ -26,8 +26,8 @@ run folder (checkpoints are written per epoch, not per step). Each variant runs 
 untimed first (allocator, oneDNN primitive caches; its host reads are counted then), then
 the variants take turns for ``--rounds`` rounds (in alternating order), so a neighbour
 process slowing the machine hits all of them alike; the tables give the median and the
-range over rounds. Data order differs between ``before`` and ``after`` (named seed
-streams), which does not change the work of a step.
+range over rounds. Both workloads are one-to-many, whose seeds the split kept: ``before``
+and ``after`` train on the same batches in the same order (and end with the same weights).
 
 Step time is ``fit()`` wall time / steps for one epoch (the epoch's own overhead -- plan,
 loader, mean losses -- included, as in training). Host reads per step count the calls
