@@ -23,3 +23,23 @@ class StandInTask(Task):
     out_channels: int
     output_activation: str = "identity"
     default_head: str = "dense_pred"
+
+
+# The smallest complete recipe: one classification task on the built-in synthetic shapes,
+# a two-stage SmallCNN, one CPU epoch of two steps (seconds). Tests build their bad inputs
+# from it.
+TINY_CLASSIFICATION_RECIPE = """
+[model.backbone]
+name = "small_cnn"
+params = { widths = [4, 8] }
+[tasks.shape]
+name = "classification"
+params = { num_classes = 4, target = "shape" }
+[data]
+name = "synthetic_classification"
+params = { size = 8, num_train = 8, num_val = 4 }
+[training]
+epochs = 1
+batch_size = 4
+device = "cpu"
+"""

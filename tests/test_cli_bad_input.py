@@ -13,23 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
 from mtlkit.cli import main
 
-GOOD = """
-[model.backbone]
-name = "small_cnn"
-params = { widths = [4, 8] }
-[tasks.shape]
-name = "classification"
-params = { num_classes = 4, target = "shape" }
-[data]
-name = "synthetic_classification"
-params = { size = 8, num_train = 8, num_val = 4 }
-[training]
-epochs = 1
-batch_size = 4
-device = "cpu"
-"""
+GOOD = TINY_CLASSIFICATION_RECIPE
 
 SEG = """
 [model.backbone]

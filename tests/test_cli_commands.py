@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
 from mtlkit import hookimpl, plugin_manager
 from mtlkit.cli import main
 from mtlkit.plugin_manager import MtlkitPluginManager
@@ -77,21 +78,7 @@ def test_debug_shows_an_entry_points_traceback(entry_point_plugin, capsys):
 
 
 # -- compare columns ------------------------------------------------------------------------------
-RECIPE = """
-[model.backbone]
-name = "small_cnn"
-params = { widths = [4, 8] }
-[tasks.shape]
-name = "classification"
-params = { num_classes = 4, target = "shape" }
-[data]
-name = "synthetic_classification"
-params = { size = 8, num_train = 8, num_val = 4 }
-[training]
-epochs = 1
-batch_size = 4
-device = "cpu"
-"""
+RECIPE = TINY_CLASSIFICATION_RECIPE
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
 from mtlkit.cli import main
 from mtlkit.errors import ConfigError
 
-GOOD = """
-[model.backbone]
-name = "small_cnn"
-params = { widths = [4, 8] }
-[tasks.shape]
-name = "classification"
-params = { num_classes = 4, target = "shape" }
-[data]
-name = "synthetic_classification"
-params = { size = 8, num_train = 8, num_val = 4 }
-[training]
-epochs = 1
-batch_size = 4
-device = "cpu"
-"""
+GOOD = TINY_CLASSIFICATION_RECIPE
 
 
 def snapshot(folder: Path) -> dict[str, float]:
