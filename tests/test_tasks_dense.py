@@ -241,3 +241,31 @@ def test_empty_split_gives_nan_not_an_error():
     for name, params in (("segmentation", {"num_classes": 3}), ("depth", {}), ("normal", {})):
         values = build(name, **params).metrics().compute()
         assert values and all(np.isnan(v) for v in values.values())
+
+
+def test_dense_losses_read_nothing_back_from_the_device(monkeypatch):
+    """The engine keeps training steps on the device; the dense losses must not force a
+    host read (bool/int/float/item/tolist of a tensor) either, valid pixels or none."""
+    from mtlkit.plugin_manager import get_registry
+
+    reg = get_registry()
+    cases = {
+        "segmentation": (torch.randn(2, 4, 6, 6).log_softmax(1), torch.randint(-1, 4, (2, 6, 6))),
+        "depth": (torch.randn(2, 1, 6, 6), torch.rand(2, 1, 6, 6) * (torch.rand(2, 1, 6, 6) > 0.3)),
+        "normal": (torch.nn.functional.normalize(torch.randn(2, 3, 6, 6), dim=1),
+                   torch.nn.functional.normalize(torch.randn(2, 3, 6, 6), dim=1)),
+    }
+    params = {"segmentation": {"num_classes": 4}}
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    losses = {}
+    for task, (pred, target) in cases.items():
+        t = reg.get("task", task).build(params.get(task, {}), name=task)
+        nothing_valid = torch.full_like(target, -1) if task == "segmentation" else torch.zeros_like(target)
+        losses[task] = (t.loss(pred, target), t.loss(pred, nothing_valid))
+    monkeypatch.undo()
+    assert reads == []
+    for task, (some, none) in losses.items():
+        assert torch.isfinite(some) and float(none) == 0.0, task

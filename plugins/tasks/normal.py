@@ -156,11 +156,10 @@ class Normal(Task):
         target = target.to(prediction.device)
         _check(prediction, target)
         valid = valid_mask(target, self.protocol)
-        n = int(valid.sum())
-        if n == 0:
-            return prediction.sum() * 0.0
-        dot = (prediction * target).sum(1)
-        return 1.0 - dot[valid].sum() / n
+        n = valid.sum()
+        dot = torch.where(valid, (prediction * target).sum(1), 0.0).sum()
+        # no host read; a batch with no valid pixel gives 0 (not 1 - 0) and a zero gradient
+        return (n > 0).to(dot.dtype) * (1.0 - dot / n.clamp_min(1))
 
     def metrics(self) -> NormalErrorState:
         return NormalErrorState(self.protocol)

@@ -153,10 +153,10 @@ class Segmentation(Task):
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
         target = _as_label_map(target.to(prediction.device))
         _check_shapes(prediction, target)
-        if not bool((target != IGNORE_INDEX).any()):
-            # nll_loss's mean would be 0/0 = NaN; a batch with nothing labelled teaches nothing
-            return prediction.sum() * 0.0
-        return F.nll_loss(prediction, target, ignore_index=IGNORE_INDEX)
+        # the mean over labelled pixels without a host read; nothing labelled gives 0 / 1 = 0
+        # (nll_loss's own mean would be 0/0 = NaN) and a zero gradient
+        labelled = (target != IGNORE_INDEX).sum()
+        return F.nll_loss(prediction, target, ignore_index=IGNORE_INDEX, reduction="sum") / labelled.clamp_min(1)
 
     def metrics(self) -> MetricState:
         if self.protocol == "per_image_2019":
