@@ -93,3 +93,27 @@ def test_sweep_runs_the_grid_and_compares(tmp_path, capsys):
         assert json.loads((runs / "sweep" / name / "results.json").read_text())["epochs_done"] == 1
     table = (runs / "sweep" / "compare.md").read_text()
     assert "| equal |" in table and "| dwa |" in table
+
+
+def test_ctrl_c_after_a_checkpoint_points_at_resume(tmp_path, monkeypatch, capsys):
+    """Interrupted after its first checkpoint, `mtlkit run` says how to continue (the trainer
+    has said which checkpoint stands) and exits 130; the resume then finishes the run."""
+    from mtlkit.engine.trainer import Trainer
+    from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_CLASSIFICATION_RECIPE.replace("epochs = 1", "epochs = 2"))
+    run_epoch = Trainer._run_epoch
+
+    def stop_in_the_second_epoch(self, *args, **kwargs):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return run_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", stop_in_the_second_epoch)
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--quiet", "--run-dir", str(run)]) == 130
+    assert f"interrupted: continue with mtlkit run --resume {run}" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "_run_epoch", run_epoch)
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    assert load_checkpoint(run)[0]["epoch"] == 2

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as stop:
         if is_rank_zero():
             print(f"interrupted before the first checkpoint: removed {stop.run_dir}" if stop.removed else
-                  f"interrupted: checkpoint saved in {stop.run_dir}", file=sys.stderr)
+                  # the trainer has said which checkpoint stands (a mid-step stop keeps the last one)
+                  f"interrupted: continue with mtlkit run --resume {stop.run_dir}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         return 130
