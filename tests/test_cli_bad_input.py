@@ -13,26 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
+from mtlkit.testing import TINY_CLASSIFICATION_RECIPE, TINY_SEGMENTATION_RECIPE
 from mtlkit.cli import main
 
 GOOD = TINY_CLASSIFICATION_RECIPE
 
-SEG = """
-[model.backbone]
-name = "segnet"
-params = { width = 0.0625 }
-[tasks.segmentation]
-name = "segmentation"
-params = { num_classes = 7 }
-[data]
-name = "synthetic_scenes"
-params = { height = 32, width = 32, num_train = 2, num_val = 2, num_classes = 7 }
-[training]
-epochs = 1
-batch_size = 2
-device = "cpu"
-"""
+SEG = TINY_SEGMENTATION_RECIPE
 
 
 def snapshot(folder: Path) -> dict[str, int]:

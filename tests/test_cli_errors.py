@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
+from mtlkit.testing import TINY_CLASSIFICATION_RECIPE, TINY_SEGMENTATION_RECIPE
 from mtlkit.cli import main
 from mtlkit.errors import ConfigError
 
@@ -145,23 +145,7 @@ def test_resume_refuses_a_damaged_checkpoint(tiny_run, in_tmp, expect_error, dam
     expect_error(["run", "--resume", "run"], "checkpoints", needle)
 
 
-SEG = """
-[model.backbone]
-name = "segnet"
-params = { width = 0.0625 }
-[model.attention]
-name = "mtan"
-[tasks.segmentation]
-name = "segmentation"
-params = { num_classes = 7 }
-[data]
-name = "synthetic_scenes"
-params = { height = 32, width = 32, num_train = 2, num_val = 2, num_classes = 7 }
-[training]
-epochs = 1
-batch_size = 2
-device = "cpu"
-"""
+SEG = TINY_SEGMENTATION_RECIPE + '[model.attention]\nname = "mtan"\n'
 
 HEAD_PLUGIN = '''
 from torch import nn
