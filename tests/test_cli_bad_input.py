@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mtlkit.testing import TINY_CLASSIFICATION_RECIPE, TINY_SEGMENTATION_RECIPE
+from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
+from tiny_recipes import TINY_SEGMENTATION_RECIPE
 from mtlkit.cli import main
 
 GOOD = TINY_CLASSIFICATION_RECIPE
