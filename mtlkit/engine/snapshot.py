@@ -56,7 +56,7 @@ def save_trainer(trainer: Trainer, stems: list[str], rng: dict[str, Any]) -> boo
                      "lr": [g["lr"] for g in t.optimizer.param_groups]},
         "optimizer": opt_meta, "recipe_sha256": t.recipe_hash,
         "best": t.best, "history": t.history, "elapsed": t.elapsed,
-        "torch_version": torch.__version__,
+        "torch_version": torch.__version__, "scaler": t.precision.state(),
     }
     save_checkpoint(t.run_dir / "checkpoints", tensors, meta, names=stems)  # one commit for all
     return True
@@ -69,6 +69,7 @@ def restore_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
     meta, tensors, json_path = load_checkpoint(path)
     where = str(json_path)
     check_recipe(meta, t.recipe_hash, where)
+    t.precision.load_state(meta.get("scaler"), where)  # refuses before anything else changes
     unpack_state(tensors, meta.get("optimizer", {}), t.raw_model, t.optimizer, t.weighting, where)
     t.base_lrs = list(meta.get("schedule", {}).get("base_lrs", t.base_lrs))
     try:
