@@ -263,6 +263,7 @@ def main(argv=None) -> int:
                 d["variant"] = name
                 res["decathlon"].append(d)
                 print(json.dumps(d), flush=True)
+                save()
                 torch.cuda.empty_cache()
             try:
                 res["loading"] = loading_rows()

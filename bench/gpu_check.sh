@@ -5,7 +5,9 @@
 #    the shipped fast + channels-last + bf16), Split Wide, Decathlon WRN-28-4 MTAN images/s,
 #    data loading images/s;
 # 2. the gpu tests (pytest -m gpu tests/test_gpu.py), results folded into the report;
-# 3. the torch.compile rows, in the time that is left.
+# 3. the torch.compile rows, in the time that is left (compiling the full MTAN takes a minute or
+#    more per row on an H200: most are listed as skipped here; `bench/gpu_bench.py --out DIR
+#    --rows compiled --budget 1200` measures them all in a longer session).
 # Writes OUT_DIR/gpu_bench.json, OUT_DIR/gpu_bench.md and the logs.
 set -u
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
@@ -16,12 +18,12 @@ export PYTHONUNBUFFERED=1
 START=$(date +%s)
 cd "$(dirname "$0")/.."
 
-timeout 150 $PY bench/gpu_bench.py --out "$OUT_DIR" --rows eager --budget 110 2>&1 | tee "$OUT_DIR/bench_eager.log"
+timeout 170 $PY bench/gpu_bench.py --out "$OUT_DIR" --rows eager --budget 130 2>&1 | tee "$OUT_DIR/bench_eager.log"
 # pytest-timeout, where installed, fails one stuck test instead of losing the whole report
 PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=100")
-timeout 210 $PY -m pytest -m gpu -q tests/test_gpu.py -p no:cacheprovider $PER_TEST --junitxml="$OUT_DIR/gpu_tests.xml" \
+timeout 250 $PY -m pytest -m gpu -q tests/test_gpu.py -p no:cacheprovider $PER_TEST --junitxml="$OUT_DIR/gpu_tests.xml" \
     2>&1 | tail -40 | tee "$OUT_DIR/gpu_tests.log"
-LEFT=$(( 450 - ($(date +%s) - START) ))
+LEFT=$(( 460 - ($(date +%s) - START) ))
 if [ "$LEFT" -gt 40 ]; then
     timeout "$LEFT" $PY bench/gpu_bench.py --out "$OUT_DIR" --rows compiled --budget $(( LEFT - 40 )) \
         --tests-junit "$OUT_DIR/gpu_tests.xml" 2>&1 | tail -5 | tee "$OUT_DIR/bench_compiled.log"

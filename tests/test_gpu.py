@@ -89,11 +89,11 @@ def test_amp_gradient_level_step(tmp_path, weighting):
     finite_run(result)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("recipe,backbone", [
-    ("mtan_decathlon", {"depth": 10, "widen_factor": 1}),
-    ("decathlon/series_adapters", {"stem_width": 4, "widths": [8, 8, 8], "blocks_per_stage": 1}),
-])
+WRN = ("mtan_decathlon", {"depth": 10, "widen_factor": 1})
+RESNET26 = ("decathlon/series_adapters", {"stem_width": 4, "widths": [8, 8, 8], "blocks_per_stage": 1})
+
+
+@pytest.mark.parametrize("recipe,backbone,precision", [(*WRN, "bf16"), (*WRN, "fp16"), (*RESNET26, "bf16")])
 def test_amp_step_decathlon_backbones(tmp_path, recipe, backbone, precision):
     overrides = {"training.precision": precision, "training.device": "cuda", "training.epochs": 1,
                  "training.max_steps_per_epoch": 3, "training.eval_interval": 1}
@@ -107,9 +107,9 @@ def test_compiled_network_matches_eager():
     torch.backends.cudnn.allow_tf32 = False
     try:
         torch.manual_seed(0)
-        net = mtlkit.compose(backbone=("segnet", {"width": 0.125}), attention=("mtan", {}),
+        net = mtlkit.compose(backbone=("segnet", {"width": 0.0625}), attention=("mtan", {}),
                              tasks={"seg": ("segmentation", {"num_classes": 5}), "depth": "depth"}).cuda()
-        x = torch.randn(2, 3, 64, 96, device="cuda")
+        x = torch.randn(2, 3, 32, 64, device="cuda")
         compiled = torch.compile(net)
         outs, grads = [], []
         for model in (net, compiled):  # eval mode: no running-statistic updates between the two
@@ -128,6 +128,8 @@ def test_compiled_network_matches_eager():
 
 
 def test_compiled_training_runs(tmp_path):
+    # num_workers is left to its default: 0 under compile (with live DataLoader workers, an
+    # H200 run of this test failed: a worker killed by SIGTERM while inductor compiled)
     result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan")), run_dir=tmp_path / "run",
                                overrides={"training.compile": True, "training.precision": "bf16"})
     finite_run(result)

@@ -150,13 +150,16 @@ def test_auto_settings_resolve_per_device(monkeypatch):
     from mtlkit.engine.config import TrainingConfig
     from mtlkit.engine.precision import resolve
 
-    cfg = TrainingConfig(precision="auto", channels_last="auto")
+    cfg = TrainingConfig(precision="auto")
     cpu = resolve(cfg, torch.device("cpu"))
-    assert (cpu.precision, cpu.channels_last) == ("fp32", False)
+    assert (cpu.precision, cpu.num_workers) == ("fp32", 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     cuda = resolve(cfg, torch.device("cuda", 0))
-    assert (cuda.precision, cuda.channels_last) == ("bf16", True)
+    assert (cuda.precision, cuda.num_workers) == ("bf16", 8)
+    # compiling with live loader workers failed on an H200: compile keeps the loading in-process
+    assert resolve(TrainingConfig(compile=True), torch.device("cuda", 0)).num_workers == 0
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve(cfg, torch.device("cuda", 0)).precision == "fp32"
-    explicit = TrainingConfig(precision="fp16", channels_last=False)
+    explicit = TrainingConfig(precision="fp16", channels_last=False, num_workers=2)
     assert resolve(explicit, torch.device("cuda", 0)) == explicit  # explicit choices stay

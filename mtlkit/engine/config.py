@@ -3,7 +3,7 @@ sections of a recipe. Field descriptions feed the generated recipe reference."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -53,8 +53,9 @@ class TrainingConfig(Params):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu.")
     eval_interval: int = Field(1, ge=1, description="Evaluate every this many epochs (and after the last).")
     num_workers: Optional[int] = Field(None, ge=0, description="DataLoader worker processes. Default: 0 on "
-                                       "the CPU (workers compete with the step for the same cores); on CUDA "
-                                       "min(8, this process's CPUs - 1), the CPUs shared among local ranks.")
+                                       "the CPU (workers compete with the step for the same cores) and with "
+                                       "training.compile; on CUDA min(8, this process's CPUs - 1), the CPUs "
+                                       "shared among local ranks.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32: no autocast; bf16 / fp16: the forward pass under torch.autocast in that "
         "dtype (losses in fp32); fp16 also scales the loss (GradScaler, its state in checkpoints); auto: bf16 "
@@ -62,9 +63,9 @@ class TrainingConfig(Params):
     compile: bool = Field(False, description="torch.compile the network for training (evaluation runs eager).")
     compile_backend: str = Field("inductor", description="torch.compile backend (\"eager\" / \"aot_eager\" "
                                  "check the capture without generating code).")
-    channels_last: Union[Literal["auto"], bool] = Field(False, description="Keep the network and its input "
-                                                          "in channels-last memory format; auto: on CUDA only "
-                                                          "(faster there; on CPUs 3x3 backward is often slower).")
+    channels_last: bool = Field(False, description="Keep the network and its input in channels-last memory "
+                                "format (measure first: on an H200 MTAN's step was slower with it, and on "
+                                "CPUs 3x3 convolution backward often is).")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms and no cuDNN "
                                 "autotuning: bit-identical runs and resumes on CUDA, at some speed. "
                                 "Off: cuDNN picks its fastest kernels (cudnn.benchmark).")
