@@ -69,6 +69,11 @@ class TrainingConfig(Params):
     log_interval: int = Field(10, ge=1, description="Steps between plain-text progress lines. Also how "
                               "often per-step losses are read from the device (log records, NaN check) "
                               "and, under torchrun, how soon ranks agree to stop on Ctrl-C.")
+    domain_bn_stats: bool = Field(True, description="Many-to-many, with BatchNorm layers shared by several "
+                                  "domains: before evaluating a domain (and in `decathlon submit`), recompute "
+                                  "the shared layers' running statistics on its training data (one pass in "
+                                  "train mode, no weight update), then restore training's. false: evaluate "
+                                  "with the statistics training left.")
     metrics_last_n: Optional[int] = Field(None, ge=1, description="Also report the mean of the last n "
                                           "evaluations in results.json (the MTAN paper uses 10).")
 

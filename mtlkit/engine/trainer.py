@@ -165,7 +165,7 @@ class Trainer:
         data = self.val_data if split_data is None else split_data
         if data is None:
             raise ConfigError("evaluate: no validation data given")
-        return evaluate(self.raw_model, self.tasks, data, self.cfg, self.ctx)
+        return evaluate(self.raw_model, self.tasks, data, self.cfg, self.ctx, train_data=self.train_data)
 
     def delta_m(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
         """Delta_m% of ``metrics`` against ``self.baselines`` (their metrics, all tasks)."""
