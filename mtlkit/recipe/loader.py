@@ -276,4 +276,20 @@ def _cross_checks(recipe: Recipe, where: str, origin: Callable[[str], str | None
     for t in recipe.baselines:
         if t not in recipe.tasks:
             errors.append(_line(where, origin, "baselines", t, f"not a task{did_you_mean(t, tasks)}"))
+    for i, stage in enumerate(recipe.training.stages):
+        for d in stage.domains or []:
+            if recipe.data is not None:
+                errors.append(f"{where} training.stages[{i}].domains: domain subsets apply to many-to-many "
+                              f"recipes (a [tasks.<name>.data] per task) only")
+                break
+            if d not in recipe.tasks:
+                errors.append(f"{where} training.stages[{i}].domains: '{d}' is not a task"
+                              f"{did_you_mean(d, tasks)} (tasks: {', '.join(tasks)})")
+    if recipe.training.train_on == "train+val":
+        refs = [("data", recipe.data)] if recipe.data is not None else \
+            [(f"tasks.{t}.data", r.data) for t, r in recipe.tasks.items() if r.data is not None]
+        for location, ref in refs:
+            if ref.val_split is None:
+                errors.append(_line(where, origin, "training", "train_on", f"'train+val' joins each data set's "
+                                    f"val split to its train split, and [{location}] has none"))
     return errors
