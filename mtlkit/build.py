@@ -213,11 +213,13 @@ def params_ratio(recipe: Recipe, model: nn.Module, tasks: Mapping[str, Task]) ->
 
 def params_unit(recipe: Recipe, tasks: Mapping[str, Task]) -> int:
     """Parameters of the paper's unit: one standard single-task network (the backbone with
-    its default parameters, split, the first task's head), or that backbone alone (the
-    Decathlon's convention, ``paper.params_base = "backbone"``)."""
+    its default parameters, or ``paper.params_base_backbone``; split; the first task's head),
+    or that backbone alone (the Decathlon's convention, ``paper.params_base = "backbone"``)."""
     mode = recipe.paper.params_base if recipe.paper else "single_task"
     first = next(iter(tasks))
-    standard = ComponentRef(name=recipe.model.backbone.name)  # e.g. plain SegNet, not Wide/Deep
+    # e.g. plain SegNet, not Wide/Deep; or the backbone with the params the paper's unit has
+    standard = ComponentRef(name=recipe.model.backbone.name,
+                            params=recipe.paper.params_base_backbone if recipe.paper else {})
     if mode == "backbone":
         backbone = build_component("backbone", standard, "model.backbone", task_names=[first])
         return sum(p.numel() for p in backbone.parameters())

@@ -46,5 +46,45 @@ def test_the_tables_baseline_rows_have_a_resnet26_64px_recipe():
         crop = next(iter(recipe.tasks.values())).data.params.get("crop", 72)
         if recipe.model.backbone.name == "resnet26" and crop == 64:
             setting.setdefault(re.sub(r" \(.*\)$", "", recipe.paper.architecture), []).append(name)
-    # Feature is missing: see docs/reproducing.md (the ResNet-26's per-domain BatchNorm)
-    assert {"Scratch", "Finetune", "Res. Adapt."} <= set(setting), setting
+    assert {"Scratch", "Finetune", "Feature", "Res. Adapt."} <= set(setting), setting
+
+
+def test_feature_resnet26_trains_only_the_heads_on_a_frozen_shared_trunk():
+    import torch
+
+    from mtlkit.build import build_model
+    from mtlkit.domains import freeze_shared
+    from mtlkit.engine.bn_stats import domain_bn_layers, shared_batchnorms
+
+    recipe = load_recipe("decathlon/feature_resnet26", synthetic=True).recipe
+    assert recipe.model.freeze_shared and recipe.model.backbone.params["domain_bn"] is False
+    model, _ = build_model(recipe)
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert shared_batchnorms(model) == bns  # one BatchNorm per layer, shared by the ten domains
+    freeze_shared(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("heads.") for n in trainable)
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("heads.")}
+    # the frozen trunk's statistics stay the source network's: none recomputed per domain
+    assert domain_bn_layers(model, recipe.training, dict.fromkeys(recipe.tasks)) == []
+    model.train()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model(torch.randn(2, 3, 32, 32), tasks=["svhn"])
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("synthetic", [False, True])
+def test_the_resnet26_source_run_fits_finetune_and_feature(synthetic):
+    import torch
+
+    from mtlkit.build import build_model
+
+    def backbone_shapes(name):
+        with torch.device("meta"):
+            model, _ = build_model(load_recipe(name, synthetic=synthetic).recipe)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("backbone.")}
+
+    source = backbone_shapes("decathlon/imagenet12_resnet26")
+    for name in ("decathlon/finetune_resnet26", "decathlon/feature_resnet26"):
+        assert load_recipe(name).recipe.model.init_from.path == "runs/decathlon_imagenet12_resnet26"
+        assert backbone_shapes(name) == source, name  # init_from's "backbone.*" loads every tensor

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from ..errors import ConfigError, MtlkitError, did_you_mean
 from ..plugin_manager import get_plugin_manager
 from .errors import format_validation_errors
+from .paper import paper_checks
 from .schema import Recipe
 from .toml_writer import dumps
 
@@ -248,6 +249,7 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
         raise ConfigError("\n".join(errors))
 
     errors.extend(_cross_checks(recipe, where, origin))
+    errors.extend(paper_checks(recipe, where, registry, origin))
     if errors:
         raise ConfigError("\n".join(errors))
     return LoadedRecipe(recipe=recipe, path=path, resolved=resolved)
