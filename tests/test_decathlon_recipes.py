@@ -88,3 +88,30 @@ def test_the_resnet26_source_run_fits_finetune_and_feature(synthetic):
     for name in ("decathlon/finetune_resnet26", "decathlon/feature_resnet26"):
         assert load_recipe(name).recipe.model.init_from.path == "runs/decathlon_imagenet12_resnet26"
         assert backbone_shapes(name) == source, name  # init_from's "backbone.*" loads every tensor
+
+
+@pytest.mark.parametrize("name", ["mtan_decathlon", "decathlon/mtan"])
+def test_mtan_decathlon_follows_the_reference_protocol(name):
+    # decathlon.md, "The reference protocol": 300 epochs over all ten domains with SGD 0.1
+    # (Nesterov 0.9, wd 5e-5, StepLR(50, 0.5)), then 100 over the nine other than imagenet12 with
+    # a fresh SGD at 0.01 and StepLR(50, 0.5); shared BatchNorm gets each domain's statistics.
+    from mtlkit.engine.stages import Stages
+
+    recipe = load_recipe(name).recipe
+    opt, sched, tr = recipe.optimizer, recipe.schedule, recipe.training
+    assert (opt.name, opt.lr, opt.momentum, opt.nesterov, opt.weight_decay) == ("sgd", 0.1, 0.9, True, 5e-5)
+    assert (sched.name, sched.step_size, sched.gamma) == ("step", 50, 0.5)
+    assert tr.batch_size == 128 and tr.domain_order == "sequential" and tr.domain_bn_stats
+    assert recipe.model.backbone.params.get("domain_bn", False) is False  # the reference shares BatchNorm
+    first, second = tr.stages
+    assert (first.epochs, first.domains, first.optimizer, first.schedule) == (300, None, None, None)
+    assert second.epochs == 100 and set(second.domains) == set(recipe.tasks) - {"imagenet12"}
+    o2, s2 = second.optimizer, second.schedule
+    assert (o2.name, o2.lr, o2.momentum, o2.nesterov, o2.weight_decay) == ("sgd", 0.01, 0.9, True, 5e-5)
+    assert (s2.name, s2.step_size, s2.gamma) == ("step", 50, 0.5)
+    assert tr.epochs == 400
+    stages = Stages(tr, opt, sched, dict.fromkeys(recipe.tasks))
+    lr = {e: stages.optimizers[stages.optimizer_stage(e)].lr * stages.lr_factor(e)
+          for e in (0, 299, 300, 349, 350, 399)}
+    assert lr == pytest.approx({0: 0.1, 299: 0.1 * 0.5 ** 5, 300: 0.01, 349: 0.01, 350: 0.005, 399: 0.005})
+    assert stages.optimizer_stage(299) == 0 and stages.optimizer_stage(300) == 1  # fresh at epoch 301

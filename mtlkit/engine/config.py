@@ -38,7 +38,8 @@ class ScheduleConfig(Params):
 
     name: Literal["none", "step", "cosine"] = Field("none", description="none: constant; step: multiply by "
                                                     "gamma every step_size epochs; cosine: cosine decay to 0 "
-                                                    "over training.epochs.")
+                                                    "over training.epochs (in stages: until the schedule "
+                                                    "restarts, see training.stages).")
     step_size: int = Field(100, ge=1, description="Epochs between decays (step).")
     gamma: float = Field(0.5, gt=0, description="Decay factor (step).")
 

@@ -281,7 +281,8 @@ class DecathlonDataset(Dataset):
         self.num_classes: int = index["num_classes"]
         self.class_names: list[str] = index["class_names"]
         self.source = index["source"]
-        self.augment = params.augment and split in ("train", "train+val") and augments(params.augmentation, params.domain)
+        self.augment = (params.augment and split in ("train", "train+val")
+                        and augments(params.augmentation, params.domain))
         self.flip = self.augment and flips(params.augmentation, params.domain)
         if params.normalize:
             stats_file = params.stats_file
