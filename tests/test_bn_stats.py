@@ -165,3 +165,52 @@ def test_training_is_undisturbed_and_accuracy_improves_where_domains_differ(seed
     # every decision; its own statistics put it back where training saw it
     assert mean_on >= 90.0, (seed, acc_on)
     assert mean_on - mean_off >= 20.0, (seed, acc_on, acc_off)
+
+
+DDP_SCRIPT = '''
+import json, os, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_bn_stats import DOMAINS, Tiny, stand_in, tasks_for
+from mtlkit.engine.bn_stats import domain_statistics
+from mtlkit.engine.config import TrainingConfig
+from mtlkit.engine.distributed import setup, shutdown
+
+torch.set_num_threads(1)
+ctx = setup("cpu")
+model = Tiny(DOMAINS)
+train = stand_in("train", n=7)  # 4 samples on rank 0, 3 on rank 1
+out = {{}}
+for d in DOMAINS:
+    with domain_statistics(model, [model.bn], d, train[d], tasks_for(DOMAINS), TrainingConfig(batch_size=2), ctx):
+        out[d] = [model.bn.running_mean.tolist(), model.bn.running_var.tolist()]
+with open(os.path.join(sys.argv[1], f"rank{{ctx.rank}}.json"), "w") as fh:
+    json.dump(out, fh)
+shutdown()
+'''
+
+
+def test_under_torchrun_every_rank_holds_the_statistics_of_all_ranks_batches(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "bn.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MTLKIT_LOAD_ENTRY_POINTS="0")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    model, train = Tiny(DOMAINS), stand_in("train", n=7)
+    for d in DOMAINS:
+        y = bn_input(model, train[d])
+        # rank r passes over samples r, r + 2, ... in batches of 2: rank 0 [0, 2] [4, 6], rank 1 [1, 3] [5]
+        batches = [y[[0, 2]], y[[4, 6]], y[[1, 3]], y[[5]]]
+        mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+        var = torch.stack([b.transpose(0, 1).reshape(y.shape[1], -1).var(1) for b in batches]).mean(0)
+        torch.testing.assert_close(torch.tensor(r0[d][0]), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(r0[d][1]), var, rtol=1e-5, atol=1e-6)
