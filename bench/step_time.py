@@ -18,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import statistics
 import time
 
 ARCHS = {
@@ -38,6 +39,9 @@ ARCHS = {
 
 
 from mtlkit.testing import StandInTask
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_description, gemm_peak, gpu_description  # noqa: E402
 
 
 def tasks_for(height: int, only_seg: bool):
@@ -68,14 +72,17 @@ def loss_of(out):
 
 
 def count_flops(arch, h, w, batch, width_mult):
-    """The model's FLOPs per step. Recomputation (memory_efficient) is not useful work, so
-    the same network without it is counted."""
+    """The model's FLOPs per step, counted on the plain network for every variant that
+    computes the same function: recomputation (memory_efficient) is not useful work, and
+    torch's counter credits a grouped convolution's backward once per group (``fast`` would
+    be credited about 8% more work than it does)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     attention, att_params, bb_params = ARCHS[arch]
-    if att_params.get("memory_efficient"):
-        ARCHS["_math"] = (attention, dict(att_params, memory_efficient=False), bb_params)
+    plain = {k: v for k, v in att_params.items() if k not in ("memory_efficient", "fast", "channels_last")}
+    if plain != att_params:
+        ARCHS["_math"] = (attention, plain, bb_params)
         arch = "_math"
     with torch.device("meta"):
         net = build(arch, h, width_mult)
@@ -121,27 +128,12 @@ def run_one(arch: str, h: int, w: int, batch: int, steps: int, width_mult: float
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
-    return {"arch": arch, "size": f"{h}x{w}", "params": params, "step_s": min(times),
+    import statistics
+
+    return {"arch": arch, "size": f"{h}x{w}", "params": params, "step_s": statistics.median(times),
+            "step_s_min": min(times), "step_s_max": max(times),
             "fwd_gflop_per_image": fwd_flops / batch / 1e9, "step_gflop": (fwd_flops + bwd_flops) / 1e9,
             "peak_rss_gb": peak_gb}
-
-
-def gemm_peak(n: int = 2048, repeats: int = 5, device: str = "cpu", amp: bool = False) -> float:
-    """Best GFLOP/s of torch.mm on n x n matrices (fp32; bf16 with amp)."""
-    import torch
-
-    dtype = torch.bfloat16 if amp else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def main(argv=None) -> int:
@@ -150,7 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of: " + ", ".join(ARCHS))
     ap.add_argument("--sizes", default=None, help="e.g. 288x384,128x256")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step (best is kept)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (the median is "
+                    "reported, with the range)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -172,7 +165,12 @@ def main(argv=None) -> int:
     sizes = args.sizes or ("64x96,32x64" if args.quick else "288x384,128x256")
     archs = [a for a in args.archs.split(",") if a]
     n = 1024 if args.quick else (8192 if args.device == "cuda" else 2048)
-    peak = gemm_peak(n, device=args.device, amp=args.amp)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    readings = [gemm_peak(n, device=args.device, dtype=dtype)]
+    peak = readings[0]["median"]
+    print(f"CPU: {cpu_description()}")
+    if args.device == "cuda":
+        print(f"GPU: {gpu_description()}")
     print(f"torch {torch.__version__}, {args.device}{' bf16 autocast' if args.amp else ''}, "
           f"{torch.get_num_threads()} threads; {'bf16' if args.amp else 'fp32'} GEMM peak "
           f"(torch.mm): {peak:.1f} GFLOP/s; batch {args.batch}; width x{width_mult}")
@@ -193,11 +191,15 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"  done {arch} {size}: {row['step_s']:.2f} s", file=sys.stderr, flush=True)
 
-    # contention from other processes lowers a single reading: keep the best of two
-    peak = max(peak, gemm_peak(n, device=args.device, amp=args.amp))
+    # the peak: the median of the readings taken before and after the rows (each itself a
+    # median of 7), so one reading disturbed by a neighbour process does not set it
+    readings.append(gemm_peak(n, device=args.device, dtype=dtype))
+    peak = statistics.median([r["median"] for r in readings])
     for r in rows:
         r["of_peak"] = r["gflops"] / peak
-    print(f"fp32 GEMM peak, best of the readings before and after: {peak:.1f} GFLOP/s")
+    lo, hi = min(r["min"] for r in readings), max(r["max"] for r in readings)
+    print(f"GEMM peak: {peak:.1f} GFLOP/s (median of medians before and after; single readings "
+          f"{lo:.1f}-{hi:.1f})")
     header = (f"{'architecture':<15} {'size':>8} {'params':>12} {'fwd GF/img':>10} {'step GF':>8} "
               f"{'step s':>8} {'x base':>7} {'GFLOP/s':>8} {'of peak':>7} {'peak GB':>8}")
     print(header)
@@ -209,10 +211,12 @@ def main(argv=None) -> int:
             print(f"{r['arch']:<15} {r['size']:>8} {r['params']:>12,} {r['fwd_gflop_per_image']:>10.1f} "
                   f"{r['step_gflop']:>8.1f} {r['step_s']:>8.2f} {r['step_s'] / base['step_s']:>7.2f} "
                   f"{r['gflops']:>8.1f} {r['of_peak']:>7.2f} {r['peak_rss_gb']:>8.2f}")
-    print("x base: step time relative to split-standard; of peak: achieved GFLOP/s / GEMM peak.")
+    print("step s: median of the timed steps; x base: relative to split-standard (mtan variants: compare "
+          "with the mtan row); of peak: achieved GFLOP/s / GEMM peak.")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"gemm_peak_gflops": peak, "rows": rows}, fh, indent=2)
+            json.dump({"cpu": cpu_description(), "gemm_peak_gflops": peak, "gemm_readings": readings,
+                       "rows": rows}, fh, indent=2)
     return 0
 
 

@@ -185,3 +185,16 @@ def test_memory_efficient_with_a_retained_graph_and_per_task_gradients():
         assert torch.allclose(ba[name].float(), bb[name].float(), atol=1e-5, rtol=1e-4), name
     for name in pa:
         assert torch.allclose(pa[name].grad, pb[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("fast,on_cpu", [("auto", False), (True, True), (False, False)])
+def test_fast_auto_batches_on_cuda_inputs_only(monkeypatch, fast, on_cpu):
+    from mtlkit.plugins.attention import mtan
+
+    calls = []
+    real = mtan.FastMTANBranches.__call__
+    monkeypatch.setattr(mtan.FastMTANBranches, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    net = build({"fast": fast})
+    net(torch.randn(2, 3, 32, 32))
+    assert bool(calls) == on_cpu  # "auto" keeps the per-task loop on CPU tensors
+    assert (net._fast is not None) == (fast is not False)  # built for CUDA inputs under "auto"

@@ -43,6 +43,7 @@ from ..errors import DataError
 from . import distributed as D
 from .checkpoint import capture_rng, rng_to_json, set_rng_state
 from .config import TrainingConfig
+from .precision import autocast
 from .sampling import SeededSamples, Seeds, Stream, batch_size, chunks, make_loader
 from .step import forward
 
@@ -76,7 +77,9 @@ def _pass(model: nn.Module, bns: list[_BatchNorm], domain: str, data, tasks: Map
                          batch_sampler=batches)
     with torch.no_grad():
         for batch in loader:
-            forward(model, batch, domain, tasks, ctx.device, f"training data of domain '{domain}'")
+            with autocast(cfg.precision, ctx.device):  # as the domain is then evaluated
+                forward(model, batch, domain, tasks, ctx.device, f"training data of domain '{domain}'",
+                        cfg.channels_last is True)
     # the ranks' cumulative averages, weighted by how many batches each counted
     rows = []
     for bn in bns:

@@ -3,7 +3,7 @@ sections of a recipe. Field descriptions feed the generated recipe reference."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -71,7 +71,22 @@ class TrainingConfig(Params):
     seed: int = Field(0, ge=0, description="Seed of weights init order, data order, dropout and augmentation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu.")
     eval_interval: int = Field(1, ge=1, description="Evaluate every this many epochs (and after the last).")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: Optional[int] = Field(None, ge=0, description="DataLoader worker processes. Default: 0 on "
+                                       "the CPU (workers compete with the step for the same cores); on CUDA "
+                                       "min(8, this process's CPUs - 1), the CPUs shared among local ranks.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32: no autocast; bf16 / fp16: the forward pass under torch.autocast in that "
+        "dtype (losses in fp32); fp16 also scales the loss (GradScaler, its state in checkpoints); auto: bf16 "
+        "on a CUDA device that supports it, else fp32.")
+    compile: bool = Field(False, description="torch.compile the network for training (evaluation runs eager).")
+    compile_backend: str = Field("inductor", description="torch.compile backend (\"eager\" / \"aot_eager\" "
+                                 "check the capture without generating code).")
+    channels_last: Union[Literal["auto"], bool] = Field(False, description="Keep the network and its input "
+                                                          "in channels-last memory format; auto: on CUDA only "
+                                                          "(faster there; on CPUs 3x3 backward is often slower).")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms and no cuDNN "
+                                "autotuning: bit-identical runs and resumes on CUDA, at some speed. "
+                                "Off: cuDNN picks its fastest kernels (cudnn.benchmark).")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cap on batches per epoch (quick runs).")
     best_metric: Optional[str] = Field(None, description="\"task/metric\" that selects checkpoints/best "
                                        "(direction from the metric's higher_is_better).")

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from . import distributed as D
 from .bn_stats import domain_bn_layers, domain_statistics
 from .config import TrainingConfig
+from .precision import autocast, outputs_fp32
 from .sampling import Seeds, Stream, batch_size, make_loader
 from .step import forward, targets
 
@@ -53,7 +54,9 @@ def evaluate(model: nn.Module, tasks: Mapping[str, Task], data, cfg: TrainingCon
                                      batch_size=batch_size(cfg, domain), shuffle=False)
                 states = {t: tasks[t].metrics() for t in names}
                 for batch in loader:
-                    out = forward(model, batch, domain, tasks, ctx.device, "evaluation data")
+                    with autocast(cfg.precision, ctx.device):  # the training precision
+                        out = forward(model, batch, domain, tasks, ctx.device, "evaluation data", cfg.channels_last)
+                    out = outputs_fp32(out)
                     tgt = targets(batch, names, tasks, ctx.device, "evaluation data")
                     for t in names:
                         states[t].update(out[t], tgt[t])

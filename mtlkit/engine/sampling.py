@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .config import TrainingConfig
+from .precision import loader_workers
 
 Plan = list[tuple["str | None", list[tuple[int, int]]]]
 
@@ -187,7 +188,7 @@ def set_data_epoch(train_data, epoch: int) -> None:
 
 def make_loader(dataset: Dataset, cfg: TrainingConfig, device: torch.device, seed: int, **kw) -> DataLoader:
     # the loader's own generator: making one never draws from the global RNG (dropout stream)
-    return DataLoader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+    return DataLoader(dataset, num_workers=loader_workers(cfg.num_workers, device), pin_memory=device.type == "cuda",
                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), **kw)
 
 

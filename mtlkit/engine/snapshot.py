@@ -58,7 +58,7 @@ def save_trainer(trainer: Trainer, stems: list[str], rng: dict[str, Any]) -> boo
         # the epoch's stage, and the stage whose (fresh) optimiser the state above belongs to
         "stage": t.stages.stage_of(t.epoch), "optimizer_stage": t.stages.active,
         "best": t.best, "history": t.history, "elapsed": t.elapsed,
-        "torch_version": torch.__version__,
+        "torch_version": torch.__version__, "scaler": t.precision.state(),
     }
     save_checkpoint(t.run_dir / "checkpoints", tensors, meta, names=stems)  # one commit for all
     return True
@@ -76,6 +76,7 @@ def restore_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
     if not 0 <= stage < len(t.stages) or t.stages.owner[stage] != stage:
         raise CheckpointError(f"{where}: saved with the optimiser of stage {stage + 1}, which this run's "
                               f"training.stages do not start")
+    t.precision.load_state(meta.get("scaler"), where)  # refuses before anything else changes
     optimizer = t.stages.build_optimizer(stage, t) if stage != t.stages.active else t.optimizer
     unpack_state(tensors, meta.get("optimizer", {}), t.raw_model, optimizer, t.weighting, where)
     if optimizer is not t.optimizer:

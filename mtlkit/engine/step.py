@@ -31,6 +31,7 @@ from ..errors import ConfigError, TrainingError
 from . import distributed as D
 from .checks import missing_key
 from .config import TrainingConfig
+from .precision import Precision, outputs_fp32
 
 
 def targets(batch: dict, names: list[str], tasks: Mapping[str, Task], device: torch.device,
@@ -45,10 +46,12 @@ def targets(batch: dict, names: list[str], tasks: Mapping[str, Task], device: to
 
 
 def forward(model: nn.Module, batch: dict, domain: str | None, tasks: Mapping[str, Task],
-            device: torch.device, where: str) -> dict[str, Tensor]:
+            device: torch.device, where: str, channels_last: bool = False) -> dict[str, Tensor]:
     if "image" not in batch:
         raise missing_key(where, "image", have=batch)
     x = batch["image"].to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     out = model(x, tasks=[domain]) if domain is not None else model(x)
     for t in [domain] if domain is not None else list(tasks):
         if t not in out:
@@ -64,9 +67,11 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, tasks: Mapping[str, Task], weighting: Weighting,
-                 optimizer: torch.optim.Optimizer, cfg: TrainingConfig, ctx: D.DistContext) -> None:
+                 optimizer: torch.optim.Optimizer, cfg: TrainingConfig, ctx: D.DistContext,
+                 precision: Precision | None = None) -> None:
         self.model, self.raw_model, self.tasks = model, raw_model, tasks
         self.weighting, self.optimizer, self.cfg, self.ctx = weighting, optimizer, cfg, ctx
+        self.precision = precision if precision is not None else Precision("fp32", ctx.device)
         self.gradient_level = weighting.requires_grads == "shared"
         self._split: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None
         # the weights of the last step when it left tasks out (see _combine_present), else None
@@ -76,7 +81,10 @@ class TrainStep:
         names = [domain] if domain is not None else list(self.tasks)
         no_sync = self.gradient_level and self.ctx.enabled
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
-            out = forward(self.model, batch, domain, self.tasks, self.ctx.device, "train_data")
+            with self.precision.autocast():
+                out = forward(self.model, batch, domain, self.tasks, self.ctx.device, "train_data",
+                              self.cfg.channels_last)
+            out = outputs_fp32(out)
             tgt = targets(batch, names, self.tasks, self.ctx.device, "train_data")
             losses = {t: self.tasks[t].loss(out[t], tgt[t]) for t in names}
             values = {t: losses[t].detach() for t in names}
@@ -88,9 +96,9 @@ class TrainStep:
             if self.gradient_level:
                 self._gradient_level_backward(losses)
             else:
-                self.weighting.combine(losses).backward()
+                self.precision.scale(self.weighting.combine(losses)).backward()
                 self._average_grads([p for p in self.weighting.parameters() if p.grad is not None])
-            self.optimizer.step()
+            self.precision.step(self.optimizer)
         # a gradient-level step that left tasks out reports them at 0 (see _combine_present)
         weights = self.subset_weights if self.subset_weights is not None else self.weighting.weights()
         return values, dict(weights)
@@ -129,18 +137,29 @@ class TrainStep:
         """
         shared, private = self._shared_and_private()
         names = list(self.weighting.task_names)
+        scale = self.precision.scale_factor()  # fp16: a device tensor, else None
         rows = []
         for t in names:
-            grads = torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+            loss = losses[t] if scale is None else losses[t] * scale
+            grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                                    for g, p in zip(grads, shared)]))
-        G = torch.stack(rows)  # K x P
+        G = torch.stack(rows)  # K x P, fp32 whatever the parameters' dtype
         D.all_reduce_mean_(G, self.ctx)
+        overflow = None
+        if scale is not None:
+            # the weighting sees true gradients; an overflowed step gets non-finite gradients
+            # below, so the scaler skips it and lowers the scale (no host read here)
+            overflow = ~torch.isfinite(G).all()
+            G = torch.nan_to_num(G / scale, nan=0.0, posinf=0.0, neginf=0.0)
         # float64 carries any task's loss dtype exactly; each goes back to its own dtype
         mean = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in names])
         D.all_reduce_mean_(mean, self.ctx)
         global_losses = {t: mean[k].to(losses[t].dtype) for k, t in enumerate(names)}
         combined = self._combine_present(G, global_losses)
+        if combined is not None and scale is not None:
+            # the scaler's step unscales every gradient it owns: hand it the scaled aggregate
+            combined = torch.where(overflow, torch.full_like(combined, float("inf")), combined * scale)
         offset = 0
         for p in shared:
             n = p.numel()
@@ -150,7 +169,8 @@ class TrainStep:
             offset += n
         private = private + [p for p in self.weighting.parameters() if p.requires_grad]
         if private:
-            grads = torch.autograd.grad(self.weighting.combine(losses), private, allow_unused=True)
+            grads = torch.autograd.grad(self.precision.scale(self.weighting.combine(losses)), private,
+                                        allow_unused=True)
             used = []
             for p, g in zip(private, grads):
                 if g is not None:

@@ -54,6 +54,8 @@ from .checks import check_best_metric, check_data, check_weighting
 from .checkpoint import capture_rng, recipe_sha256
 from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
 from .evaluation import delta_m, evaluate, improved_best
+from .precision import Precision, compiled, prepare_model
+from .precision import resolve as resolve_auto
 from .progress import ProgressReporter
 from .readout import StepValues
 from .runfiles import RunFiles
@@ -104,9 +106,12 @@ class Trainer:
 
         self.ctx = D.setup(self.cfg.device)
         self.device = self.ctx.device
+        self.cfg = resolve_auto(self.cfg, self.device)
         self.seeds = Seeds(self.cfg.seed)
         self.raw_model = model.to(self.device)
         self.weighting.to(self.device)
+        prepare_model(self.raw_model, self.cfg, self.device)
+        self.precision = Precision(self.cfg.precision, self.device)
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -114,9 +119,10 @@ class Trainer:
                              find_unused_parameters=self.many_to_many)  # one branch runs per many-to-many step
         else:
             self.model = self.raw_model
+        self.model = compiled(self.model, self.cfg)  # DDP inside: compile sees its bucketing hooks
         self.optimizer, self.base_lrs = self.stages.start(self)  # the first stage's optimiser
         self.train_step = TrainStep(self.model, self.raw_model, self.tasks, self.weighting, self.optimizer,
-                                    self.cfg, self.ctx)
+                                    self.cfg, self.ctx, self.precision)
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writes = self.run_dir is not None and self.ctx.is_main

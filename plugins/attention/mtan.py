@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,9 @@ from mtlkit.registry import Params
 
 
 class MTANParams(Params):
-    fast: bool = False  # batched shared f convs + grouped attention convs (same function)
+    # batched shared f convs + grouped attention convs (same function); "auto": on CUDA inputs
+    # only (measured faster there; on CPUs no faster than the loop: docs/performance.md)
+    fast: Union[Literal["auto"], bool] = False
     channels_last: bool = False  # run the model in channels-last memory format
     # recompute each task's attention level in the backward pass (activation checkpointing):
     # the same function, outputs, gradients and BatchNorm statistics, about half the memory;
@@ -177,7 +180,7 @@ class MTANNetwork(MultiTaskNetwork):
         xavier_init(self.task_specific)
         self.heads = nn.ModuleDict({t: heads[t](out_c) for t in self.task_names})
         self.out_channels = out_c
-        self._fast = FastMTANBranches(self) if params.fast else None
+        self._fast = FastMTANBranches(self) if params.fast is not False else None
         if params.channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -214,7 +217,8 @@ class MTANNetwork(MultiTaskNetwork):
         if self.params.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         _, taps = self.backbone.forward_taps(x)
-        if self._fast is not None and len(tasks) > 1 and not self.params.memory_efficient:
+        batched = self._fast is not None and (self.params.fast is True or x.is_cuda)
+        if batched and len(tasks) > 1 and not self.params.memory_efficient:
             feats = self._fast(tasks, taps)
         else:
             feats = {t: self.branch(t, taps) for t in tasks}

@@ -87,12 +87,15 @@ def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
     As in evaluation during training, BatchNorm layers shared by the domains get each
     domain's statistics from its training data before it is predicted (the run's
     ``training.domain_bn_stats``; see :mod:`mtlkit.engine.bn_stats`)."""
+    import torch
+
     from mtlkit.build import build_dataset, build_parts, training_split
     from mtlkit.domains import freeze_shared
     from mtlkit.engine import load_model_weights
     from mtlkit.engine.bn_stats import domain_bn_layers, domain_statistics
     from mtlkit.engine.checkpoint import resolve_checkpoint
     from mtlkit.engine.distributed import DistContext
+    from mtlkit.engine.precision import resolve
     from mtlkit.recipe.loader import load_recipe
 
     loaded = load_recipe(run / "recipe.toml")
@@ -105,15 +108,15 @@ def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
         freeze_shared(parts.model)
     load_model_weights(parts.model, ckpt)
     parts.model.eval()
-    bns = domain_bn_layers(parts.model, recipe.training, dict.fromkeys(recipe.tasks))
+    cfg = resolve(recipe.training, torch.device("cpu"))  # predictions run on the CPU
+    bns = domain_bn_layers(parts.model, cfg, dict.fromkeys(recipe.tasks))
     train = {t: build_dataset(ref.data, f"tasks.{t}.data", training_split(recipe, ref.data))
              for t, ref in recipe.tasks.items()} if bns else {}
     predictions, offsets = {}, {}
     for domain, task in recipe.tasks.items():
         test = build_dataset(task.data, f"tasks.{domain}.data", "test")
         dataset_domain = getattr(test, "domain", domain)
-        with domain_statistics(parts.model, bns, domain, train.get(domain), parts.tasks, recipe.training,
-                               DistContext()):
+        with domain_statistics(parts.model, bns, domain, train.get(domain), parts.tasks, cfg, DistContext()):
             predictions[dataset_domain] = predict_domain(_DomainView(parts.model, domain, dataset_domain), test,
                                                          dataset_domain, recipe.training.batch_size)
         offsets[dataset_domain] = int(getattr(test, "category_offset", 0))

@@ -1,0 +1,269 @@
+"""GPU training-step benchmark, every row measured side by side in one process on one card.
+
+    python bench/gpu_bench.py --out DIR [--budget 330] [--steps 20]
+
+Rows (training steps: forward, loss, backward, Adam step):
+- MTAN on SegNet, NYUv2 shapes (13-class segmentation, depth, normals), 288x384, batch 2:
+  the plain per-task loop (the authors' computation: fp32, NCHW), ``fast`` (batched
+  branches), ``memory_efficient`` (recomputed levels), each in fp32 and bf16 autocast, with
+  and without torch.compile; and the shipped recipe's CUDA choice (``fast`` + channels-last
+  + bf16, what ``fast="auto"``, ``channels_last="auto"`` and ``precision="auto"`` resolve to).
+- Split, Wide on SegNet at the same shapes, fp32 / bf16, eager / compiled.
+- Visual Decathlon: WRN-28-4 + MTAN, 10 domains, 72x72, batch 128, one domain per step:
+  training images/s in fp32 and in bf16 + channels-last.
+- Data loading: decathlon JPEGs through the data set's DataLoader, images/s with 0 workers
+  and with the engine's CUDA default.
+
+Step time is the median of ``--steps`` steps timed with CUDA events after 3 warm-up steps
+(compilation happens in the warm-up). Peak memory is ``torch.cuda.max_memory_allocated``
+over warm-up and timed steps (weights, gradients, optimiser state and activations).
+TFLOP/s counts the useful FLOPs of the plain network (torch.utils.flop_counter on the meta
+device; the same function for every variant), against the card's bf16 dense GEMM peak
+measured in the same run (8192^3 torch.mm). Eager rows run first, compiled rows last, and a
+row that would start after ``--budget`` seconds is skipped (and listed as skipped), so the
+script ends in time. Results: DIR/gpu_bench.json and DIR/gpu_bench.md, written after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import cpu_description, gemm_peak, gpu_description  # noqa: E402
+from step_time import build as build_segnet_zoo, count_flops  # noqa: E402
+
+H, W, BATCH = 288, 384, 2
+
+
+def time_steps(net, make_batch, loss_fn, precision: str, steps: int, warmup: int = 3,
+               channels_last: bool = False, domains: list[str] | None = None) -> dict:
+    """Median step time (ms) and peak memory (GB) of ``steps`` training steps."""
+    dev = torch.device("cuda")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    x, target = make_batch()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        domain = domains[i % len(domains)] if domains else None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = net(x, tasks=[domain]) if domain else net(x)
+        loss = loss_fn(out, target, domain)
+        loss.backward()
+        opt.step()
+        end.record()
+        if i >= warmup:
+            times.append((start, end))
+    torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in times]
+    return {"ms": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms),
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "loss_finite": bool(torch.isfinite(loss))}
+
+
+def dense_loss(out, target, domain):
+    return sum(o.float().mean() for o in out.values())
+
+
+def segnet_row(arch: str, precision: str, compiled: bool, steps: int, channels_last: bool = False) -> dict:
+    torch.manual_seed(0)
+    net = build_segnet_zoo(arch, H, 1.0).train().cuda()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if compiled:
+        net = torch.compile(net)
+    batch = lambda: (torch.randn(BATCH, 3, H, W, device="cuda"), None)  # noqa: E731
+    return time_steps(net, batch, dense_loss, precision, steps, channels_last=channels_last)
+
+
+def decathlon_row(precision: str, channels_last: bool, steps: int) -> dict:
+    from decathlon_throughput import build_model  # noqa: E402
+    from mtlkit.plugins.decathlon.domains import DOMAINS
+
+    torch.manual_seed(0)
+    _, net, tasks = build_model("mtan", dict(DOMAINS), {})
+    net = net.train().cuda()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    labels = {d: torch.randint(t.out_channels, (128,), device="cuda") for d, t in tasks.items()}
+
+    def loss(out, target, domain):
+        return tasks[domain].loss(out[domain].float(), labels[domain])
+
+    batch = lambda: (torch.randn(128, 3, 72, 72, device="cuda"), None)  # noqa: E731
+    row = time_steps(net, batch, loss, precision, steps, channels_last=channels_last, domains=list(tasks))
+    row["images_per_s"] = 128 / (row["ms"] / 1e3)
+    return row
+
+
+def loading_rows() -> list[dict]:
+    from torch.utils.data import DataLoader
+
+    from mtlkit.engine.precision import loader_workers
+    from mtlkit.plugin_manager import get_registry
+    from mtlkit.plugins.decathlon.synthetic import write_decathlon_layout
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "decathlon"
+        write_decathlon_layout(root, 2048, 1, 1, image_size=72, domains=["cifar100"])
+        ds = get_registry().get("dataset", "decathlon").build({"root": str(root), "domain": "cifar100"},
+                                                              split="train")
+        for workers in sorted({0, loader_workers(None, torch.device("cuda"))}):
+            loader = DataLoader(ds, batch_size=128, shuffle=True, num_workers=workers, pin_memory=True)
+            t, n = time.perf_counter(), 0
+            for b in loader:
+                b["image"].to("cuda", non_blocking=True)
+                n += b["image"].shape[0]
+            torch.cuda.synchronize()
+            rows.append({"workers": workers, "images_per_s": n / (time.perf_counter() - t)})
+    return rows
+
+
+def junit_summary(path: Path) -> dict:
+    """Counts and failing test names from a pytest --junitxml file."""
+    import xml.etree.ElementTree as ET
+
+    if not path.exists():
+        return {"error": f"{path} not written (the test run was killed?)"}
+    cases = list(ET.parse(path).getroot().iter("testcase"))
+    status = {}
+    for c in cases:
+        name = f"{c.get('classname', '').split('.')[-1]}::{c.get('name')}"
+        kinds = [child.tag for child in c]
+        status[name] = ("failed" if {"failure", "error"} & set(kinds) else "skipped" if "skipped" in kinds
+                        else "passed")
+    counts = {k: sum(v == k for v in status.values()) for k in ("passed", "failed", "skipped")}
+    return {**counts, "failed_tests": [n for n, v in status.items() if v == "failed"]}
+
+
+def markdown(res: dict) -> str:
+    peak = res["bf16_gemm_tflops"]
+    lines = [f"GPU: {res['gpu']}; torch {res['torch']}; CPU: {res['cpu']}",
+             f"bf16 dense GEMM peak measured in this run (8192^3 torch.mm, median): {peak:.0f} TFLOP/s; "
+             f"fp32 (no TF32): {res['fp32_gemm_tflops']:.1f} TFLOP/s", "",
+             "| model | variant | precision | compile | ms/step (median) | vs authors' fp32 | peak GB | TFLOP/s | of bf16 peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {r["model"]: r for r in res["rows"] if r.get("baseline")}
+    for r in res["rows"]:
+        if "ms" not in r:
+            lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile']} | "
+                         f"{r.get('error', 'skipped')} | | | | |")
+            continue
+        b = base.get(r["model"])
+        ratio = f"{b['ms'] / r['ms']:.2f}x" if b else ""
+        tflops = r["tflop_per_step"] / (r["ms"] / 1e3)
+        lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile']} | {r['ms']:.1f} "
+                     f"({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {ratio} | {r['peak_gb']:.2f} | {tflops:.1f} | "
+                     f"{tflops / peak:.3f} |")
+    for d in res.get("decathlon", []):
+        if "images_per_s" in d:
+            lines.append(f"\nDecathlon WRN-28-4 MTAN, batch 128, 72x72, {d['variant']}: "
+                         f"{d['images_per_s']:.0f} images/s ({d['ms']:.1f} ms/step, peak {d['peak_gb']:.2f} GB)")
+    for d in res.get("loading", []):
+        lines.append(f"\nDecathlon JPEG loading, num_workers={d['workers']}: {d['images_per_s']:.0f} images/s")
+    t = res.get("tests")
+    if t:
+        lines.append(f"\ngpu tests (pytest -m gpu): {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
+                     f"{t.get('skipped', 0)} skipped" + (f"; failed: {', '.join(t['failed_tests'])}"
+                                                        if t.get("failed_tests") else "") + t.get("error", ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds; rows that would start later are skipped")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", choices=["eager", "compiled", "all"], default="all",
+                    help="compiled: append the torch.compile rows to DIR/gpu_bench.json of an eager run")
+    ap.add_argument("--tests-junit", help="a pytest --junitxml file of the gpu tests, folded into the report")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    torch.backends.cudnn.benchmark = True
+    if args.rows == "compiled" and (out / "gpu_bench.json").exists():
+        res = json.loads((out / "gpu_bench.json").read_text())
+    else:
+        res = {"gpu": gpu_description(), "torch": torch.__version__, "cpu": cpu_description(), "rows": []}
+        res["bf16_gemm_tflops"] = gemm_peak(8192, 5, "cuda", torch.bfloat16)["median"] / 1e3
+        torch.backends.cuda.matmul.allow_tf32 = False
+        res["fp32_gemm_tflops"] = gemm_peak(8192, 3, "cuda", torch.float32)["median"] / 1e3
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32 (cuDNN convs: torch's default)
+    if args.tests_junit:
+        res["tests"] = junit_summary(Path(args.tests_junit))
+
+    def save():
+        (out / "gpu_bench.json").write_text(json.dumps(res, indent=2))
+        (out / "gpu_bench.md").write_text(markdown(res))
+
+    flops = {m: sum(count_flops(m, H, W, BATCH, 1.0)) / 1e12 for m in ("mtan", "split-wide")}
+    plan = []  # (model, arch, variant, precision, compile, channels_last)
+    for comp in {"eager": (False,), "compiled": (True,), "all": (False, True)}[args.rows]:
+        for variant, arch in (("plain", "mtan"), ("fast", "_fast"), ("memory_efficient", "_lean")):
+            for prec in ("fp32", "bf16"):
+                plan.append(("MTAN SegNet", arch, variant, prec, comp, False))
+        plan.append(("MTAN SegNet", "_fast", "fast + channels-last (shipped on CUDA)", "bf16", comp, True))
+        for prec in ("fp32", "bf16"):
+            plan.append(("Split Wide SegNet", "split-wide", "plain", prec, comp, False))
+    from step_time import ARCHS
+
+    ARCHS["_fast"] = ("mtan", {"fast": True}, {})
+    ARCHS["_lean"] = ("mtan", {"memory_efficient": True}, {})
+    for model, arch, variant, prec, comp, cl in plan:
+        row = {"model": model, "variant": variant, "precision": prec, "compile": comp, "channels_last": cl,
+               "tflop_per_step": flops["mtan" if model.startswith("MTAN") else "split-wide"],
+               "baseline": variant == "plain" and prec == "fp32" and not comp}
+        if time.perf_counter() - t0 > args.budget:
+            row["error"] = "skipped (time budget)"
+        else:
+            try:
+                torch._dynamo.reset()
+                row.update(segnet_row(arch, prec, comp, args.steps, cl))
+            except Exception as exc:  # one failing row must not lose the others
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            torch.cuda.empty_cache()
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        if comp is False and (model, variant, prec) == ("Split Wide SegNet", "plain", "bf16"):
+            res["decathlon"] = []
+            for prec2, cl2, name in (("fp32", False, "fp32 NCHW"), ("bf16", True, "bf16 + channels-last")):
+                try:
+                    d = decathlon_row(prec2, cl2, args.steps)
+                except Exception as exc:
+                    d = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+                d["variant"] = name
+                res["decathlon"].append(d)
+                print(json.dumps(d), flush=True)
+                torch.cuda.empty_cache()
+            try:
+                res["loading"] = loading_rows()
+            except Exception as exc:
+                res["loading_error"] = f"{type(exc).__name__}: {exc}"
+            save()
+    res.setdefault("seconds", {})[args.rows] = time.perf_counter() - t0
+    save()
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

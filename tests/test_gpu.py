@@ -1,0 +1,179 @@
+"""CUDA checks (marked ``gpu``: skipped without a CUDA device; run with ``-m gpu``).
+
+What the CPU suite cannot show: autocast steps on CUDA for every architecture family,
+torch.compile (inductor) against eager, a whole quickstart epoch on the GPU, bit-exact
+resume with deterministic algorithms, and DDP over nccl (two GPUs or more).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# cuBLAS reads this when it starts: deterministic GEMMs for the resume test
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import mtlkit  # noqa: E402
+from mtlkit.engine.checkpoint import load_checkpoint  # noqa: E402
+from mtlkit.plugin_manager import get_registry  # noqa: E402
+from mtlkit.recipe.toml_writer import toml_value  # noqa: E402
+from mtlkit.rundir import read_log  # noqa: E402
+from mtlkit.testing import TINY_CLASSIFICATION_RECIPE  # noqa: E402
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTENTIONS = sorted(c.name for c in get_registry().list() if c.kind == "attention")
+
+DENSE_RECIPE = """
+[model.backbone]
+name = "segnet"
+params = {{ width = 0.0625 }}
+[model.attention]
+name = "{attention}"
+params = {params}
+[tasks.segmentation]
+name = "segmentation"
+params = {{ num_classes = 7 }}
+[tasks.depth]
+name = "depth"
+[tasks.normal]
+name = "normal"
+[data]
+name = "synthetic_scenes"
+params = {{ height = 32, width = 32, num_train = 8, num_val = 4, num_classes = 7 }}
+[weighting]
+name = "{weighting}"
+[training]
+epochs = 1
+batch_size = 4
+device = "cuda"
+"""
+
+
+def dense_recipe(tmp_path: Path, attention: str, weighting: str = "equal") -> Path:
+    c = get_registry().get("attention", attention)
+    path = tmp_path / f"{attention}.toml"
+    path.write_text(DENSE_RECIPE.format(attention=attention, params=toml_value(c.tiny or {}), weighting=weighting))
+    return path
+
+
+def finite_run(result) -> None:
+    values = [v for m in result.metrics.values() for v in m.values()]
+    assert values and all(math.isfinite(v) for v in values), result.metrics
+    steps = [r for r in read_log(result.run_dir) if r["type"] == "step"]
+    assert steps and all(math.isfinite(v) for r in steps for v in r["losses"].values())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_amp_step_per_dense_architecture(tmp_path, attention, precision):
+    result = mtlkit.run_recipe(str(dense_recipe(tmp_path, attention)), run_dir=tmp_path / "run",
+                               overrides={"training.precision": precision, "training.channels_last": True})
+    finite_run(result)
+    meta = load_checkpoint(tmp_path / "run")[0]
+    assert (meta["scaler"] is not None) == (precision == "fp16")
+
+
+@pytest.mark.parametrize("weighting", ["pcgrad", "mgda", "nash_mtl"])
+def test_amp_gradient_level_step(tmp_path, weighting):
+    result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan", weighting)), run_dir=tmp_path / "run",
+                               overrides={"training.precision": "fp16"})
+    finite_run(result)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("recipe,backbone", [
+    ("mtan_decathlon", {"depth": 10, "widen_factor": 1}),
+    ("decathlon/series_adapters", {"stem_width": 4, "widths": [8, 8, 8], "blocks_per_stage": 1}),
+])
+def test_amp_step_decathlon_backbones(tmp_path, recipe, backbone, precision):
+    overrides = {"training.precision": precision, "training.device": "cuda", "training.epochs": 1,
+                 "training.max_steps_per_epoch": 3, "training.eval_interval": 1}
+    overrides.update({f"model.backbone.params.{k}": v for k, v in backbone.items()})
+    result = mtlkit.run_recipe(recipe, synthetic=True, run_dir=tmp_path / "run", overrides=overrides)
+    finite_run(result)
+
+
+def test_compiled_network_matches_eager():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        net = mtlkit.compose(backbone=("segnet", {"width": 0.125}), attention=("mtan", {}),
+                             tasks={"seg": ("segmentation", {"num_classes": 5}), "depth": "depth"}).cuda()
+        x = torch.randn(2, 3, 64, 96, device="cuda")
+        compiled = torch.compile(net)
+        outs, grads = [], []
+        for model in (net, compiled):  # eval mode: no running-statistic updates between the two
+            model.eval()
+            net.zero_grad(set_to_none=True)
+            out = model(x)
+            sum((o.float() ** 2).mean() for o in out.values()).backward()
+            outs.append(out)
+            grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None]))
+        for t in outs[0]:
+            rel = (outs[0][t] - outs[1][t]).norm() / outs[0][t].norm()
+            assert rel < 1e-4, (t, rel.item())
+        assert ((grads[0] - grads[1]).norm() / grads[0].norm()) < 1e-3
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def test_compiled_training_runs(tmp_path):
+    result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan")), run_dir=tmp_path / "run",
+                               overrides={"training.compile": True, "training.precision": "bf16"})
+    finite_run(result)
+
+
+def test_quickstart_epoch_on_cuda(tmp_path):
+    result = mtlkit.run_recipe("quickstart", run_dir=tmp_path / "run",
+                               overrides={"training.epochs": 1, "training.device": "cuda", "training.eval_interval": 1})
+    finite_run(result)
+    assert result.metrics["segmentation"]["pixel_acc"] > 0
+
+
+def deterministic_run(tmp_path, recipe: Path, name: str, epochs: int, resume: bool = False):
+    overrides = {"training.epochs": epochs, "training.deterministic": True, "training.device": "cuda"}
+    if resume:
+        return mtlkit.run_recipe(resume=tmp_path / name, overrides={"training.epochs": epochs})
+    return mtlkit.run_recipe(str(recipe), run_dir=tmp_path / name, overrides=overrides)
+
+
+@pytest.mark.parametrize("kind", ["classification", "mtan"])
+def test_resume_is_bit_exact_with_deterministic_algorithms(tmp_path, kind):
+    was = torch.are_deterministic_algorithms_enabled()
+    if kind == "classification":
+        recipe = tmp_path / "cls.toml"
+        recipe.write_text(TINY_CLASSIFICATION_RECIPE.replace('device = "cpu"', 'device = "cuda"')
+                          .replace("num_train = 8", "num_train = 32"))
+    else:
+        recipe = dense_recipe(tmp_path, "mtan")
+    try:
+        deterministic_run(tmp_path, recipe, "whole", 3)
+        deterministic_run(tmp_path, recipe, "split", 1)
+        deterministic_run(tmp_path, recipe, "split", 3, resume=True)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    a, b = load_checkpoint(tmp_path / "whole")[1], load_checkpoint(tmp_path / "split")[1]
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, differ[:5]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl DDP needs two GPUs")
+def test_ddp_over_nccl(tmp_path):
+    recipe = dense_recipe(tmp_path, "mtan")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "mtlkit", "run",
+           str(recipe), "--run-dir", str(tmp_path / "run"), "--set", "training.epochs=2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = load_checkpoint(tmp_path / "run")[0]
+    assert meta["world_size"] == 2

@@ -1,0 +1,162 @@
+"""training.precision / compile / channels_last / deterministic / num_workers on the CPU.
+
+The same code paths run on CUDA (tests/test_gpu.py checks them there); on the CPU autocast
+supports bf16 and fp16 and torch.amp.GradScaler("cpu") scales losses, so every branch of
+the engine's precision handling is exercised here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtlkit.engine import Trainer
+from mtlkit.engine.checkpoint import load_checkpoint
+from mtlkit.engine.precision import loader_workers
+from mtlkit.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_common import MeanGrad, make_data, make_model, make_tasks, state_equal  # noqa: E402
+
+CFG = dict(epochs=2, batch_size=4, log_interval=100, seed=5, device="cpu")  # 16 samples: 4 steps an epoch
+
+
+def build(run_dir=None, weighting=None, **training):
+    tasks = make_tasks()
+    train, val = make_data(num_train=16)
+    model = make_model(tasks)
+    trainer = Trainer(model, tasks, train, val, weighting=weighting(list(tasks)) if weighting else None,
+                      optimizer={"name": "sgd", "lr": 0.05}, training={**CFG, **training},
+                      run_dir=run_dir, quiet=True)
+    return trainer, model
+
+
+def conv_output_dtypes(model):
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    return seen
+
+
+def max_rel_diff(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(((sa[k].float() - sb[k].float()).norm() / (sb[k].float().norm() + 1e-12)).item()
+               for k in sa if sa[k].is_floating_point())
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize("weighting", [None, MeanGrad], ids=["loss-level", "gradient-level"])
+def test_autocast_runs_the_forward_in_low_precision_and_tracks_fp32(precision, dtype, weighting):
+    ref, ref_model = build(weighting=weighting, epochs=1)
+    ref.fit()
+    low, low_model = build(weighting=weighting, epochs=1, precision=precision)
+    seen = conv_output_dtypes(low_model)
+    metrics = low.fit()
+    assert seen and set(seen) == {dtype}  # the convolutions ran in the low precision
+    assert all(p.dtype == torch.float32 for p in low_model.parameters())  # master weights stay fp32
+    assert all(v == v for m in metrics.values() for v in m.values())
+    # 4 SGD steps from the same start: low precision moves the weights nearly as fp32 does
+    moved = max_rel_diff(low_model, make_model(make_tasks()))
+    assert max_rel_diff(low_model, ref_model) < 0.1 * max(moved, 1e-3) + 2e-2
+
+
+def test_fp16_scaler_state_is_checkpointed_and_resume_is_bit_identical(tmp_path):
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    whole, whole_model = build(tmp_path / "a", precision="fp16")
+    whole.fit()
+    first, _ = build(tmp_path / "b", precision="fp16", epochs=1)
+    first.fit()
+    meta = load_checkpoint(tmp_path / "b")[0]
+    assert meta["scaler"]["scale"] == first.precision.scaler.get_scale() > 0
+    second, second_model = build(tmp_path / "b", precision="fp16")
+    second.fit(resume_from=tmp_path / "b")
+    assert state_equal(second_model, whole_model)
+    assert second.precision.scaler.state_dict() == whole.precision.scaler.state_dict()
+    # a checkpoint without scaler state cannot resume an fp16 run
+    build(tmp_path / "c", epochs=1)[0].fit()
+    with pytest.raises(ConfigError, match="loss-scaler state"):
+        build(tmp_path / "c", precision="fp16")[0].fit(resume_from=tmp_path / "c")
+
+
+@pytest.mark.parametrize("weighting", [None, MeanGrad], ids=["loss-level", "gradient-level"])
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(weighting):
+    trainer, model = build(weighting=weighting, epochs=1, precision="fp16", max_steps_per_epoch=1)
+    trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # fp16 overflows
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    trainer.fit()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the overflowed step was skipped
+    assert trainer.precision.scaler.get_scale() == 2.0 ** 126  # backoff 0.5
+
+
+def test_compile_matches_eager_and_bad_backend_is_one_line():
+    eager, eager_model = build(epochs=1)
+    eager.fit()
+    torch._dynamo.reset()
+    comp, comp_model = build(epochs=1, compile=True, compile_backend="eager")
+    assert comp.model is not comp_model  # the trainer steps a compiled wrapper
+    comp.fit()
+    assert max_rel_diff(comp_model, eager_model) < 1e-5
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match="training.compile") as err:
+        build(compile=True, compile_backend="no_such_backend")
+    assert "\n" not in str(err.value)
+
+
+def test_channels_last_keeps_the_function():
+    ref, ref_model = build(epochs=1)
+    ref.fit()
+    cl, cl_model = build(epochs=1, channels_last=True)
+    convs = [m.weight for m in cl_model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                         for w in convs if w.shape[-1] > 1)
+    cl.fit()
+    assert max_rel_diff(cl_model, ref_model) < 1e-4
+
+
+def test_deterministic_switches_torch_to_deterministic_algorithms():
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        build(deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_num_workers_default(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert loader_workers(None, cpu) == 0 and loader_workers(3, cpu) == 3 and loader_workers(3, cuda) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert loader_workers(None, cuda) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers(None, cuda) == 3  # 16 CPUs / 4 ranks - 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(None, cuda) == 0
+
+
+def test_unknown_precision_is_a_one_line_training_error():
+    with pytest.raises(ConfigError, match=r"\[training\].*precision") as err:
+        build(precision="fp8")
+    assert "\n" not in str(err.value)
+
+
+def test_auto_settings_resolve_per_device(monkeypatch):
+    from mtlkit.engine.config import TrainingConfig
+    from mtlkit.engine.precision import resolve
+
+    cfg = TrainingConfig(precision="auto", channels_last="auto")
+    cpu = resolve(cfg, torch.device("cpu"))
+    assert (cpu.precision, cpu.channels_last) == ("fp32", False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = resolve(cfg, torch.device("cuda", 0))
+    assert (cuda.precision, cuda.channels_last) == ("bf16", True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve(cfg, torch.device("cuda", 0)).precision == "fp32"
+    explicit = TrainingConfig(precision="fp16", channels_last=False)
+    assert resolve(explicit, torch.device("cuda", 0)) == explicit  # explicit choices stay
