@@ -149,13 +149,18 @@ def test_bad_stages_are_one_line_naming_the_stage_and_field(tmp_path, stages, me
     assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], lines
 
 
-def test_epochs_and_stages_must_agree():
-    tasks = make_tasks()
-    with pytest.raises(ConfigError, match=r"\[training\] stages: the stages' epochs add up to 3, but epochs = 2"):
-        Trainer(make_model(tasks), tasks, make_data()[0], training={"epochs": 2, "stages": [{"epochs": 1},
-                                                                                            {"epochs": 2}]})
+def test_epochs_default_to_the_stages_sum_and_otherwise_cut_or_extend_the_run(tmp_path):
     assert TrainingConfig(stages=[{"epochs": 1}, {"epochs": 2}]).epochs == 3
-    assert TrainingConfig(epochs=3, stages=[{"epochs": 1}, {"epochs": 2}]).epochs == 3
+    trainer, _, _ = build(tmp_path, stages=STAGES)
+    assert trainer.cfg.epochs == 4
+    tasks = make_tasks()
+    longer = Trainer(make_model(tasks), tasks, {"shape": make_data(num_train=12)[0],
+                                                "colour": make_data(num_train=8, seed=1)[0]},
+                     optimizer={"name": "sgd", "lr": 0.1}, training={"epochs": 5, "batch_size": 4, "stages": STAGES},
+                     quiet=True)
+    assert longer.cfg.epochs == 5 and longer.stages.stage_of(4) == 1  # the last stage goes on
+    assert longer.lr_factor(4) == pytest.approx(0.3 ** 2)  # its schedule too
+    assert [d for d, _ in longer.epoch_plan(4)] == ["colour", "colour"]
 
 
 def test_an_unknown_stage_domain_names_the_stage():

@@ -115,8 +115,9 @@ class TrainingConfig(Params):
     metrics_last_n: Optional[int] = Field(None, ge=1, description="Also report the mean of the last n "
                                           "evaluations in results.json (the MTAN paper uses 10).")
     stages: list[StageConfig] = Field(default_factory=list, description="Training in stages, in order (none: "
-                                      "one stage of `epochs` with [optimizer] and [schedule]). `epochs` is then "
-                                      "the stages' sum (leave it out).")
+                                      "one stage of `epochs` with [optimizer] and [schedule]). `epochs` defaults "
+                                      "to the stages' sum; set, it is the run's length all the same (fewer: "
+                                      "the run stops early; more: the last stage goes on).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":
@@ -127,12 +128,8 @@ class TrainingConfig(Params):
             raise ValueError("domain_batch_size values must be >= 1")
         if any(v < 0 for v in self.domain_loss_weight.values()):
             raise ValueError("domain_loss_weight values must be >= 0")
-        if self.stages:
-            total = sum(s.epochs for s in self.stages)
-            if "epochs" in self.model_fields_set and self.epochs != total:
-                raise ValueError(f"stages: the stages' epochs add up to {total}, but epochs = {self.epochs} "
-                                 f"(leave epochs out: it follows the stages)")
-            self.epochs = total
+        if self.stages and "epochs" not in self.model_fields_set:
+            self.epochs = sum(s.epochs for s in self.stages)  # the run's length: all its stages
         return self
 
 

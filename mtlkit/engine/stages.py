@@ -16,7 +16,9 @@ fresh SGD at 0.01 and StepLR(50, 0.5)::
 
 Rules
 -----
-- Stages run in order; ``training.epochs`` is their sum.
+- Stages run in order. ``training.epochs`` defaults to their sum; set (``--set
+  training.epochs=2`` for a quick try, or more to extend a finished run), it is the run's
+  length all the same: the run stops early, or its last stage goes on.
 - A stage's ``domains`` (many-to-many only) are the domains its epochs train on; each
   epoch's batches are the same function of (seed, epoch, rank, world size) as without
   stages, drawn over those domains (in the data's order). Evaluation covers every domain.
