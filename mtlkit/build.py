@@ -159,15 +159,26 @@ def build_weighting(recipe: Recipe, tasks: Mapping[str, Task]) -> Weighting:
     return build_component("weighting", recipe.weighting, "weighting", task_names=list(tasks))
 
 
+def training_split(recipe: Recipe, ref) -> str:
+    """The split a data set trains on: its ``train_split``, or, with ``training.train_on =
+    "train+val"``, that and its ``val_split`` joined by '+' (a data set that takes such a
+    joined split, as the Decathlon ones do, serves both as one training set)."""
+    if recipe.training.train_on == "train+val":
+        return f"{ref.train_split}+{ref.val_split}"
+    return ref.train_split
+
+
 def build_data(recipe: Recipe) -> tuple[Any, Any]:
-    """(train, val): data sets, or dicts task -> data set in the many-to-many setting."""
+    """(train, val): data sets, or dicts task -> data set in the many-to-many setting.
+    Training on train+val leaves no validation data."""
+    joined = recipe.training.train_on == "train+val"
     if recipe.data is not None:
-        return (build_dataset(recipe.data, "data", recipe.data.train_split),
-                build_dataset(recipe.data, "data", recipe.data.val_split))
+        return (build_dataset(recipe.data, "data", training_split(recipe, recipe.data)),
+                None if joined else build_dataset(recipe.data, "data", recipe.data.val_split))
     train, val = {}, {}
     for t, ref in recipe.tasks.items():
-        train[t] = build_dataset(ref.data, f"tasks.{t}.data", ref.data.train_split)
-        v = build_dataset(ref.data, f"tasks.{t}.data", ref.data.val_split)
+        train[t] = build_dataset(ref.data, f"tasks.{t}.data", training_split(recipe, ref.data))
+        v = None if joined else build_dataset(ref.data, f"tasks.{t}.data", ref.data.val_split)
         if v is not None:
             val[t] = v
     return train, val or None
@@ -202,11 +213,13 @@ def params_ratio(recipe: Recipe, model: nn.Module, tasks: Mapping[str, Task]) ->
 
 def params_unit(recipe: Recipe, tasks: Mapping[str, Task]) -> int:
     """Parameters of the paper's unit: one standard single-task network (the backbone with
-    its default parameters, split, the first task's head), or that backbone alone (the
-    Decathlon's convention, ``paper.params_base = "backbone"``)."""
+    its default parameters, or ``paper.params_base_backbone``; split; the first task's head),
+    or that backbone alone (the Decathlon's convention, ``paper.params_base = "backbone"``)."""
     mode = recipe.paper.params_base if recipe.paper else "single_task"
     first = next(iter(tasks))
-    standard = ComponentRef(name=recipe.model.backbone.name)  # e.g. plain SegNet, not Wide/Deep
+    # e.g. plain SegNet, not Wide/Deep; or the backbone with the params the paper's unit has
+    standard = ComponentRef(name=recipe.model.backbone.name,
+                            params=recipe.paper.params_base_backbone if recipe.paper else {})
     if mode == "backbone":
         backbone = build_component("backbone", standard, "model.backbone", task_names=[first])
         return sum(p.numel() for p in backbone.parameters())

@@ -64,3 +64,43 @@ def test_quoted_decathlon_accuracies_give_the_tables_score(name, table_score):
     assert paper.protocol == "test_server"
     acc = {t: v["accuracy"] for t, v in paper.metrics.items()}
     assert decathlon_score(acc, kind="accuracy") == pytest.approx(table_score, abs=3)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in builtin_recipes() if n.split("/")[0] in ("nyuv2", "cityscapes")))
+def test_the_papers_protocol_is_one_the_recipes_tasks_run_under_when_configured(name):
+    from mtlkit.build import build_model
+    from mtlkit.plugin_manager import get_registry
+    from mtlkit.recipe.paper import paper_protocols, protocol_choices
+
+    protocols = paper_protocols(load_recipe(name).recipe)
+    assert protocols  # these recipes quote numbers whose protocol is a task's metric rule
+    overrides = []
+    for task, protocol in protocols.items():
+        ref = load_recipe(name).recipe.tasks[task]
+        assert protocol in protocol_choices(get_registry().get("task", ref.name).params)
+        overrides.append(f"tasks.{task}.params.protocol='{protocol}'")
+    # the --set docs/reproducing.md gives: each task then evaluates under the paper's protocol
+    configured = load_recipe(name, overrides=overrides).recipe
+    import torch
+
+    with torch.device("meta"):
+        _, tasks = build_model(configured)
+    assert {t: tasks[t].protocol for t in protocols} == protocols
+
+
+@pytest.mark.parametrize("protocol, message", [
+    ('{ shape = "per_image_2019", colour = "exact" }', "[paper] protocol: 'colour' is not a task"),
+    ('{ segmentation = "per_image" }', "[paper] protocol: 'per_image' for task 'segmentation' is not a protocol "
+                                       "its plugin 'segmentation' offers, did you mean 'per_image_2019'?"),
+])
+def test_a_paper_protocol_its_task_cannot_run_under_is_one_line(tmp_path, protocol, message):
+    from tiny_recipes import TINY_SEGMENTATION_RECIPE
+
+    from mtlkit.errors import ConfigError
+
+    base = GOOD if "shape" in protocol else TINY_SEGMENTATION_RECIPE
+    path = tmp_path / "r.toml"
+    path.write_text(base + f"\n[paper]\nprotocol = {protocol}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(path)
+    assert str(exc.value).count("\n") == 0 and message in str(exc.value) and str(path) in str(exc.value)

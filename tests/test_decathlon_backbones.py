@@ -171,3 +171,26 @@ def test_resnet26_without_task_names_has_one_domain():
     net = build("resnet26", {"adapter": "none", "widths": [8], "stem_width": 8, "blocks_per_stage": 1})
     assert net(torch.randn(1, 3, 16, 16)).shape == (1, 8, 8, 8)
     assert net.task_names == ["default"]
+
+
+def test_resnet26_shared_batchnorm_is_the_plain_network():
+    tiny = {"adapter": "none", "widths": [8, 16], "stem_width": 8, "blocks_per_stage": 1}
+    shared = build("resnet26", {**tiny, "domain_bn": False}, task_names=DOMAINS)
+    one = build("resnet26", tiny, task_names=["only"])
+    # every domain runs the same layers: the plain ResNet-26, as one domain's copy of the adapted one
+    assert not domain_specific_parameters(shared)
+    assert not any(isinstance(m, DomainSpecific) for m in shared.modules())
+    assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in one.parameters())
+    bns = [m for m in shared.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 1 + 2 * 2 + 1  # stem, two units per block, the final BN
+    for a, b in zip(shared.parameters(), one.parameters()):
+        assert a.shape == b.shape
+    with torch.no_grad():  # same weights, same function
+        for a, b in zip(shared.parameters(), one.parameters()):
+            a.copy_(b)
+    shared.eval(), one.eval()
+    x = torch.randn(2, 3, 16, 16)
+    activate_task(shared, DOMAINS[2])
+    assert torch.equal(shared(x), one(x))
+    with pytest.raises(ConfigError, match="domain_bn = false needs adapter = 'none'"):
+        build("resnet26", {"adapter": "series", "domain_bn": False}, task_names=DOMAINS)

@@ -114,6 +114,8 @@ def test_synth_decathlon_writes_the_official_layout_and_the_loader_reads_it(writ
 def test_run_then_submit_writes_one_offset_prediction_per_test_image(mtan_run, written, capsys):
     from mtlkit.build import build_parts
     from mtlkit.engine import load_model_weights
+    from mtlkit.engine.bn_stats import domain_bn_layers, domain_statistics
+    from mtlkit.engine.distributed import DistContext
     from mtlkit.plugins.decathlon.dataset import DecathlonDataset, DecathlonParams
     from mtlkit.recipe.loader import load_recipe
 
@@ -127,12 +129,18 @@ def test_run_then_submit_writes_one_offset_prediction_per_test_image(mtan_run, w
     assert len(got) == len(entries)  # one entry per image
 
     # Independently: the test annotation files name the images and the valid (offset) ids,
-    # and the model's own argmax plus the smallest category id gives each prediction.
+    # and the model's own argmax plus the smallest category id gives each prediction. The
+    # WRN's BatchNorm is shared by the domains: each domain is predicted with its own
+    # statistics (their values are checked in tests/test_bn_stats.py).
     loaded = load_recipe(mtan_run / "recipe.toml")
-    model = build_parts(loaded.recipe, with_data=False).model
+    parts = build_parts(loaded.recipe)
+    model = parts.model
     load_model_weights(model, _checkpoint(mtan_run).with_name("meta.json"))
     model.eval()
+    bns = domain_bn_layers(model, loaded.recipe.training, parts.train_data)
+    assert len(bns) > 10  # the WRN's and the shared f convs' BatchNorm
     expected: dict[int, int] = {}
+    mixed = 0
     for domain in RUN_DOMAINS:
         ann = _annotations(written, domain, "test")
         valid = {c["id"] for c in ann["categories"]}
@@ -141,10 +149,14 @@ def test_run_then_submit_writes_one_offset_prediction_per_test_image(mtan_run, w
         ds = DecathlonDataset(DecathlonParams(root=str(written), domain=domain, image_size=SIZE, crop=SIZE,
                                               pad=2), split="test")
         images = torch.stack([ds[k]["image"] for k in range(len(ds))])
-        with torch.no_grad():
+        with domain_statistics(model, bns, domain, parts.train_data[domain], parts.tasks, loaded.recipe.training,
+                               DistContext()), torch.no_grad():
             pred = model(images, tasks=[domain])[domain].argmax(1).tolist()
+        with torch.no_grad():
+            mixed += model(images, tasks=[domain])[domain].argmax(1).tolist() != pred  # training's statistics
         expected.update({i: min(valid) + p for i, p in zip(ids, pred)})
     assert got == expected  # exactly the run's domains' test images, nothing more
+    assert mixed >= 1  # training's statistics would predict otherwise (here: in all 3 domains)
 
 
 # -- (c) init_from with include/exclude globs --------------------------------------------------

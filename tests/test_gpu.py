@@ -179,3 +179,62 @@ def test_ddp_over_nccl(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     meta = load_checkpoint(tmp_path / "run")[0]
     assert meta["world_size"] == 2
+
+
+M2M_RECIPE = """
+[model.backbone]
+name = "small_cnn"
+params = { widths = [8, 16] }
+[model.attention]
+name = "split"
+[tasks.svhn]
+name = "classification"
+params = { num_classes = 10 }
+data = { name = "synthetic_decathlon", params = { domain = "svhn", size = 16, n = 16 } }
+[tasks.omniglot]
+name = "classification"
+params = { num_classes = 20 }
+data = { name = "synthetic_decathlon", params = { domain = "omniglot", size = 16, n = 16 } }
+[optimizer]
+name = "sgd"
+lr = 0.05
+momentum = 0.9
+[training]
+batch_size = 4
+device = "DEVICE"
+precision = "PRECISION"
+deterministic = true
+[[training.stages]]
+epochs = 1
+[[training.stages]]
+epochs = 1
+domains = ["omniglot"]
+optimizer = { name = "sgd", lr = 0.01, momentum = 0.9 }
+"""
+
+
+def shared_bn_and_stages_run(tmp_path: Path, device: str, precision: str) -> None:
+    """Many-to-many with shared BatchNorm and two stages: the second stage trains omniglot
+    alone at the fresh optimiser's lr; evaluating with each domain's own statistics leaves
+    training exactly as evaluating without them (the same weights and buffers, bit for bit)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    path = tmp_path / "m2m.toml"
+    path.write_text(M2M_RECIPE.replace("DEVICE", device).replace("PRECISION", precision))
+    try:
+        runs = {on: mtlkit.run_recipe(str(path), run_dir=tmp_path / f"bn_{on}",
+                                      overrides={"training.domain_bn_stats": on}) for on in (True, False)}
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for result in runs.values():
+        finite_run(result)
+    steps = [r for r in read_log(runs[True].run_dir) if r["type"] == "step"]
+    assert {r["domain"] for r in steps if r["epoch"] == 2} == {"omniglot"}
+    assert {r["lr"] for r in steps if r["epoch"] == 2} == {0.01}
+    a, b = load_checkpoint(tmp_path / "bn_True")[1], load_checkpoint(tmp_path / "bn_False")[1]
+    differ = [k for k in a if k.startswith("model.") and not torch.equal(a[k], b[k])]
+    assert not differ, differ[:5]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shared_bn_statistics_and_stages_on_cuda(tmp_path, precision):
+    shared_bn_and_stages_run(tmp_path, "cuda", precision)

@@ -38,9 +38,28 @@ class ScheduleConfig(Params):
 
     name: Literal["none", "step", "cosine"] = Field("none", description="none: constant; step: multiply by "
                                                     "gamma every step_size epochs; cosine: cosine decay to 0 "
-                                                    "over training.epochs.")
+                                                    "over training.epochs (in stages: until the schedule "
+                                                    "restarts, see training.stages).")
     step_size: int = Field(100, ge=1, description="Epochs between decays (step).")
     gamma: float = Field(0.5, gt=0, description="Decay factor (step).")
+
+
+class StageConfig(Params):
+    """One stage of training (``[[training.stages]]``; see :mod:`mtlkit.engine.stages`)."""
+
+    epochs: int = Field(..., ge=1, description="Epochs of this stage.")
+    domains: Optional[list[str]] = Field(None, min_length=1, description="Many-to-many only: the domains "
+                                         "this stage trains on (default: all). Evaluation covers every domain.")
+    optimizer: Optional[OptimizerConfig] = Field(None, description="A fresh optimiser with these settings "
+                                                 "at the stage start (default: the one before goes on).")
+    schedule: Optional[ScheduleConfig] = Field(None, description="The schedule from the stage start (default: "
+                                               "the one before; restarted if the stage has a fresh optimiser).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        if self.domains is not None and len(set(self.domains)) != len(self.domains):
+            raise ValueError("domains: a domain is listed twice")
+        return self
 
 
 class TrainingConfig(Params):
@@ -85,8 +104,21 @@ class TrainingConfig(Params):
     log_interval: int = Field(10, ge=1, description="Steps between plain-text progress lines. Also how "
                               "often per-step losses are read from the device (log records, NaN check) "
                               "and, under torchrun, how soon ranks agree to stop on Ctrl-C.")
+    train_on: Literal["train", "train+val"] = Field(
+        "train", description="train+val: train on each data set's train and val splits joined (the "
+        "Decathlon test-server protocol; the data set must take the joined split name). There is then "
+        "no validation data: no evaluation, no checkpoints/best (`decathlon submit` takes the last).")
+    domain_bn_stats: bool = Field(True, description="Many-to-many, with BatchNorm layers shared by several "
+                                  "domains: before evaluating a domain (and in `decathlon submit`), recompute "
+                                  "the shared layers' running statistics on its training data (one pass in "
+                                  "train mode, no weight update), then restore training's. false: evaluate "
+                                  "with the statistics training left.")
     metrics_last_n: Optional[int] = Field(None, ge=1, description="Also report the mean of the last n "
                                           "evaluations in results.json (the MTAN paper uses 10).")
+    stages: list[StageConfig] = Field(default_factory=list, description="Training in stages, in order (none: "
+                                      "one stage of `epochs` with [optimizer] and [schedule]). `epochs` defaults "
+                                      "to the stages' sum; set, it is the run's length all the same (fewer: "
+                                      "the run stops early; more: the last stage goes on).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":
@@ -97,6 +129,8 @@ class TrainingConfig(Params):
             raise ValueError("domain_batch_size values must be >= 1")
         if any(v < 0 for v in self.domain_loss_weight.values()):
             raise ValueError("domain_loss_weight values must be >= 0")
+        if self.stages and "epochs" not in self.model_fields_set:
+            self.epochs = sum(s.epochs for s in self.stages)  # the run's length: all its stages
         return self
 
 

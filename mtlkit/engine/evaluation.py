@@ -3,7 +3,8 @@ metric.
 
 Under torchrun each rank evaluates indices rank, rank + world, ... (no padding, no sample
 twice) and every task's metric state (sum-reducible tensors) is summed across ranks
-before ``compute``.
+before ``compute``. Many-to-many models whose BatchNorm layers are shared by several domains
+are evaluated with each domain's own statistics (:mod:`.bn_stats`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import Subset
 from ..contracts import Task
 from ..errors import ConfigError
 from . import distributed as D
+from .bn_stats import domain_bn_layers, domain_statistics
 from .config import TrainingConfig
 from .precision import autocast, outputs_fp32
 from .sampling import Seeds, Stream, batch_size, make_loader
@@ -26,8 +28,11 @@ from .step import forward, targets
 
 
 def evaluate(model: nn.Module, tasks: Mapping[str, Task], data, cfg: TrainingConfig,
-             ctx: D.DistContext) -> dict[str, dict[str, float]]:
-    """Metrics of ``model`` (unwrapped: no DDP) over the whole of ``data``: {task: {metric: value}}."""
+             ctx: D.DistContext, train_data=None) -> dict[str, dict[str, float]]:
+    """Metrics of ``model`` (unwrapped: no DDP) over the whole of ``data``: {task: {metric: value}}.
+
+    ``train_data`` (many-to-many: domain -> training set): where shared BatchNorm layers get
+    each domain's statistics from before it is evaluated (see :mod:`.bn_stats`)."""
     was_training = model.training
     D.broadcast_buffers(model, ctx)  # rank 0's running statistics everywhere
     model.eval()
@@ -39,9 +44,11 @@ def evaluate(model: nn.Module, tasks: Mapping[str, Task], data, cfg: TrainingCon
     else:
         items = [(None, data, list(tasks))]
     results: dict[str, dict[str, float]] = {}
+    bns = domain_bn_layers(model, cfg, train_data) if isinstance(data, Mapping) else []
     try:
-        with torch.no_grad():
-            for domain, ds, names in items:
+        for domain, ds, names in items:
+            own = train_data.get(domain) if bns else None  # bns: train_data is a dict of domains
+            with domain_statistics(model, bns, domain, own, tasks, cfg, ctx), torch.no_grad():
                 shard = list(range(ctx.rank, len(ds), ctx.world_size))
                 loader = make_loader(Subset(ds, shard), cfg, ctx.device, Seeds(cfg.seed).for_(Stream.EVAL_LOADER),
                                      batch_size=batch_size(cfg, domain), shuffle=False)

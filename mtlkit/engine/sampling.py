@@ -53,6 +53,7 @@ class Stream(enum.Enum):
     LOADER = (6, "epoch")  # the training DataLoader's generator (worker base seeds)
     RESEED_AFTER_WORLD_CHANGE = (7, "rank, global step")  # resumed with another world size
     EVAL_LOADER = (8, "")  # the evaluation DataLoaders' generator
+    BN_STATS = (9, "domain index")  # the pass that recomputes shared BatchNorm statistics (bn_stats)
 
     @property
     def parts(self) -> str:
@@ -79,6 +80,7 @@ _LAYOUT = {
     Stream.TRAINING: lambda rank: (rank, 3),
     Stream.LOADER: lambda epoch: (epoch, 4),
     Stream.RESEED_AFTER_WORLD_CHANGE: lambda rank, step: (rank, step, 3),
+    Stream.BN_STATS: lambda domain: (domain, 6, 6),
 }
 
 

@@ -55,6 +55,8 @@ def save_trainer(trainer: Trainer, stems: list[str], rng: dict[str, Any]) -> boo
         "schedule": {"name": t.sched_cfg.name, "base_lrs": t.base_lrs, "epoch": t.epoch,
                      "lr": [g["lr"] for g in t.optimizer.param_groups]},
         "optimizer": opt_meta, "recipe_sha256": t.recipe_hash,
+        # the epoch's stage, and the stage whose (fresh) optimiser the state above belongs to
+        "stage": t.stages.stage_of(t.epoch), "optimizer_stage": t.stages.active,
         "best": t.best, "history": t.history, "elapsed": t.elapsed,
         "torch_version": torch.__version__, "scaler": t.precision.state(),
     }
@@ -69,8 +71,16 @@ def restore_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
     meta, tensors, json_path = load_checkpoint(path)
     where = str(json_path)
     check_recipe(meta, t.recipe_hash, where)
+    # the optimiser the checkpoint's state belongs to: that of the stage it was saved in
+    stage = int(meta.get("optimizer_stage", 0))
+    if not 0 <= stage < len(t.stages) or t.stages.owner[stage] != stage:
+        raise CheckpointError(f"{where}: saved with the optimiser of stage {stage + 1}, which this run's "
+                              f"training.stages do not start")
     t.precision.load_state(meta.get("scaler"), where)  # refuses before anything else changes
-    unpack_state(tensors, meta.get("optimizer", {}), t.raw_model, t.optimizer, t.weighting, where)
+    optimizer = t.stages.build_optimizer(stage, t) if stage != t.stages.active else t.optimizer
+    unpack_state(tensors, meta.get("optimizer", {}), t.raw_model, optimizer, t.weighting, where)
+    if optimizer is not t.optimizer:
+        t.stages.use(t, optimizer, stage)
     t.base_lrs = list(meta.get("schedule", {}).get("base_lrs", t.base_lrs))
     try:
         t.weighting.set_state(meta.get("weighting_state") or {})

@@ -2,10 +2,10 @@
 gradient-level weightings, exact resume, evaluation over whole splits, torchrun.
 
 The concerns live next door: one step in :mod:`.step`, data order and seed streams in
-:mod:`.sampling`, optimiser and schedule in :mod:`.optim`, evaluation in
-:mod:`.evaluation`, per-step values in :mod:`.readout`, the log and results in
-:mod:`.runfiles`, Ctrl-C in :mod:`.signals`, the trainer's state in and out of checkpoints
-in :mod:`.snapshot`, checkpoint files and parts in :mod:`.checkpoint` and :mod:`.state`.
+:mod:`.sampling`, optimiser and schedule in :mod:`.optim`, stages (domains, optimiser, lr
+per epoch) in :mod:`.stages`, evaluation in :mod:`.evaluation`, per-step values in
+:mod:`.readout`, the log and results in :mod:`.runfiles`, Ctrl-C in :mod:`.signals`, the
+trainer's state in checkpoints in :mod:`.snapshot`, their files in :mod:`.checkpoint`.
 
 Data settings
 -------------
@@ -54,15 +54,15 @@ from .checks import check_best_metric, check_data, check_weighting
 from .checkpoint import capture_rng, recipe_sha256
 from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
 from .evaluation import delta_m, evaluate, improved_best
-from .optim import apply_lr, build_optimizer, lr_factor
 from .precision import Precision, compiled, prepare_model
 from .precision import resolve as resolve_auto
 from .progress import ProgressReporter
 from .readout import StepValues
 from .runfiles import RunFiles
-from .sampling import Seeds, Stream, epoch_plan, make_loader, seed_everything, set_data_epoch, train_dataset
+from .sampling import Seeds, Stream, make_loader, seed_everything, set_data_epoch, train_dataset
 from .signals import StopSignals
 from .snapshot import restore_trainer, save_trainer
+from .stages import Stages
 from .step import TrainStep
 
 __all__ = ["Trainer", "seed_everything"]
@@ -102,6 +102,7 @@ class Trainer:
         self.weighting = weighting if weighting is not None else Weighting(list(self.tasks))
         check_weighting(self.weighting, self.tasks, self.many_to_many)
         self.best_higher = check_best_metric(self.cfg.best_metric, self.tasks)
+        self.stages = Stages(self.cfg, self.opt_cfg, self.sched_cfg, train_data)
 
         self.ctx = D.setup(self.cfg.device)
         self.device = self.ctx.device
@@ -119,8 +120,7 @@ class Trainer:
         else:
             self.model = self.raw_model
         self.model = compiled(self.model, self.cfg)  # DDP inside: compile sees its bucketing hooks
-        self.optimizer = build_optimizer(self.opt_cfg, self.raw_model, self.weighting)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer, self.base_lrs = self.stages.start(self)  # the first stage's optimiser
         self.train_step = TrainStep(self.model, self.raw_model, self.tasks, self.weighting, self.optimizer,
                                     self.cfg, self.ctx, self.precision)
 
@@ -153,14 +153,14 @@ class Trainer:
     # -- public helpers ----------------------------------------------------------------------
     def lr_factor(self, epoch: int) -> float:
         """The schedule as a pure function of the epoch (exact on resume)."""
-        return lr_factor(self.sched_cfg, self.cfg.epochs, epoch)
+        return self.stages.lr_factor(epoch)
 
     def epoch_plan(self, epoch: int) -> list[tuple[str | None, list[tuple[int, int]]]]:
         """This rank's batches of ``epoch``: (domain or None, [(index, sample seed), ...]).
 
         Indices are into the training set (many-to-many: into the domains side by side).
         """
-        return epoch_plan(self.train_data, self.cfg, epoch, self.ctx.rank, self.ctx.world_size)
+        return self.stages.plan(self.train_data, self.cfg, epoch, self.ctx.rank, self.ctx.world_size)
 
     def evaluate(self, split_data=None) -> dict[str, dict[str, float]]:
         """Metrics over a whole split ({task: {metric: value}}); default: the validation data.
@@ -171,7 +171,7 @@ class Trainer:
         data = self.val_data if split_data is None else split_data
         if data is None:
             raise ConfigError("evaluate: no validation data given")
-        return evaluate(self.raw_model, self.tasks, data, self.cfg, self.ctx)
+        return evaluate(self.raw_model, self.tasks, data, self.cfg, self.ctx, train_data=self.train_data)
 
     def delta_m(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
         """Delta_m% of ``metrics`` against ``self.baselines`` (their metrics, all tasks)."""
@@ -219,7 +219,7 @@ class Trainer:
         if self.step_in_epoch == 0:
             self._epoch_start_rng = capture_rng()  # once an epoch: what a checkpoint before step 1 holds
             self.weighting.on_epoch_start(epoch)
-        apply_lr(self.optimizer, self.base_lrs, self.lr_factor(epoch))
+        self.stages.enter(self, epoch)  # the epoch's stage: its optimiser and lr (mtlkit.engine.stages)
         set_data_epoch(self.train_data, epoch)
         plan = self.epoch_plan(epoch)
         start = min(self.step_in_epoch, len(plan))

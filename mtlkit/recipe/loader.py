@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from ..errors import ConfigError, MtlkitError, did_you_mean
 from ..plugin_manager import get_plugin_manager
 from .errors import format_validation_errors
+from .paper import paper_checks
 from .schema import Recipe
 from .toml_writer import dumps
 
@@ -248,6 +249,7 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
         raise ConfigError("\n".join(errors))
 
     errors.extend(_cross_checks(recipe, where, origin))
+    errors.extend(paper_checks(recipe, where, registry, origin))
     if errors:
         raise ConfigError("\n".join(errors))
     return LoadedRecipe(recipe=recipe, path=path, resolved=resolved)
@@ -276,4 +278,20 @@ def _cross_checks(recipe: Recipe, where: str, origin: Callable[[str], str | None
     for t in recipe.baselines:
         if t not in recipe.tasks:
             errors.append(_line(where, origin, "baselines", t, f"not a task{did_you_mean(t, tasks)}"))
+    for i, stage in enumerate(recipe.training.stages):
+        for d in stage.domains or []:
+            if recipe.data is not None:
+                errors.append(f"{where} training.stages[{i}].domains: domain subsets apply to many-to-many "
+                              f"recipes (a [tasks.<name>.data] per task) only")
+                break
+            if d not in recipe.tasks:
+                errors.append(f"{where} training.stages[{i}].domains: '{d}' is not a task"
+                              f"{did_you_mean(d, tasks)} (tasks: {', '.join(tasks)})")
+    if recipe.training.train_on == "train+val":
+        refs = [("data", recipe.data)] if recipe.data is not None else \
+            [(f"tasks.{t}.data", r.data) for t, r in recipe.tasks.items() if r.data is not None]
+        for location, ref in refs:
+            if ref.val_split is None:
+                errors.append(_line(where, origin, "training", "train_on", f"'train+val' joins each data set's "
+                                    f"val split to its train split, and [{location}] has none"))
     return errors

@@ -69,6 +69,9 @@ class PaperReference(Params):
         "single_task", description="'single_task': #P relative to the first task's split network; "
         "'backbone': relative to the backbone alone"
     )
+    params_base_backbone: dict[str, Any] = Field(
+        default_factory=dict, description="params of the backbone the #P unit is built from (default: the "
+        "backbone's own defaults), e.g. { adapter = 'none' }: Rebuffi et al.'s plain ResNet-26")
     params_heads: bool = Field(
         True, description="whether the paper's #P counts the task heads (the Decathlon baselines of "
         "Rebuffi et al. count the feature extractor only)")

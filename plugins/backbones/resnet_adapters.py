@@ -20,6 +20,12 @@ Every unit has an adapter, the stem included (as in the papers' code). The final
 domain-specific too. Domains come from the factory's ``task_names``; without them there
 is one domain, ``"default"``.
 
+``domain_bn = false`` (with ``adapter = "none"`` only) gives the plain ResNet-26 with one
+BatchNorm per layer shared by every domain: Rebuffi et al.'s ImageNet network, the frozen
+trunk of the Feature baseline (its statistics frozen with it), and, with one network per
+domain, the Scratch and Finetune rows. With several domains, evaluation recomputes the
+shared statistics per domain (:mod:`mtlkit.engine.bn_stats`).
+
 Feature contract: four encoder taps (gate = feature): the stem output and the three stage
 outputs (the last after the final BN-ReLU); pool_after for the first three.
 """
@@ -29,11 +35,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from mtlkit.contracts import StagedBackbone, Tap
-from mtlkit.domains import DomainSpecific
+from mtlkit.domains import domain_specific_or_shared
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
@@ -46,6 +52,15 @@ class ResNet26Params(Params):
     stem_width: int = Field(32, ge=1)
     widths: list[PositiveInt] = Field(default_factory=lambda: [64, 128, 256], min_length=1)
     blocks_per_stage: int = Field(4, ge=1)
+    domain_bn: bool = Field(True, description="one BatchNorm per domain; false: one shared by every domain "
+                            "(the plain ResNet-26; adapter = 'none' only)")
+
+    @model_validator(mode="after")
+    def _shared_bn_is_plain(self) -> "ResNet26Params":
+        if not self.domain_bn and self.adapter != "none":
+            raise ValueError(f"domain_bn = false needs adapter = 'none': a {self.adapter} adapter's BatchNorm "
+                             f"belongs to its domain")
+        return self
 
 
 class _PlainDomain(nn.Module):
@@ -85,22 +100,24 @@ _DOMAIN_UNITS = {"none": _PlainDomain, "series": _SeriesDomain, "parallel": _Par
 class AdaptedConv(nn.Module):
     """A shared 3x3 conv followed by its domain-specific layers (see the module docstring)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, adapter: str, task_names: list[str]) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, adapter: str, task_names: list[str],
+                 domain_bn: bool = True) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.stride = cin, cout, stride
         self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         unit = _DOMAIN_UNITS[adapter]
-        self.domain = DomainSpecific(lambda: unit(cin, cout, stride), task_names)
+        self.domain = domain_specific_or_shared(lambda: unit(cin, cout, stride), task_names, domain_bn)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.domain(x, self.conv(x))
 
 
 class AdapterBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, adapter: str, task_names: list[str]) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, adapter: str, task_names: list[str],
+                 domain_bn: bool = True) -> None:
         super().__init__()
-        self.unit1 = AdaptedConv(cin, cout, stride, adapter, task_names)
-        self.unit2 = AdaptedConv(cout, cout, 1, adapter, task_names)
+        self.unit1 = AdaptedConv(cin, cout, stride, adapter, task_names, domain_bn)
+        self.unit2 = AdaptedConv(cout, cout, 1, adapter, task_names, domain_bn)
         self.stride = stride
         self.extra_channels = cout - cin
         if self.extra_channels < 0:
@@ -126,16 +143,18 @@ class ResNet26Adapters(StagedBackbone):
         names = list(task_names) if task_names else ["default"]
         self.task_names = names
         self.adapter = params.adapter
-        self.stem = AdaptedConv(params.in_channels, params.stem_width, 1, params.adapter, names)
+        dbn = params.domain_bn
+        self.stem = AdaptedConv(params.in_channels, params.stem_width, 1, params.adapter, names, dbn)
         stages = []
         cin = params.stem_width
         for cout in params.widths:
-            blocks = [AdapterBlock(cin, cout, 2, params.adapter, names)]
-            blocks += [AdapterBlock(cout, cout, 1, params.adapter, names) for _ in range(params.blocks_per_stage - 1)]
+            blocks = [AdapterBlock(cin, cout, 2, params.adapter, names, dbn)]
+            blocks += [AdapterBlock(cout, cout, 1, params.adapter, names, dbn)
+                       for _ in range(params.blocks_per_stage - 1)]
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.ModuleList(stages)
-        self.bn_final = DomainSpecific(lambda: nn.BatchNorm2d(cin), names)
+        self.bn_final = domain_specific_or_shared(lambda: nn.BatchNorm2d(cin), names, dbn)
 
         chans = [params.stem_width, *params.widths]
         n = len(chans)

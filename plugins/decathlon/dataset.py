@@ -26,6 +26,9 @@ Normalisation uses the per-domain mean/std of ``decathlon_stats.json`` (the refe
 implementation's values, shipped as data), or of ``stats_file`` (for a new domain:
 :func:`mtlkit.plugins.decathlon.mean_std.compute_mean_std`).
 
+Splits: ``train``, ``val``, ``test``, and ``train+val`` (both labelled splits as one
+training set, augmented as the train split: the reference's test-server protocol).
+
 Samples: ``{"image": 3HW float, "label": long (-1 for the unlabelled test split),
 "image_id": int}``.
 """
@@ -53,7 +56,7 @@ from .geometry import augments, centre_crop, flips, random_crop
 from .stats import load_stats
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "train+val")
 
 
 class DecathlonParams(Params):
@@ -268,10 +271,9 @@ class DecathlonDataset(Dataset):
         self.params = params
         self.split = split
         self.domain = params.domain
-        if params.layout == "official":
-            index = read_official_index(root, params.domain, split, params.check_files)
-        else:
-            index = read_imagefolder_index(root, params.domain, split)
+        index = _joined_index([read_official_index(root, params.domain, part, params.check_files)
+                               if params.layout == "official" else read_imagefolder_index(root, params.domain, part)
+                               for part in split.split("+")])
         self.paths: list[Path] = index["paths"]
         self.labels: list[int] = index["labels"]
         self.image_ids: list[int] = index["ids"]
@@ -279,7 +281,8 @@ class DecathlonDataset(Dataset):
         self.num_classes: int = index["num_classes"]
         self.class_names: list[str] = index["class_names"]
         self.source = index["source"]
-        self.augment = params.augment and split == "train" and augments(params.augmentation, params.domain)
+        self.augment = (params.augment and split in ("train", "train+val")
+                        and augments(params.augmentation, params.domain))
         self.flip = self.augment and flips(params.augmentation, params.domain)
         if params.normalize:
             stats_file = params.stats_file
@@ -321,6 +324,16 @@ class DecathlonDataset(Dataset):
             image = (image - self.mean) / self.std
         return {"image": image.contiguous(), "label": torch.tensor(self.labels[index], dtype=torch.long),
                 "image_id": int(self.image_ids[index])}
+
+
+def _joined_index(indexes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One index of several splits' (train+val): their images in turn, the first's classes."""
+    if len(indexes) == 1:
+        return indexes[0]
+    out = dict(indexes[0])
+    for key in ("paths", "labels", "ids"):
+        out[key] = [v for index in indexes for v in index[key]]
+    return out
 
 
 def tiny_decathlon(root: Path) -> dict:

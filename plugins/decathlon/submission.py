@@ -82,10 +82,20 @@ def predict_domain(model, dataset, domain: str, batch_size: int = 64) -> list[tu
 
 def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
     """Predict the test split of every domain of the run's recipe with its ``checkpoint``
-    (``best``, else ``last``) and write the submission zip ``out``; returns the count."""
-    from mtlkit.build import build_dataset, build_parts
+    (``best``, else ``last``) and write the submission zip ``out``; returns the count.
+
+    As in evaluation during training, BatchNorm layers shared by the domains get each
+    domain's statistics from its training data before it is predicted (the run's
+    ``training.domain_bn_stats``; see :mod:`mtlkit.engine.bn_stats`)."""
+    import torch
+
+    from mtlkit.build import build_dataset, build_parts, training_split
+    from mtlkit.domains import freeze_shared
     from mtlkit.engine import load_model_weights
+    from mtlkit.engine.bn_stats import domain_bn_layers, domain_statistics
     from mtlkit.engine.checkpoint import resolve_checkpoint
+    from mtlkit.engine.distributed import DistContext
+    from mtlkit.engine.precision import resolve
     from mtlkit.recipe.loader import load_recipe
 
     loaded = load_recipe(run / "recipe.toml")
@@ -94,14 +104,21 @@ def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
         raise ConfigError(f"{run}: not a many-to-many (Decathlon) run: its recipe has a single [data] section")
     ckpt = resolve_checkpoint(run, checkpoint)  # "best": the best, else the last
     parts = build_parts(recipe, with_data=False)
+    if recipe.model.freeze_shared:  # its frozen BatchNorm statistics are the extractor's, as in training
+        freeze_shared(parts.model)
     load_model_weights(parts.model, ckpt)
     parts.model.eval()
+    cfg = resolve(recipe.training, torch.device("cpu"))  # predictions run on the CPU
+    bns = domain_bn_layers(parts.model, cfg, dict.fromkeys(recipe.tasks))
+    train = {t: build_dataset(ref.data, f"tasks.{t}.data", training_split(recipe, ref.data))
+             for t, ref in recipe.tasks.items()} if bns else {}
     predictions, offsets = {}, {}
     for domain, task in recipe.tasks.items():
         test = build_dataset(task.data, f"tasks.{domain}.data", "test")
         dataset_domain = getattr(test, "domain", domain)
-        predictions[dataset_domain] = predict_domain(_DomainView(parts.model, domain, dataset_domain), test,
-                                                     dataset_domain, recipe.training.batch_size)
+        with domain_statistics(parts.model, bns, domain, train.get(domain), parts.tasks, cfg, DistContext()):
+            predictions[dataset_domain] = predict_domain(_DomainView(parts.model, domain, dataset_domain), test,
+                                                         dataset_domain, recipe.training.batch_size)
         offsets[dataset_domain] = int(getattr(test, "category_offset", 0))
     write_submission(predictions, offsets, out)
     return sum(len(v) for v in predictions.values())

@@ -133,27 +133,31 @@ class SyntheticDecathlonParams(Params):
 
 
 class SyntheticDecathlon(Dataset):
-    """One generated domain's split; samples like the ``decathlon`` data set's."""
+    """One generated domain's split (``train+val``: the train images, then the val images);
+    samples like the ``decathlon`` data set's."""
 
     def __init__(self, params: SyntheticDecathlonParams, split: str = "train") -> None:
-        if split not in SPLIT_INDEX:
-            raise DataError(f"synthetic_decathlon: unknown split '{split}' (splits: train, val, test)")
+        if split not in SPLIT_INDEX and split != "train+val":
+            raise DataError(f"synthetic_decathlon: unknown split '{split}' (splits: train, val, test, train+val)")
         self.params = params
         self.split = split
+        self.parts = split.split("+")  # train+val: the train images, then the val images
         self.domain = params.domain
         self.num_classes = SYNTHETIC_CLASSES[params.domain]
         self.category_offset = category_offset(params.domain)
-        self.base_id = (list(DOMAINS).index(params.domain) + 1) * 10**7 + SPLIT_INDEX[split] * 10**6
+        self.base_id = (list(DOMAINS).index(params.domain) + 1) * 10**7
 
     def __len__(self) -> int:
-        return self.params.n
+        return self.params.n * len(self.parts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.params.n:
+        if not 0 <= index < len(self):
             raise IndexError(index)
-        arr, cls = generate(self.domain, self.split, index, self.params.size, self.params.seed)
+        split, index = self.parts[index // self.params.n], index % self.params.n
+        arr, cls = generate(self.domain, split, index, self.params.size, self.params.seed)
         image = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-        return {"image": image, "label": torch.tensor(cls, dtype=torch.long), "image_id": self.base_id + index + 1}
+        image_id = self.base_id + SPLIT_INDEX[split] * 10**6 + index + 1
+        return {"image": image, "label": torch.tensor(cls, dtype=torch.long), "image_id": image_id}
 
 
 @hookimpl
