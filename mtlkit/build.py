@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -139,6 +139,7 @@ class Parts:
     weighting: Weighting
     train_data: Dataset | dict[str, Dataset] | None
     val_data: Dataset | dict[str, Dataset] | None
+    loggers: dict[str, Any] = field(default_factory=dict)  # name -> Logger (filled by mtlkit.preflight)
 
 
 def build_dataset(ref, where: str, split: str | None) -> Dataset | None:
@@ -157,6 +158,11 @@ def build_model(recipe: Recipe) -> tuple[MultiTaskNetwork, dict[str, Task]]:
 
 def build_weighting(recipe: Recipe, tasks: Mapping[str, Task]) -> Weighting:
     return build_component("weighting", recipe.weighting, "weighting", task_names=list(tasks))
+
+
+def build_loggers(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's ``[[loggers]]``, by name (:class:`mtlkit.engine.loggers.Logger`)."""
+    return {ref.name: build_component("logger", ref, f"loggers.{i}") for i, ref in enumerate(recipe.loggers)}
 
 
 def build_data(recipe: Recipe) -> tuple[Any, Any]:

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from .atomic import atomic_write_text
 from .plugin_manager import get_registry
 from .recipe.schema import Recipe
+from .registry import KINDS
 
 
 def _type_name(annotation) -> str:
@@ -70,7 +71,7 @@ def components_reference() -> str:
     registry = get_registry()
     lines = ["# Built-in components", "",
              "Generated from the registry by `python -m mtlkit.docgen`; do not edit by hand.", ""]
-    for kind in ("backbone", "head", "attention", "weighting", "task", "dataset"):
+    for kind in KINDS:
         lines += [f"## {kind}", ""]
         for c in registry.list(kind):
             if not c.plugin.startswith("mtlkit.plugins."):
