@@ -91,9 +91,10 @@ def components_reference() -> str:
 GENERATED = {"recipes.md": recipe_reference, "components.md": components_reference}
 
 
-def write(docs_dir: Path) -> list[Path]:
+def write(docs_dir: Path, generated: dict | None = None) -> list[Path]:
+    """Write the ``generated`` pages (default: :data:`GENERATED`) into ``docs_dir``."""
     written = []
-    for name, fn in GENERATED.items():
+    for name, fn in (generated or GENERATED).items():
         path = docs_dir / name
         atomic_write_text(path, fn())
         written.append(path)

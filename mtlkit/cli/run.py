@@ -30,7 +30,7 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", help="base folder for run folders (default: the recipe's output.dir)")
     p.add_argument("--run-dir", help="exact run folder to create")
     p.add_argument("--logger", action="append", metavar="NAME", default=[],
-                   help="also log to this logger (repeatable; `mtlkit list logger`); log.jsonl is always written")
+                   help="also log to this logger (`mtlkit list logger`); log.jsonl is always written")
 
 
 def run_command(args: argparse.Namespace) -> int:
