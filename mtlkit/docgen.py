@@ -1,5 +1,7 @@
 """Generate docs/recipes.md (from the pydantic models) and docs/components.md (from the
-registry). ``python -m mtlkit.docgen`` rewrites them; a test fails when they are stale."""
+registry). ``python -m mtlkit.docgen`` rewrites them; a test fails when they are stale.
+docs/cli.md comes from the CLI's parsers (:mod:`mtlkit.cli.reference`, which the core does
+not import): ``python -m mtlkit.cli.reference`` rewrites all three."""
 
 from __future__ import annotations
 

@@ -29,7 +29,6 @@ step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -101,7 +100,7 @@ def scalars(record: Mapping[str, Any]) -> list[tuple[str, float]]:
         out += [(f"eval/{t}/{m}", v) for t, values in record.get("metrics", {}).items() for m, v in values.items()]
         if "delta_m" in record:
             out.append(("eval/delta_m", record["delta_m"]))
-    return [(tag, float(v)) for tag, v in out if v is not None and math.isfinite(float(v))]
+    return [(tag, float(v)) for tag, v in out if v is not None]  # a NaN metric is logged as NaN, as in log.jsonl
 
 
 def named_loggers(loggers: Mapping[str, Logger] | Sequence[Logger] | None) -> dict[str, Logger]:
