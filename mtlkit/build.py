@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -139,6 +139,7 @@ class Parts:
     weighting: Weighting
     train_data: Dataset | dict[str, Dataset] | None
     val_data: Dataset | dict[str, Dataset] | None
+    loggers: dict[str, Any] = field(default_factory=dict)  # name -> Logger (filled by mtlkit.preflight)
 
 
 def build_dataset(ref, where: str, split: str | None) -> Dataset | None:
@@ -166,6 +167,11 @@ def training_split(recipe: Recipe, ref) -> str:
     if recipe.training.train_on == "train+val":
         return f"{ref.train_split}+{ref.val_split}"
     return ref.train_split
+
+
+def build_loggers(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's ``[[loggers]]``, by name (:class:`mtlkit.engine.loggers.Logger`)."""
+    return {ref.name: build_component("logger", ref, f"loggers.{i}") for i, ref in enumerate(recipe.loggers)}
 
 
 def build_data(recipe: Recipe) -> tuple[Any, Any]:

@@ -1,5 +1,7 @@
 """Generate docs/recipes.md (from the pydantic models) and docs/components.md (from the
-registry). ``python -m mtlkit.docgen`` rewrites them; a test fails when they are stale."""
+registry). ``python -m mtlkit.docgen`` rewrites them; a test fails when they are stale.
+docs/cli.md comes from the CLI's parsers (:mod:`mtlkit.cli.reference`, which the core does
+not import): ``python -m mtlkit.cli.reference`` rewrites all three."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pydantic import BaseModel
 from .atomic import atomic_write_text
 from .plugin_manager import get_registry
 from .recipe.schema import Recipe
+from .registry import KINDS
 
 
 def _type_name(annotation) -> str:
@@ -70,7 +73,7 @@ def components_reference() -> str:
     registry = get_registry()
     lines = ["# Built-in components", "",
              "Generated from the registry by `python -m mtlkit.docgen`; do not edit by hand.", ""]
-    for kind in ("backbone", "head", "attention", "weighting", "task", "dataset"):
+    for kind in KINDS:
         lines += [f"## {kind}", ""]
         for c in registry.list(kind):
             if not c.plugin.startswith("mtlkit.plugins."):
@@ -90,9 +93,10 @@ def components_reference() -> str:
 GENERATED = {"recipes.md": recipe_reference, "components.md": components_reference}
 
 
-def write(docs_dir: Path) -> list[Path]:
+def write(docs_dir: Path, generated: dict | None = None) -> list[Path]:
+    """Write the ``generated`` pages (default: :data:`GENERATED`) into ``docs_dir``."""
     written = []
-    for name, fn in GENERATED.items():
+    for name, fn in (generated or GENERATED).items():
         path = docs_dir / name
         atomic_write_text(path, fn())
         written.append(path)

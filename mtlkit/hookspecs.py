@@ -1,6 +1,6 @@
 """The hooks a plugin may implement. Each receives a ``register`` callback.
 
-The six component hooks (``register_backbones`` ... ``register_datasets``) share one
+The seven component hooks (``register_backbones`` ... ``register_loggers``) share one
 ``register(name, factory, params=None, description=None, tiny=None)``, which adds one
 component (the command-line hooks at the end have their own, documented there):
 
@@ -63,6 +63,14 @@ def register_tasks(register):
 def register_datasets(register):
     """Register data sets. Factory context: ``split`` ("train", "val" or "test").
     Returns a ``torch.utils.data.Dataset`` of dict samples (:class:`mtlkit.contracts`)."""
+
+
+@hookspec
+def register_loggers(register):
+    """Register loggers: where a run's records go besides ``log.jsonl``
+    (:class:`mtlkit.engine.loggers.Logger`). Factory context: none. A factory must not
+    write anything: :meth:`~mtlkit.engine.loggers.Logger.open` is called on rank 0 only,
+    once training starts."""
 
 
 # -- beyond components: the command line ------------------------------------------------

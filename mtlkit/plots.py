@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .atomic import atomic_write_bytes  # noqa: E402
+from .attention_masks import capture_attention_masks, first_samples as _first_samples  # noqa: E402,F401
 from .errors import CheckpointError  # noqa: E402
 from .rundir import read_log  # noqa: E402
 
@@ -77,17 +78,6 @@ def load_run_model(run: Path):
     return parts
 
 
-def _first_samples(data, n: int):
-    if isinstance(data, dict):  # many-to-many: the first domain
-        domain, data = next(iter(data.items()))
-    else:
-        domain = None
-    n = min(n, len(data))
-    samples = [data[i] for i in range(n)]
-    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
-    return domain, batch
-
-
 def _show(ax, kind: str, value: torch.Tensor, num_classes: int | None = None) -> None:
     ax.axis("off")
     v = value.detach().float().cpu()
@@ -142,30 +132,6 @@ def plot_predictions(run: Path, n_images: int = 3, parts=None) -> Path:
                 ax_t.set_title(f"{t} target")
                 ax_p.set_title(f"{t} prediction")
     return _save(fig, run / "predictions.png")
-
-
-def capture_attention_masks(model: nn.Module, x: torch.Tensor, tasks: list[str]) -> dict[str, list[torch.Tensor]]:
-    """Each task's attention masks (the outputs of its Sigmoid layers), in execution order."""
-    owners = getattr(model, "task_specific", None)
-    if not isinstance(owners, nn.ModuleDict):
-        raise CheckpointError("this model has no task-specific attention modules (use an mtan recipe)")
-    masks: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
-    handles = []
-    for t in tasks:
-        if t not in owners:
-            continue
-        for m in owners[t].modules():
-            if isinstance(m, nn.Sigmoid):
-                handles.append(m.register_forward_hook(lambda mod, inp, out, t=t: masks[t].append(out.detach())))
-    try:
-        with torch.no_grad():
-            model(x, tasks=tasks)
-    finally:
-        for h in handles:
-            h.remove()
-    if not any(masks.values()):
-        raise CheckpointError("this model's task-specific modules have no sigmoid attention masks")
-    return masks
 
 
 def plot_attention(run: Path, n_images: int = 2, levels: list[int] | None = None, parts=None) -> Path:

@@ -44,6 +44,7 @@ HOOK_KINDS: dict[str, str] = {
     "register_weightings": "weighting",
     "register_tasks": "task",
     "register_datasets": "dataset",
+    "register_loggers": "logger",
 }
 assert set(HOOK_KINDS.values()) == set(KINDS)
 

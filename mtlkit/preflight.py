@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from .build import Parts, build_data, build_model, build_weighting, check_parts
+from .build import Parts, build_data, build_loggers, build_model, build_weighting, check_parts
 from .earlier_runs import init_from, resolve_baselines
 from .engine.checks import check_best_metric, check_data, check_samples, check_weighting
 from .engine.distributed import env_world, resolve_device
@@ -25,7 +25,8 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
     Checks: the model, tasks, weighting and data sets build (a missing data set gets the
     ``--synthetic`` hint); the Trainer's data, weighting and best-metric checks; the first
     sample of every split carries the image and its tasks' targets; the device exists; the
-    baselines resolve; ``model.init_from`` loads into the model (when ``init``).
+    baselines resolve; ``model.init_from`` loads into the model (when ``init``); the loggers
+    build (into ``parts.loggers``).
     ``meta`` builds the model and weighting on the meta device (no memory, no weight
     init: what validate needs). Raises one MtlkitError listing every problem, one a line.
     """
@@ -76,9 +77,10 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
                 attempt(check_samples, tasks, train, val, prefix=trainer)
     attempt(lambda: resolve_device(recipe.training.device, env_world()[2]), prefix=trainer)
     baselines = attempt(resolve_baselines, recipe.baselines, loaded.path)
+    loggers = attempt(build_loggers, recipe, prefix=f"{where} ")
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigError("\n".join(str(e) for e in errors))
-    parts = Parts(model=model, tasks=tasks, weighting=weighting, train_data=train, val_data=val)
+    parts = Parts(model=model, tasks=tasks, weighting=weighting, train_data=train, val_data=val, loggers=loggers)
     if probe and not meta:
         check_parts(recipe, parts)
     return parts, baselines

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError, MtlkitError, PluginError, UnknownComponentError, did_you_mean
 
-KINDS: tuple[str, ...] = ("backbone", "head", "attention", "weighting", "task", "dataset")
+KINDS: tuple[str, ...] = ("backbone", "head", "attention", "weighting", "task", "dataset", "logger")
 
 
 class Params(BaseModel):

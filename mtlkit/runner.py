@@ -92,7 +92,8 @@ class BuiltRun:
 
 def build_trainer(recipe: RecipeLike = None, *, overrides: Overrides = (), synthetic: bool = False,
                   run_dir: str | os.PathLike | None = None, runs_dir: str | os.PathLike | None = None,
-                  resume: str | os.PathLike | None = None, quiet: bool = True) -> BuiltRun:
+                  resume: str | os.PathLike | None = None, quiet: bool = True,
+                  loggers: Iterable[str] = ()) -> BuiltRun:
     """Everything ``mtlkit run`` does before training; ``.fit()`` on the result trains.
 
     ``recipe``: a recipe file, a built-in recipe's name or a loaded recipe; ``overrides``:
@@ -100,11 +101,12 @@ def build_trainer(recipe: RecipeLike = None, *, overrides: Overrides = (), synth
     ``synthetic``: use the recipe's synthetic stand-in data; ``run_dir``: the exact new
     run folder, else ``runs_dir`` (default: the recipe's ``output.dir``)/NAME/<start time>;
     ``resume``: a run folder to continue instead of a recipe (overrides then apply to its
-    recipe, e.g. more epochs). Every check is made before anything is written.
+    recipe, e.g. more epochs); ``loggers``: names of loggers to add to the recipe's
+    ``[[loggers]]`` (as ``--logger``). Every check is made before anything is written.
     """
     from .preflight import prepare
 
-    loaded, resume_dir = _load(recipe, _override_list(overrides), synthetic, resume)
+    loaded, resume_dir = _load(recipe, _override_list(overrides), synthetic, resume, list(loggers))
     spec = loaded.recipe
     if resume_dir is None:  # the cheap checks first: a taken or unwritable folder fails at once
         target = Path(run_dir) if run_dir is not None else new_run_dir(runs_dir or spec.output.dir, run_name(loaded))
@@ -133,6 +135,7 @@ def build_trainer(recipe: RecipeLike = None, *, overrides: Overrides = (), synth
             parts.model, parts.tasks, parts.train_data, parts.val_data, weighting=parts.weighting,
             optimizer=spec.optimizer, schedule=spec.schedule, training=spec.training, run_dir=target,
             recipe=recipe_identity(loaded.resolved), quiet=quiet, baselines=baselines,
+            loggers=parts.loggers,
         )
         if resume_dir is not None and is_rank_zero():
             # every check has passed: a resume that extends training.epochs shows it in the folder
@@ -152,22 +155,25 @@ def build_trainer(recipe: RecipeLike = None, *, overrides: Overrides = (), synth
 
 def run_recipe(recipe: RecipeLike = None, *, overrides: Overrides = (), synthetic: bool = False,
                run_dir: str | os.PathLike | None = None, runs_dir: str | os.PathLike | None = None,
-               resume: str | os.PathLike | None = None, quiet: bool = True) -> RunResult:
+               resume: str | os.PathLike | None = None, quiet: bool = True,
+               loggers: Iterable[str] = ()) -> RunResult:
     """Train a recipe as ``mtlkit run`` does (same arguments as :func:`build_trainer`).
 
     >>> result = mtlkit.run_recipe("quickstart", overrides={"training.epochs": 1})  # doctest: +SKIP
     >>> result.run_dir, result.metrics["segmentation"]["miou"]  # doctest: +SKIP
     """
     built = build_trainer(recipe, overrides=overrides, synthetic=synthetic, run_dir=run_dir, runs_dir=runs_dir,
-                          resume=resume, quiet=quiet)
+                          resume=resume, quiet=quiet, loggers=loggers)
     return built.fit()
 
 
 def recipe_identity(resolved: dict) -> dict:
-    """What a checkpoint's recipe hash covers: everything but ``training.epochs``, so that
-    a resumed run may be extended, while any other change is refused."""
+    """What a checkpoint's recipe hash covers: everything but ``training.epochs`` and the
+    loggers, so that a resumed run may be extended or logged elsewhere, while any other
+    change is refused."""
     ident = copy.deepcopy(resolved)
     ident.get("training", {}).pop("epochs", None)
+    ident.pop("loggers", None)
     return ident
 
 
@@ -181,19 +187,19 @@ def _override_list(overrides: Overrides) -> list[str]:
     return list(overrides)
 
 
-def _load(recipe: RecipeLike, overrides: list[str], synthetic: bool,
-          resume: str | os.PathLike | None) -> tuple[LoadedRecipe, Path | None]:
+def _load(recipe: RecipeLike, overrides: list[str], synthetic: bool, resume: str | os.PathLike | None,
+          loggers: list[str]) -> tuple[LoadedRecipe, Path | None]:
     from .recipe.loader import LoadedRecipe, load_recipe
 
     if resume is None:
         if recipe is None:
             raise ConfigError("run: give a RECIPE (or --resume RUN_DIR)")
         if isinstance(recipe, LoadedRecipe):
-            if overrides or synthetic:
-                raise ConfigError("run: overrides and synthetic apply to a recipe file or name, "
+            if overrides or synthetic or loggers:
+                raise ConfigError("run: overrides, synthetic and loggers apply to a recipe file or name, "
                                   "not to an already loaded recipe")
             return recipe, None
-        return load_recipe(recipe, overrides=overrides, synthetic=synthetic), None
+        return load_recipe(recipe, overrides=overrides, synthetic=synthetic, loggers=loggers), None
     if recipe is not None:
         raise ConfigError("run: give a RECIPE or a run folder to resume, not both")
     from .engine.checkpoint import check_recipe, checkpoint_meta, recipe_sha256
@@ -201,7 +207,7 @@ def _load(recipe: RecipeLike, overrides: list[str], synthetic: bool,
     # Every check before the first write: a refused resume leaves the run folder as it was.
     resume_dir = check_run_dir(Path(resume))
     meta, meta_path = checkpoint_meta(resume_dir)  # missing, truncated or foreign: refused
-    loaded = load_recipe(resume_dir / "recipe.toml", overrides=overrides)
+    loaded = load_recipe(resume_dir / "recipe.toml", overrides=overrides, loggers=loggers)
     check_recipe(meta, recipe_sha256(recipe_identity(loaded.resolved)), str(meta_path))
     check_writable(resume_dir)
     return loaded, resume_dir

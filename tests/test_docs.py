@@ -16,6 +16,16 @@ def test_generated_docs_are_current():
         assert on_disk == fn(), f"docs/{name} is stale: run python -m mtlkit.docgen"
 
 
+def test_cli_reference_is_current():
+    from mtlkit.cli import reference
+
+    on_disk = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert on_disk == reference.cli_reference(), "docs/cli.md is stale: run python -m mtlkit.cli.reference"
+    for words in ("run", "doctor", "data synth-scenes", "compare"):  # built-ins and a built-in plugin's
+        assert f"## `mtlkit {words}`" in on_disk, words
+    assert "| `--logger` |" in on_disk and "(repeatable)" in on_disk
+
+
 def _hook_names():
     return [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("register_")]
 

@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent('''
     from test_engine_common import MeanGrad, Uncertainty, make_data, make_model, make_tasks
     from mtlkit.engine import Trainer
     from mtlkit.engine.distributed import shutdown
+    from mtlkit.plugin_manager import get_registry
 
     torch.set_num_threads(1)
     out, kind = sys.argv[1], sys.argv[2]
@@ -37,9 +38,10 @@ SCRIPT = textwrap.dedent('''
     weighting = MeanGrad(list(tasks)) if kind == "grad" else Uncertainty(list(tasks))
     run_dir = os.path.join(out, "run")
     os.makedirs(run_dir, exist_ok=True)
+    csv_logger = get_registry().get("logger", "csv").build({{"file": f"rank{{rank}}.csv"}})
     trainer = Trainer(model, tasks, train, val, weighting=weighting,
                       training=dict(epochs=2, batch_size=3, seed=5, device="cpu"),
-                      run_dir=run_dir, quiet=True)
+                      run_dir=run_dir, quiet=True, loggers={{"csv": csv_logger}})
     trainer.fit()
     metrics = trainer.evaluate()
     state = {{"model." + k: v.contiguous() for k, v in model.state_dict().items()}}
@@ -80,6 +82,10 @@ def test_ddp_two_ranks(tmp_path, kind):
     assert (run / "checkpoints" / "last.json").is_file()
     steps = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if '"step"' in l]
     assert len([r for r in steps if r["type"] == "step"]) == 8
+    # and alone fed the loggers (each rank's csv logger was given its own file name)
+    assert not (run / "rank1.csv").exists()
+    rows = (run / "rank0.csv").read_text().splitlines()
+    assert sorted(int(r.split(",")[2]) for r in rows if ",train/loss/shape," in r) == list(range(1, 9))
 
     # single-process evaluation of the same weights on the whole (odd-sized) val set
     tasks = make_tasks()

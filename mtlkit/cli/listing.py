@@ -17,13 +17,14 @@ def register_commands(register) -> None:
 
 
 def _configure_list(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", nargs="?")
-    p.add_argument("glob", nargs="?")
+    p.add_argument("kind", nargs="?", help="a component kind (backbone, head, attention, weighting, task, "
+                   "dataset, logger), or a glob over every kind")
+    p.add_argument("glob", nargs="?", help="names to show, e.g. 'seg*'")
 
 
 def _configure_params(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipes", nargs="+")
-    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
+    p.add_argument("recipes", nargs="+", help="recipe files or built-in names")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a field (TOML value)")
 
 
 def list_command(args: argparse.Namespace) -> int:

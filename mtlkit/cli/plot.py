@@ -12,8 +12,8 @@ def register_commands(register) -> None:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run")
-    p.add_argument("--images", type=int, default=3)
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--images", type=int, default=3, help="validation images to draw")
     p.add_argument("--attention", action="store_true", help="also draw each task's attention masks")
     p.add_argument("--levels", default="0,4,9", help="attention levels to draw (comma separated)")
 

@@ -29,6 +29,8 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="plain progress lines")
     p.add_argument("--runs-dir", help="base folder for run folders (default: the recipe's output.dir)")
     p.add_argument("--run-dir", help="exact run folder to create")
+    p.add_argument("--logger", action="append", metavar="NAME", default=[],
+                   help="also log to this logger (`mtlkit list logger`); log.jsonl is always written")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -36,7 +38,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     # With --resume the run folder's own recipe is run (a RECIPE given as well is ignored).
     result = run_recipe(None if args.resume else args.recipe, overrides=args.set or [], synthetic=args.synthetic,
-                        run_dir=args.run_dir, runs_dir=args.runs_dir, resume=args.resume, quiet=args.quiet)
+                        run_dir=args.run_dir, runs_dir=args.runs_dir, resume=args.resume, quiet=args.quiet,
+                        loggers=args.logger)
     if is_rank_zero():
         print(f"run folder: {result.run_dir}")
     return 0

@@ -15,15 +15,16 @@ def register_commands(register) -> None:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipes", nargs="+")
+    p.add_argument("recipes", nargs="+", help="recipe files or built-in names")
     p.add_argument("--grid", action="append", default=[], metavar="KEY[+KEY]=V1,V2",
                    help="values to sweep; keys joined by + take the same value "
                         "(e.g. weighting.name=equal,uncertainty,dwa)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
-    p.add_argument("--synthetic", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--runs-dir", default=None)
-    p.add_argument("--last", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a field of every run (TOML value)")
+    p.add_argument("--synthetic", action="store_true", help="use the recipes' synthetic stand-in data")
+    p.add_argument("--quiet", action="store_true", help="plain progress lines")
+    p.add_argument("--runs-dir", default=None, help="base folder for the run folders")
+    p.add_argument("--last", type=int, default=10, help="average the last N evaluations in the table")
     p.add_argument("--out", default=None, help="table prefix (default: RUNS_DIR/sweep)")
     p.add_argument("--dry-run", action="store_true", help="print the runs without training")
 

@@ -1,11 +1,12 @@
-"""The run folder's plain files: ``log.jsonl`` and ``results.json`` (rank 0 writes them).
+"""The run folder's plain files: ``log.jsonl`` and ``results.json`` (rank 0 writes them),
+and the hand-over of every record to the recipe's other loggers (:mod:`.loggers`).
 
 ``log.jsonl`` holds one JSON record a line: ``step`` records (epoch, step, global_step,
 domain, losses, weights, lr, time, elapsed), an ``epoch`` record after each epoch (mean
 losses, weights) and an ``eval`` record after each evaluation (metrics, delta_m). Step
 records are written in batches, once per log interval (:mod:`.readout`); ``time`` is when
 the host finished queueing the step. On resume, records past the checkpoint are dropped
-(they are about to be redone).
+(they are about to be redone), in every logger, when training starts again.
 """
 
 from __future__ import annotations
@@ -17,30 +18,76 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
+from .loggers import Logger, LoggerSet, Position, kept, named_loggers
+
+
+class JsonlLog(Logger):
+    """``log.jsonl``: one JSON record a line, appended and flushed per batch of records.
+    Every run writes it (the ``jsonl`` logger names it in recipes)."""
+
+    def __init__(self) -> None:
+        self._fh = None
+
+    def open(self, run_dir: Path, resume: Position | None) -> None:
+        path = run_dir / "log.jsonl"
+        if resume is not None and path.is_file():
+            keep = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line
+                if kept(rec, resume):
+                    keep.append(line)
+            atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+        if self._fh is None:
+            self._fh = open(path, "a", encoding="utf-8")
+
+    def log(self, records: list[dict[str, Any]]) -> None:
+        if self._fh is not None and records:
+            self._fh.write("".join(json.dumps(r) + "\n" for r in records))
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 class RunFiles:
-    """``run_dir``'s log and results; does nothing when ``writes`` is false (no run folder,
-    or not rank 0)."""
+    """``run_dir``'s log and results, and the recipe's other loggers; does nothing when
+    ``writes`` is false (no run folder, or not rank 0)."""
 
-    def __init__(self, run_dir: Path | None, writes: bool) -> None:
+    def __init__(self, run_dir: Path | None, writes: bool, loggers=None) -> None:
         self.run_dir, self.writes = run_dir, writes
-        self._log = None
+        self.run_log = JsonlLog()
+        # a jsonl logger from the recipe is this same log: one file, written once
+        self.loggers = LoggerSet({n: lg for n, lg in named_loggers(loggers).items() if not isinstance(lg, JsonlLog)})
+        self._resume: Position | None = None
 
     def open(self) -> None:
-        if self.writes and self._log is None:
-            self._log = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+        if self.writes:
+            resume, self._resume = self._resume, None
+            self.run_log.open(self.run_dir, resume)
+            self.loggers.open(self.run_dir, resume)
 
     def close(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        try:
+            self.run_log.close()
+        finally:
+            if self.writes:
+                self.loggers.close()
 
     def log(self, records: list[dict[str, Any]]) -> None:
-        """Append records and flush (a batch of steps, or one epoch or eval record)."""
-        if self._log is not None and records:
-            self._log.write("".join(json.dumps(r) + "\n" for r in records))
-            self._log.flush()
+        """Append records (a batch of steps, or one epoch or eval record) to every log."""
+        if self.writes and records:
+            self.run_log.log(records)
+            self.loggers.log(records)
+
+    def log_images(self, model, data, epoch: int, global_step: int) -> None:
+        """After an evaluation: attention masks to the loggers that want them."""
+        if self.writes:
+            self.loggers.log_images(model, data, epoch, global_step)
 
     def write_results(self, epochs_done: int, global_step: int, history: list[dict[str, Any]],
                       best: dict[str, Any] | None, last_n: int | None) -> None:
@@ -58,21 +105,6 @@ class RunFiles:
         atomic_write_json(self.run_dir / "results.json", out)
 
     def truncate_log(self, global_step: int, epoch: int) -> None:
-        """Drop log records past the checkpoint (written before a crash, about to be redone)."""
-        if not self.writes:
-            return
-        path = self.run_dir / "log.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            if rec.get("global_step", 0) > global_step:
-                continue
-            if rec.get("type") in ("epoch", "eval") and rec.get("epoch", 0) > epoch:
-                continue
-            keep.append(line)
-        atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+        """The run resumes from this checkpoint: the next :meth:`open` drops what every log
+        holds past it (written before a crash or interrupt, about to be redone)."""
+        self._resume = Position(global_step, epoch)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
 from .evaluation import delta_m, evaluate, improved_best
 from .precision import Precision, compiled, prepare_model
 from .precision import resolve as resolve_auto
+from .loggers import Logger
 from .progress import ProgressReporter
 from .readout import StepValues
 from .runfiles import RunFiles
@@ -78,14 +79,17 @@ class Trainer:
     checkpoints and results to; None writes nothing); ``recipe`` (dict, hashed into
     checkpoints: resuming with a different recipe is refused); ``quiet`` (no live display);
     ``baselines`` (single-task results ``{task: {metric: value}}``: each evaluation then also
-    reports Delta_m%, the mean signed relative change over the baselines' metrics).
+    reports Delta_m%, the mean signed relative change over the baselines' metrics);
+    ``loggers`` (name -> :class:`~.loggers.Logger`, or a list: where records go besides
+    ``log.jsonl``, which is always written).
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, Task], train_data, val_data=None,
                  weighting: Weighting | None = None, optimizer: OptimizerConfig | dict | None = None,
                  schedule: ScheduleConfig | dict | None = None, training: TrainingConfig | dict | None = None,
                  run_dir: str | os.PathLike | None = None, recipe: dict | None = None, quiet: bool = False,
-                 baselines: Mapping[str, Mapping[str, float]] | None = None) -> None:
+                 baselines: Mapping[str, Mapping[str, float]] | None = None,
+                 loggers: Mapping[str, Logger] | Sequence[Logger] | None = None) -> None:
         self.opt_cfg: OptimizerConfig = coerce(OptimizerConfig, optimizer, "optimizer")
         self.sched_cfg: ScheduleConfig = coerce(ScheduleConfig, schedule, "schedule")
         self.cfg: TrainingConfig = coerce(TrainingConfig, training, "training")
@@ -128,7 +132,7 @@ class Trainer:
         self.writes = self.run_dir is not None and self.ctx.is_main
         if self.writes and not self.run_dir.is_dir():
             raise ConfigError(f"run folder '{self.run_dir}' does not exist (the caller creates it)")
-        self.files = RunFiles(self.run_dir, self.writes)
+        self.files = RunFiles(self.run_dir, self.writes, loggers)
         self.recipe_hash = recipe_sha256(recipe)
         self.quiet = quiet
         self.reporter = ProgressReporter(self.cfg.epochs, self.cfg.log_interval, quiet=quiet,
@@ -266,6 +270,7 @@ class Trainer:
                 shown["Delta_m"] = {"% vs single-task": record["delta_m"]}
             self.history.append(record)
             self.files.log([{"type": "eval", **record, "time": time.time()}])
+            self.files.log_images(self.raw_model, self.val_data, self.epoch, self.global_step)
             self.reporter.metrics(epoch, shown)
             best = improved_best(self.best, self.cfg.best_metric, self.best_higher, metrics, self.epoch,
                                  self.global_step)

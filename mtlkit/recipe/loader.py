@@ -136,6 +136,10 @@ def _raw_component_refs(raw: dict[str, Any]):
             yield "dataset", f"{location}.synthetic", ref["synthetic"]
     weighting = table(raw, "weighting")
     yield "weighting", "weighting", weighting if weighting is not None else {"name": "equal"}
+    loggers = raw.get("loggers") if isinstance(raw, dict) else None
+    for i, ref in enumerate(loggers if isinstance(loggers, list) else []):
+        if isinstance(ref, dict):
+            yield "logger", f"loggers.{i}", ref
 
 
 def override_origin(overrides: list[str]) -> Callable[[str], str | None]:
@@ -167,8 +171,32 @@ def _line(where: str, origin: Callable[[str], str | None], table: str, field: st
 def _set_path(d: dict[str, Any], location: str, value: Any) -> None:
     node = d
     for k in location.split("."):
-        node = node[k]
+        node = node[int(k)] if isinstance(node, list) else node[k]
     node["params"] = value
+
+
+def add_loggers(raw: dict[str, Any], names: list[str], origin: Callable[[str], str | None]):
+    """``raw`` with the loggers ``mtlkit run --logger NAME`` adds (after the recipe's own, or
+    the default; one already listed is not added twice), and ``origin`` naming those flags."""
+    if not names:
+        return raw, origin
+    raw = copy.deepcopy(raw)
+    listed = raw.get("loggers", [ref.model_dump() for ref in Recipe.model_fields["loggers"].get_default(
+        call_default_factory=True)])
+    if not isinstance(listed, list):
+        return raw, origin  # the schema names the problem
+    added = {}
+    for name in names:
+        if not any(isinstance(ref, dict) and ref.get("name") == name for ref in listed):
+            added[f"loggers.{len(listed)}"] = f"--logger {name}"
+            listed = [*listed, {"name": name}]
+    raw["loggers"] = listed
+
+    def with_flags(path: str) -> str | None:
+        flag = next((f for loc, f in added.items() if path == loc or path.startswith(loc + ".")), None)
+        return flag or origin(path)
+
+    return raw, with_flags
 
 
 def use_synthetic(data: dict[str, Any]) -> dict[str, Any]:
@@ -195,8 +223,10 @@ def use_synthetic(data: dict[str, Any]) -> dict[str, Any]:
     return apply_overrides(data, [str(o) for o in overrides])
 
 
-def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, synthetic: bool = False) -> LoadedRecipe:
-    """Read, override, validate. Raises ConfigError listing every problem, one per line."""
+def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, synthetic: bool = False,
+                loggers: list[str] | None = None) -> LoadedRecipe:
+    """Read, override, validate. Raises ConfigError listing every problem, one per line.
+    ``loggers``: names of loggers to add (``mtlkit run --logger NAME``)."""
     if isinstance(spec, dict):
         path, raw, where = None, spec, "<recipe>"
     else:
@@ -218,7 +248,7 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
             errors.append(str(exc))
 
     recipe = None
-    origin = override_origin(overrides or [])
+    raw, origin = add_loggers(raw, list(loggers or []), override_origin(overrides or []))
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -294,4 +324,8 @@ def _cross_checks(recipe: Recipe, where: str, origin: Callable[[str], str | None
             if ref.val_split is None:
                 errors.append(_line(where, origin, "training", "train_on", f"'train+val' joins each data set's "
                                     f"val split to its train split, and [{location}] has none"))
+    names = [ref.name for ref in recipe.loggers]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            errors.append(_line(where, origin, f"loggers.{i}", "name", f"logger '{name}' is listed twice"))
     return errors

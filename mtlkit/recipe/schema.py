@@ -99,6 +99,12 @@ class Recipe(Params):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    loggers: list[ComponentRef] = Field(
+        default_factory=lambda: [ComponentRef(name="jsonl")],
+        description="[[loggers]] tables: where records go (`mtlkit list logger`; `mtlkit run --logger NAME` adds "
+        "one). log.jsonl is always written: jsonl is implicit. Not part of a checkpoint's recipe identity: a "
+        "resumed run may add loggers",
+    )
     synthetic_overrides: list[str] = Field(
         default_factory=list,
         description="KEY.PATH=VALUE overrides applied with --synthetic (e.g. fewer epochs for the stand-in data)",
