@@ -13,6 +13,8 @@ from typing import Any
 from mtlkit.errors import ConfigError, DataError, did_you_mean
 
 from mtlkit.atomic import atomic_write
+from mtlkit.hookspecs import hookimpl
+
 from .domains import DOMAINS, default_category_offsets
 
 SUBMISSION_MEMBER = "results.json"
@@ -80,29 +82,35 @@ def predict_domain(model, dataset, domain: str, batch_size: int = 64) -> list[tu
     return rows
 
 
+def split_predictions(run, split: str = "test") -> tuple[dict[str, list[tuple[int, int]]], dict[str, int]]:
+    """(domain -> [(image_id, class)], domain -> category offset) for every domain of a
+    loaded many-to-many run (:class:`mtlkit.loaded_run.LoadedRun`) on ``split``."""
+    recipe = run.recipe
+    if not recipe.many_to_many:
+        raise ConfigError(f"{run.run_dir}: not a many-to-many (Decathlon) run: its recipe has a single [data] section")
+    predictions, offsets = {}, {}
+    for domain in recipe.tasks:
+        data = run.dataset(domain, split)
+        dataset_domain = getattr(data, "domain", domain)
+        predictions[dataset_domain] = predict_domain(_DomainView(run.model, domain, dataset_domain), data,
+                                                     dataset_domain, recipe.training.batch_size)
+        offsets[dataset_domain] = int(getattr(data, "category_offset", 0))
+    return predictions, offsets
+
+
+def write_results(run, split: str, out_dir: Path) -> list[Path]:
+    """``mtlkit predict RUN --split SPLIT --out DIR``: the server's zipped results.json of
+    every domain's ``split`` as ``DIR/submission.zip``."""
+    predictions, offsets = split_predictions(run, split)
+    return [write_submission(predictions, offsets, Path(out_dir) / "submission.zip")]
+
+
 def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
     """Predict the test split of every domain of the run's recipe with its ``checkpoint``
     (``best``, else ``last``) and write the submission zip ``out``; returns the count."""
-    from mtlkit.build import build_dataset, build_parts
-    from mtlkit.engine import load_model_weights
-    from mtlkit.engine.checkpoint import resolve_checkpoint
-    from mtlkit.recipe.loader import load_recipe
+    from mtlkit.loaded_run import load_run
 
-    loaded = load_recipe(run / "recipe.toml")
-    recipe = loaded.recipe
-    if not recipe.many_to_many:
-        raise ConfigError(f"{run}: not a many-to-many (Decathlon) run: its recipe has a single [data] section")
-    ckpt = resolve_checkpoint(run, checkpoint)  # "best": the best, else the last
-    parts = build_parts(recipe, with_data=False)
-    load_model_weights(parts.model, ckpt)
-    parts.model.eval()
-    predictions, offsets = {}, {}
-    for domain, task in recipe.tasks.items():
-        test = build_dataset(task.data, f"tasks.{domain}.data", "test")
-        dataset_domain = getattr(test, "domain", domain)
-        predictions[dataset_domain] = predict_domain(_DomainView(parts.model, domain, dataset_domain), test,
-                                                     dataset_domain, recipe.training.batch_size)
-        offsets[dataset_domain] = int(getattr(test, "category_offset", 0))
+    predictions, offsets = split_predictions(load_run(run, checkpoint), "test")
     write_submission(predictions, offsets, out)
     return sum(len(v) for v in predictions.values())
 
@@ -115,3 +123,9 @@ class _DomainView:
 
     def __call__(self, x, tasks):
         return {self.domain: self.model(x, tasks=[self.task])[self.task]}
+
+
+@hookimpl
+def register_result_writers(register):
+    for name in ("decathlon", "synthetic_decathlon"):
+        register(name, write_results, description="the test server's results.json (offset category ids), zipped")
