@@ -257,9 +257,10 @@ def fetch(dataset: str | DataSource, root: str | os.PathLike, urls: Sequence[str
                 verify(local[a.name], a.size, a.sha256, str(local[a.name]))
                 continue
             url = url_for.get(a.name, a.url)
+            name = PurePosixPath(urlparse(url).path).name if a.name in url_for else ""
             log(f"{a.name}: downloading {url}" + (f" ({a.note})" if a.note else ""))
-            local[a.name] = download(url, ddir / a.file_name, a.size, a.sha256, retries=retries, timeout=timeout,
-                                     log=log)
+            local[a.name] = download(url, ddir / (name or a.file_name), a.size, a.sha256, retries=retries,
+                                     timeout=timeout, log=log)
             downloaded.append(local[a.name])
 
         def fill(staging: Path) -> None:
@@ -269,7 +270,12 @@ def fetch(dataset: str | DataSource, root: str | os.PathLike, urls: Sequence[str
             log(f"{source.dataset}: checking the layout")
             check_layout(source, staging, shown=root)
 
-        atomic_folder(root, fill)
+        try:
+            atomic_folder(root, fill)
+        except MtlkitError as exc:
+            if not downloaded:
+                raise
+            raise type(exc)(f"{exc} (the downloads stay in {ddir} for the next try)") from None
     finally:
         if made_ddir and ddir.is_dir() and not any(ddir.iterdir()):
             ddir.rmdir()  # a refused download leaves no empty folder behind
