@@ -21,7 +21,7 @@ MARGIN, GAP, TITLE_H, ROW_H, SWATCH = 6, 10, 16, 14, 10
 BAR_W, BAR_LABEL_W = 12, 52  # colour bar and the room for its labels
 TEXT_W = 190  # a class pane's width
 LEGEND_ROWS = 12  # at most this many legend lines (the most frequent classes)
-MIN_PANE_H = 160  # small inputs are scaled up by a whole factor to about this height
+MIN_PANE_H = 128  # smaller inputs are scaled up by a whole factor to at least this height
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
 
 # The fixed palette: class i is always this colour (then generated colours beyond it).

@@ -213,16 +213,13 @@ def predict_files(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike
         read_input(p)
     parts = groups(run)
     names = {t: g.class_names(run.tasks[t].target) for g in parts for t in g.tasks}
-    results = []
-    for p in paths:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, p in zip(_stems(paths), paths):  # one input at a time: outputs can be large
         image = read_input(p)
         outputs: dict[str, torch.Tensor] = {}
         for g in parts:
             outputs.update(run_group(run, g, image, tile=tile))
-        results.append((p, image, outputs))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for stem, (p, image, outputs) in zip(_stems(paths), results):
         meta = {"input": str(p), "run": str(run.run_dir), "checkpoint": str(run.checkpoint)}
         data = save({t: y for t, y in outputs.items()}, metadata=meta)
         atomic_write(out_dir / f"{stem}.safetensors", lambda fh, d=data: fh.write(d))
