@@ -35,13 +35,17 @@ IGNORE_COLOUR = (0, 0, 0)  # label -1 (not predicted by a model, but a target ma
 
 
 def palette(n: int) -> np.ndarray:
-    """``n`` x 3 uint8 colours: the base palette, then hues stepped by the golden ratio."""
+    """``n`` x 3 uint8 colours, all different: the base palette, then hue, saturation and
+    value stepped by three irrational fractions (a low-discrepancy walk through HSV)."""
     colours = list(BASE_PALETTE[:n])
+    seen = set(colours)
     i = len(colours)
     while len(colours) < n:
-        h = (i * 0.6180339887) % 1.0
-        s, v = (0.55, 0.95) if i % 2 else (0.9, 0.7)
-        colours.append(tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(h, s, v)))
+        h, s, v = (i * 0.6180339887) % 1.0, (i * 0.3819660113) % 1.0, (i * 0.7548776662) % 1.0
+        colour = tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(h, 0.45 + 0.5 * s, 0.5 + 0.45 * v))
+        if colour not in seen:
+            colours.append(colour)
+            seen.add(colour)
         i += 1
     return np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
 

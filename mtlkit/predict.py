@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write, atomic_write_json
+from .atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from .contracts import apply_activation
 from .errors import ConfigError, DataError, PluginError, did_you_mean
 from .loaded_run import LoadedRun, load_run
@@ -221,8 +221,7 @@ def predict_files(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike
         for g in parts:
             outputs.update(run_group(run, g, image, tile=tile))
         meta = {"input": str(p), "run": str(run.run_dir), "checkpoint": str(run.checkpoint)}
-        data = save({t: y for t, y in outputs.items()}, metadata=meta)
-        atomic_write(out_dir / f"{stem}.safetensors", lambda fh, d=data: fh.write(d))
+        atomic_write_bytes(out_dir / f"{stem}.safetensors", save(outputs, metadata=meta))
         written.append(out_dir / f"{stem}.safetensors")
         panel, _ = draw_panel(panes(run, image, outputs, names), *image.shape[-2:])
         atomic_write(out_dir / f"{stem}.png", lambda fh, im=panel: im.save(fh, format="PNG"))

@@ -177,3 +177,14 @@ def test_missing_run_folder(tmp_path, capsys):
 def test_split_without_a_results_writer(dense_run, tmp_path, capsys):
     one_line_error(capsys, ["predict", str(dense_run), "--split", "val", "--out", str(tmp_path / "out")],
                    "synthetic_scenes", "no results-file writer", folder=tmp_path)
+
+
+def test_the_palette_is_fixed_and_distinct():
+    from mtlkit.panels import IGNORE_COLOUR, colour_labels, palette
+
+    big = palette(1623)  # omniglot's class count
+    assert len({tuple(c) for c in big}) == 1623 and tuple(IGNORE_COLOUR) not in {tuple(c) for c in big}
+    assert np.array_equal(palette(7), big[:7])  # class i has one colour whatever the class count
+    labels = np.array([[0, 6], [-1, 3]])
+    assert colour_labels(labels, 7).tolist() == [[big[0].tolist(), big[6].tolist()],
+                                                 [list(IGNORE_COLOUR), big[3].tolist()]]
