@@ -137,17 +137,27 @@ def _format_of(path: Path) -> str:
 
 def extract(path: Path, fmt: str, into: Path) -> None:
     """Unpack ``path`` into ``into``; a member that would land outside it is refused."""
+    def outside(member: str) -> bool:
+        parts = PurePosixPath(member.replace("\\", "/")).parts
+        return member.startswith(("/", "\\")) or ".." in parts or bool(parts and ":" in parts[0])
+
     try:
         if fmt == "zip":
             with zipfile.ZipFile(path) as zf:
-                for member in zf.namelist():
-                    parts = PurePosixPath(member.replace("\\", "/")).parts
-                    if member.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                        raise DataError(f"{path}: member '{member}' would unpack outside the folder")
+                bad = next((m for m in zf.namelist() if outside(m)), None)
+                if bad is not None:
+                    raise DataError(f"{path}: member '{bad}' would unpack outside the folder")
                 zf.extractall(into)
         else:
             with tarfile.open(path, "r:*") as tf:
-                tf.extractall(into, filter="data")
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: links and devices checked too
+                    tf.extractall(into, filter="data")
+                else:
+                    bad = next((m.name for m in tf.getmembers() if outside(m.name) or not (m.isfile() or m.isdir())),
+                               None)
+                    if bad is not None:
+                        raise DataError(f"{path}: member '{bad}' is a link, a device or outside the folder")
+                    tf.extractall(into)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot unpack as {fmt} ({type(exc).__name__}: {exc})") from None
 

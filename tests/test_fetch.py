@@ -241,3 +241,27 @@ def test_decathlon_archives_unpack_into_the_official_layout(tmp_path):
         for a in declared.archives))
     root = fetch(source, tmp_path / "decathlon-1.0", archives=[f"{k}={v}" for k, v in files.items()])
     assert same_tree(release, root)
+
+
+def test_members_outside_the_folder_are_refused(nyuv2, tmp_path, capsys):
+    _, data = nyuv2
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("nyuv2/train/image/0.npy", b"x")
+        zf.writestr("../outside.txt", b"x")
+    one_line_error(capsys, ["data", "fetch", "nyuv2", str(tmp_path / "n"), "--from-archive", str(evil)],
+                   "evil.zip", "'../outside.txt'", "outside the folder")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("nyuv2/link")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+    (tmp_path / "evil.tar").write_bytes(buf.getvalue())
+    from mtlkit.errors import DataError
+    from mtlkit.fetch import Archive, unpack
+
+    (tmp_path / "staging").mkdir()
+    with pytest.raises(DataError, match="evil.tar: cannot unpack"):
+        unpack(Archive(name="a", url="http://127.0.0.1/evil.tar", format="tar", places=(("link", "."),)),
+               tmp_path / "evil.tar", tmp_path / "staging", "nyuv2")
+    assert leftovers(tmp_path) == ["evil.tar", "evil.zip", "staging"] and leftovers(tmp_path / "staging") == []
