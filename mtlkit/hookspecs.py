@@ -98,3 +98,33 @@ def register_compare_columns(register):
     ``higher_is_better``, ``params``, ``params_ratio``, ``evaluations``. ``fmt`` formats a
     number (a string value is shown as it is); ``note``, one phrase saying what the column
     is, is added to the table's title whenever the column is shown."""
+
+
+# -- beyond components: data sets' own files ------------------------------------------------
+@hookspec
+def register_result_writers(register):
+    """Register writers of a data set's official results file for a whole split:
+    ``register(dataset, write, description="")``.
+
+    ``mtlkit predict RUN_DIR --split SPLIT --out DIR`` on a run whose data sets are all
+    ``dataset`` (the registered data set name) calls ``write(run, split, out_dir)`` and
+    prints the paths it returns. ``run`` is a :class:`mtlkit.loaded_run.LoadedRun`: the
+    model (eval mode, best else last weights), ``tasks``, ``recipe`` and
+    ``run.dataset(task, split)``, the task's data set built as training builds it (``task``
+    None in the one-to-many setting). Raise :class:`mtlkit.errors.MtlkitError` for a
+    one-line user error; a data set with two writers is an error naming both plugins."""
+
+
+@hookspec
+def register_data_sources(register):
+    """Declare where a data set's published files come from, for ``mtlkit data fetch NAME ROOT``:
+    ``register(dataset, archives, recipe=None, description="")``.
+
+    ``archives``: a list of :class:`mtlkit.fetch.Archive`, each with its ``name``, ``url``,
+    ``format`` ("zip", "tar", "tar.gz"), ``size`` (bytes) and ``sha256`` where published
+    (else None), ``places`` (``(marker, destination)``: the unpacked folder that holds the
+    path ``marker`` becomes ``ROOT/destination``) and ``inner`` (a glob of archives inside it,
+    unpacked where they lie first). ``recipe``: a recipe (built-in name or file) that reads
+    ``dataset``; after unpacking, the fetch makes the data checks ``mtlkit validate`` makes
+    on it with every ``dataset`` root pointed at the new folder. A data set declared twice
+    is an error naming both plugins."""

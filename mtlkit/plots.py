@@ -67,15 +67,12 @@ def plot_curves(run: Path) -> Path:
 
 def load_run_model(run: Path):
     """Rebuild a run's model, tasks and validation data; load its best (else last) weights."""
-    from .build import build_parts
-    from .engine import load_model_weights
-    from .recipe.loader import load_recipe
+    from .build import Parts, build_data
+    from .loaded_run import load_run
 
-    loaded = load_recipe(run / "recipe.toml")
-    parts = build_parts(loaded.recipe)
-    load_model_weights(parts.model, run, which="best")  # the best, else the last
-    parts.model.eval()
-    return parts
+    loaded = load_run(run, "best")  # the best, else the last
+    train, val = build_data(loaded.recipe)
+    return Parts(model=loaded.model, tasks=loaded.tasks, weighting=None, train_data=train, val_data=val)
 
 
 def _show(ax, kind: str, value: torch.Tensor, num_classes: int | None = None) -> None:

@@ -19,7 +19,7 @@ from .recipe.loader import LoadedRecipe
 
 
 def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
-            probe: bool = False) -> tuple[Parts, dict[str, Any]]:
+            probe: bool = False, synthetic_hint: bool = True) -> tuple[Parts, dict[str, Any]]:
     """Build the parts and check them as the Trainer will: ``(parts, baselines)``.
 
     Checks: the model, tasks, weighting and data sets build (a missing data set gets the
@@ -28,7 +28,8 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
     baselines resolve; ``model.init_from`` loads into the model (when ``init``); the loggers
     build (into ``parts.loggers``).
     ``meta`` builds the model and weighting on the meta device (no memory, no weight
-    init: what validate needs). Raises one MtlkitError listing every problem, one a line.
+    init: what validate needs). ``synthetic_hint=False`` leaves the ``--synthetic`` hint out
+    (the data fetch's check). Raises one MtlkitError listing every problem, one a line.
     """
     recipe = loaded.recipe
     where = str(loaded.path) if loaded.path is not None else "<recipe>"
@@ -63,7 +64,7 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
         train, val = build_data(recipe)
         data_built = True
     except MtlkitError as exc:
-        errors.append(data_hint(loaded, exc))
+        errors.append(data_hint(loaded, exc) if synthetic_hint else exc)
         train = val = None
         data_built = False
     if tasks is not None:

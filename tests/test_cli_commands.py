@@ -22,7 +22,7 @@ def one_error_line(capsys) -> str:
 
 @pytest.mark.parametrize("name,group,clash", [("run", None, "mtlkit run"),
                                               ("synth-scenes", "data", "mtlkit data synth-scenes"),
-                                              ("data", None, "mtlkit data synth-")])
+                                              ("data", None, "mtlkit data fetch")])
 def test_a_command_name_already_taken(fresh_pm, capsys, name, group, clash):
     class Clashing:
         @hookimpl

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from mtlkit.cli import main
@@ -157,6 +158,57 @@ def test_run_then_submit_writes_one_offset_prediction_per_test_image(mtan_run, w
         expected.update({i: min(valid) + p for i, p in zip(ids, pred)})
     assert got == expected  # exactly the run's domains' test images, nothing more
     assert mixed >= 1  # training's statistics would predict otherwise (here: in all 3 domains)
+
+
+def test_predict_split_writes_the_same_results_file_as_submit(mtan_run, tmp_path, capsys):
+    assert main(["decathlon", "submit", str(mtan_run), "--out", str(tmp_path / "sub.zip")]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(mtan_run), "--split", "test", "--out", str(tmp_path / "pred")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "pred" / "submission.zip")]
+
+    def entries(path: Path) -> list:
+        with zipfile.ZipFile(path) as zf:
+            assert zf.namelist() == ["results.json"]
+            return json.loads(zf.read("results.json"))
+
+    assert entries(tmp_path / "pred" / "submission.zip") == entries(tmp_path / "sub.zip")
+
+
+def test_predict_on_an_image_file_is_the_domain_evaluation_sample(mtan_run, written, tmp_path):
+    """An image file goes through each domain's own preparation: the same tensor as that
+    domain's evaluation sample (8-bit, resized, centre crop, the domain's mean/std), and the
+    top-5 file ranks each domain's scores on its preparation of the file."""
+    from mtlkit.plugins.decathlon.dataset import DecathlonDataset, DecathlonParams
+    from mtlkit.predict import read_input
+
+    model = _model(mtan_run)
+    data = {d: DecathlonDataset(DecathlonParams(root=str(written), domain=d, image_size=SIZE, crop=SIZE, pad=2),
+                                split="val") for d in RUN_DOMAINS}
+    for domain, ds in data.items():
+        assert ds.mean is not None  # normalised per domain
+        assert torch.equal(ds.prepare_input(read_input(ds.paths[1])), ds[1]["image"]), domain
+    file = data["svhn"].paths[1]
+    big = tmp_path / "big.png"  # any size: resized as the release's images were
+    Image.open(file).resize((3 * SIZE, 2 * SIZE)).save(big)
+    assert main(["predict", str(mtan_run), str(file), str(big), "--out", str(tmp_path / "o")]) == 0
+    for path in (file, big):
+        top = json.loads((tmp_path / "o" / f"{path.stem}.top5.json").read_text())
+        assert set(top) == set(RUN_DOMAINS)
+        for domain, ds in data.items():
+            with torch.no_grad():
+                scores = model(ds.prepare_input(read_input(path))[None], tasks=[domain])[domain][0]
+            assert [c["class"] for c in top[domain]] == scores.argsort(descending=True)[:5].tolist(), domain
+            assert len(top[domain]) == min(5, RUN_DOMAINS[domain])
+
+
+def _model(run: Path):
+    from mtlkit.build import build_model
+    from mtlkit.engine import load_model_weights
+    from mtlkit.recipe.loader import load_recipe
+
+    model, _ = build_model(load_recipe(run / "recipe.toml").recipe)
+    load_model_weights(model, _checkpoint(run).with_name("meta.json"))
+    return model.eval()
 
 
 # -- (c) init_from with include/exclude globs --------------------------------------------------

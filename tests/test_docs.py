@@ -72,9 +72,38 @@ def _check_columns(pm, capsys):
     assert column.cell({"evaluations": 3, "run": "r"}) == "6x"
 
 
+def _writers_probe(register):
+    register("probe_data", lambda run, split, out: [out / f"{split}.txt"], description="probe results")
+
+
+def _check_writers(pm, capsys):
+    from mtlkit.predict import result_writers
+
+    write, description, plugin = result_writers(pm)["probe_data"]
+    assert plugin == "probe_plugin" and description == "probe results"
+    assert write(None, "test", Path("x")) == [Path("x") / "test.txt"]
+
+
+def _sources_probe(register):
+    from mtlkit.fetch import Archive
+
+    register("probe_data", [Archive(name="a", url="http://127.0.0.1/get/a.zip?dl=1", format="zip",
+                                    places=(("train", "."),))], recipe="probe.toml", description="probe source")
+
+
+def _check_sources(pm, capsys):
+    from mtlkit.fetch import data_sources
+
+    source = data_sources(pm)["probe_data"]
+    assert source.plugin == "probe_plugin" and source.recipe == "probe.toml"
+    assert [a.file_name for a in source.archives] == ["a.zip"]
+
+
 # hooks beyond the component kinds: the probe's implementation and how it is checked
 OTHER_HOOKS = {"register_commands": (_commands_probe, _check_commands),
-               "register_compare_columns": (_columns_probe, _check_columns)}
+               "register_compare_columns": (_columns_probe, _check_columns),
+               "register_result_writers": (_writers_probe, _check_writers),
+               "register_data_sources": (_sources_probe, _check_sources)}
 
 
 def test_every_hook_is_exercised_by_a_probe_plugin(fresh_pm, capsys):

@@ -72,11 +72,11 @@ class CommandTable:
 
 def collect_commands(pm: Any) -> CommandTable:
     """The built-in commands, then every loaded plugin's (entry points included)."""
-    from . import compare, doctor, listing, plot, run, sweep
+    from . import compare, doctor, listing, plot, predict, run, sweep
 
     table = CommandTable()
     core = table.registrar(CORE)
-    for module in (run, listing, compare, sweep, plot, doctor):
+    for module in (run, listing, compare, sweep, plot, predict, doctor):
         module.register_commands(core)
     pm.load_entry_points()  # a third-party plugin's commands are there from the first call
 

@@ -40,6 +40,10 @@ from mtlkit.registry import Params
 
 SEVEN_CLASS_NAMES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
 TWO_CLASS_NAMES = ("stuff", "things")
+# Cityscapes' 19 evaluated classes in train-id order (label_19)
+NINETEEN_CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                        "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                        "motorcycle", "bicycle")
 # label_7 value -> 2-class value (index = 7-class id)
 SEVEN_TO_TWO = np.array([0, 0, 1, 0, 0, 1, 1], dtype=np.int64)
 
@@ -77,6 +81,11 @@ class CityScapes(DenseNpyDataset):
         # the release's own 2-class labels win over mtlkit's mapping (see the module docstring)
         self.release_two_class = params.num_classes == 2 and (self.split_dir / "label_2").is_dir()
 
+    @property
+    def class_names(self) -> list[str]:
+        """Segmentation class names for ``num_classes`` (2, 7 or 19)."""
+        return list({2: TWO_CLASS_NAMES, 7: SEVEN_CLASS_NAMES, 19: NINETEEN_CLASS_NAMES}[self.num_classes])
+
     def read_target(self, target: str, index: int, hw: tuple[int, int]) -> Tensor:
         if target == "segmentation" and self.release_two_class:
             return self.read_label("label_2", index, hw, num_classes=2)
@@ -104,3 +113,15 @@ def tiny_cityscapes(root: Path) -> dict:
 def register_datasets(register):
     register("cityscapes", build_cityscapes, params=CityScapesParams, tiny=tiny_cityscapes,
              description="CityScapes .npy release (2/7/19-class seg, disparity) at 128x256")
+
+
+@hookimpl
+def register_data_sources(register):
+    from mtlkit.fetch import Archive
+
+    register("cityscapes", [Archive(
+        name="cityscapes", url="https://www.dropbox.com/s/lg2ktu7o8hzwf99/cityscapes2.zip?dl=1",
+        filename="cityscapes2.zip", format="zip", places=(("train/image", "."),),
+        note="the MTAN authors' 128x256 release, about 651 MB; no checksum published")],
+        recipe="cityscapes/mtan", description="CityScapes as preprocessed by the MTAN authors, 128x256 "
+        "(lorenmt/mtan README)")

@@ -43,6 +43,9 @@ from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
 SCALES = (1.0, 1.2, 1.5)
+# The 13-class NYUv2 labels (class 0 "void" of the 13-class release is -1 here), in label order.
+THIRTEEN_CLASS_NAMES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa",
+                        "table", "tv", "wall", "window")
 _INDEX_FILE = re.compile(r"^(\d+)\.npy$")
 
 
@@ -259,6 +262,11 @@ class NYUv2(DenseNpyDataset):
     name = "nyuv2"
     folders = {"segmentation": "label", "depth": "depth", "normal": "normal"}
 
+    @property
+    def class_names(self) -> list[str]:
+        """Segmentation class names (``class i`` beyond the 13 named classes)."""
+        return [THIRTEEN_CLASS_NAMES[i] if self.num_classes == 13 else f"class {i}" for i in range(self.num_classes)]
+
 
 def build_nyuv2(params: NYUv2Params, split: str = "train") -> NYUv2:
     """NYUv2 from root/{train,val}/{image,label,depth,normal}/{i}.npy."""
@@ -277,3 +285,14 @@ def tiny_nyuv2(root: Path) -> dict:
 def register_datasets(register):
     register("nyuv2", build_nyuv2, params=NYUv2Params, tiny=tiny_nyuv2,
              description="NYUv2 .npy release (13-class seg, depth, normals); optional MTAN augmentation")
+
+
+@hookimpl
+def register_data_sources(register):
+    from mtlkit.fetch import Archive
+
+    register("nyuv2", [Archive(
+        name="nyuv2", url="https://www.dropbox.com/s/p2nn02wijg7peiy/nyuv2.zip?dl=1", filename="nyuv2.zip",
+        format="zip", places=(("train/image", "."),),
+        note="the MTAN authors' preprocessed release, 288x384; no size or checksum published")],
+        recipe="nyuv2/mtan", description="NYUv2 as preprocessed by the MTAN authors (lorenmt/mtan README)")

@@ -18,7 +18,9 @@ from mtlkit.registry import Params
 
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.9], [0.9, 0.9, 0.1],
                         [0.8, 0.1, 0.8], [0.1, 0.8, 0.8], [0.95, 0.5, 0.1], [0.5, 0.5, 0.5]])
-NUM_SHAPES = 4  # disc, square, horizontal bar, vertical bar
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "grey")
+SHAPE_NAMES = ("disc", "square", "horizontal bar", "vertical bar")
+NUM_SHAPES = len(SHAPE_NAMES)
 
 
 class SyntheticClassificationParams(Params):
@@ -43,6 +45,13 @@ class SyntheticClassification(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    @property
+    def class_names(self) -> dict[str, list[str]]:
+        """Class names per target (size buckets from the smallest)."""
+        p = self.params
+        return {"shape": list(SHAPE_NAMES), "colour": list(COLOUR_NAMES[:p.num_colours]),
+                "size": [f"size {i + 1} of {p.num_sizes}" for i in range(p.num_sizes)]}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:

@@ -43,7 +43,7 @@ from mtlkit.atomic import atomic_folder
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from .scenes_render import NUM_STUFF, render
+from .scenes_render import NUM_STUFF, SHAPES, render
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 TARGETS = ("segmentation", "depth", "normal")
@@ -95,6 +95,14 @@ class SyntheticScenes(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    @property
+    def class_names(self) -> list[str]:
+        """Segmentation class names: the room's four, then each object's shape and colour family."""
+        if self.num_classes == 2:
+            return ["structure", "object"]
+        room = ["floor", "wall", "ceiling", "picture"]
+        return room + [f"{SHAPES[j % 3]} {j // 3 + 1}" for j in range(self.num_classes - NUM_STUFF)]
 
     def raw(self, index: int) -> dict[str, np.ndarray]:
         p = self.params

@@ -42,7 +42,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pydantic import Field, model_validator
 from torch.utils.data import Dataset
@@ -52,7 +51,7 @@ from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
 from .domains import DOMAINS, DomainName, category_offset
-from .geometry import augments, centre_crop, flips, random_crop
+from .geometry import augments, centre_crop, decode_image, fit_image, flips, random_crop
 from .stats import load_stats
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -233,30 +232,6 @@ def read_imagefolder_index(root: Path, domain: str, split: str) -> dict[str, Any
             "num_classes": len(classes) or DOMAINS[domain], "class_names": classes, "source": folder}
 
 
-def decode_image(path: Path, image_size: int, square: bool = True) -> np.ndarray:
-    """Decode to RGB and resize the short side to ``image_size``; ``square``: then centre
-    crop a square (else keep the aspect ratio, the long side truncated as torchvision's
-    ``Resize`` does). HWC uint8."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            if min(w, h) != image_size:
-                scale = image_size / min(w, h)
-                size = (round(w * scale), round(h * scale)) if square else (int(w * scale), int(h * scale))
-                size = (image_size, size[1]) if w <= h else (size[0], image_size)  # short side exact
-                im = im.resize((max(image_size, size[0]), max(image_size, size[1])), Image.Resampling.BILINEAR)
-                w, h = im.size
-            if square:
-                left, top = (w - image_size) // 2, (h - image_size) // 2
-                im = im.crop((left, top, left + image_size, top + image_size))
-            return np.asarray(im, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file is missing") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: image does not decode ({type(exc).__name__}: {exc})") from None
-
-
 class DecathlonDataset(Dataset):
     """One Visual Decathlon domain's split (see the module docstring)."""
 
@@ -314,15 +289,26 @@ class DecathlonDataset(Dataset):
             return random_crop(image, p.crop, p.pad if p.augmentation == "padded_square" else 0, self.flip)
         return centre_crop(image, p.crop, p.augmentation)
 
+    def _network_input(self, arr: np.ndarray, geometry) -> torch.Tensor:
+        image = geometry(torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0))
+        if self.mean is not None:
+            image = (image - self.mean) / self.std
+        return image.contiguous()
+
+    def prepare_input(self, image: torch.Tensor) -> torch.Tensor:
+        """Any image (3 x H x W in [0, 1]) as an evaluation sample of this domain: 8-bit, short
+        side resized to ``image_size``, the centre crop, the domain's normalisation."""
+        p = self.params
+        arr = (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+        arr = fit_image(Image.fromarray(np.ascontiguousarray(arr), "RGB"), p.image_size,
+                        p.augmentation == "padded_square")
+        return self._network_input(arr, lambda x: centre_crop(x, p.crop, p.augmentation))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.paths):
             raise IndexError(index)
-        arr = self.decoded(index)
-        image = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-        image = self._geometry(image)
-        if self.mean is not None:
-            image = (image - self.mean) / self.std
-        return {"image": image.contiguous(), "label": torch.tensor(self.labels[index], dtype=torch.long),
+        image = self._network_input(self.decoded(index), self._geometry)
+        return {"image": image, "label": torch.tensor(self.labels[index], dtype=torch.long),
                 "image_id": int(self.image_ids[index])}
 
 

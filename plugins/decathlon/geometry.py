@@ -16,8 +16,14 @@ torchvision's ``CenterCrop`` does (``round((h - crop) / 2)``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from mtlkit.errors import DataError
 
 from .domains import NO_AUGMENT_DOMAINS, NO_FLIP_DOMAINS
 
@@ -59,3 +65,32 @@ def random_crop(image: torch.Tensor, crop: int, pad: int, flip: bool) -> torch.T
     if flip and bool(torch.rand(()) < 0.5):
         image = image.flip(-1)
     return image
+
+
+def decode_image(path: Path, image_size: int, square: bool = True) -> np.ndarray:
+    """Decode to RGB and resize the short side to ``image_size``; ``square``: then centre
+    crop a square (else keep the aspect ratio, the long side truncated as torchvision's
+    ``Resize`` does). HWC uint8."""
+    try:
+        with Image.open(path) as im:
+            return fit_image(im.convert("RGB"), image_size, square)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file is missing") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: image does not decode ({type(exc).__name__}: {exc})") from None
+
+
+def fit_image(im: Image.Image, image_size: int, square: bool = True) -> np.ndarray:
+    """An RGB PIL image with its short side resized to ``image_size`` (``square``: then centre
+    cropped to a square), as HWC uint8: what :func:`decode_image` does after decoding."""
+    w, h = im.size
+    if min(w, h) != image_size:
+        scale = image_size / min(w, h)
+        size = (round(w * scale), round(h * scale)) if square else (int(w * scale), int(h * scale))
+        size = (image_size, size[1]) if w <= h else (size[0], image_size)  # short side exact
+        im = im.resize((max(image_size, size[0]), max(image_size, size[1])), Image.Resampling.BILINEAR)
+        w, h = im.size
+    if square:
+        left, top = (w - image_size) // 2, (h - image_size) // 2
+        im = im.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(im, dtype=np.uint8).copy()

@@ -13,6 +13,8 @@ from typing import Any
 from mtlkit.errors import ConfigError, DataError, did_you_mean
 
 from mtlkit.atomic import atomic_write
+from mtlkit.hookspecs import hookimpl
+
 from .domains import DOMAINS, default_category_offsets
 
 SUBMISSION_MEMBER = "results.json"
@@ -80,46 +82,49 @@ def predict_domain(model, dataset, domain: str, batch_size: int = 64) -> list[tu
     return rows
 
 
-def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
-    """Predict the test split of every domain of the run's recipe with its ``checkpoint``
-    (``best``, else ``last``) and write the submission zip ``out``; returns the count.
-
-    As in evaluation during training, BatchNorm layers shared by the domains get each
-    domain's statistics from its training data before it is predicted (the run's
-    ``training.domain_bn_stats``; see :mod:`mtlkit.engine.bn_stats`)."""
+def split_predictions(run, split: str = "test") -> tuple[dict[str, list[tuple[int, int]]], dict[str, int]]:
+    """(domain -> [(image_id, class)], domain -> category offset) for every domain of a
+    loaded many-to-many run (:class:`mtlkit.loaded_run.LoadedRun`) on ``split``."""
+    recipe = run.recipe
+    if not recipe.many_to_many:
+        raise ConfigError(f"{run.run_dir}: not a many-to-many (Decathlon) run: its recipe has a single [data] section")
     import torch
 
-    from mtlkit.build import build_dataset, build_parts, training_split
-    from mtlkit.domains import freeze_shared
-    from mtlkit.engine import load_model_weights
+    from mtlkit.build import training_split
     from mtlkit.engine.bn_stats import domain_bn_layers, domain_statistics
-    from mtlkit.engine.checkpoint import resolve_checkpoint
     from mtlkit.engine.distributed import DistContext
     from mtlkit.engine.precision import resolve
-    from mtlkit.recipe.loader import load_recipe
 
-    loaded = load_recipe(run / "recipe.toml")
-    recipe = loaded.recipe
-    if not recipe.many_to_many:
-        raise ConfigError(f"{run}: not a many-to-many (Decathlon) run: its recipe has a single [data] section")
-    ckpt = resolve_checkpoint(run, checkpoint)  # "best": the best, else the last
-    parts = build_parts(recipe, with_data=False)
-    if recipe.model.freeze_shared:  # its frozen BatchNorm statistics are the extractor's, as in training
-        freeze_shared(parts.model)
-    load_model_weights(parts.model, ckpt)
-    parts.model.eval()
+    # as in evaluation during training, BatchNorm layers shared by the domains get each
+    # domain's statistics from its training data before it is predicted (the run's
+    # training.domain_bn_stats; see mtlkit.engine.bn_stats)
     cfg = resolve(recipe.training, torch.device("cpu"))  # predictions run on the CPU
-    bns = domain_bn_layers(parts.model, cfg, dict.fromkeys(recipe.tasks))
-    train = {t: build_dataset(ref.data, f"tasks.{t}.data", training_split(recipe, ref.data))
-             for t, ref in recipe.tasks.items()} if bns else {}
+    bns = domain_bn_layers(run.model, cfg, dict.fromkeys(recipe.tasks))
     predictions, offsets = {}, {}
     for domain, task in recipe.tasks.items():
-        test = build_dataset(task.data, f"tasks.{domain}.data", "test")
-        dataset_domain = getattr(test, "domain", domain)
-        with domain_statistics(parts.model, bns, domain, train.get(domain), parts.tasks, cfg, DistContext()):
-            predictions[dataset_domain] = predict_domain(_DomainView(parts.model, domain, dataset_domain), test,
+        data = run.dataset(domain, split)
+        train = run.dataset(domain, training_split(recipe, task.data)) if bns else None
+        dataset_domain = getattr(data, "domain", domain)
+        with domain_statistics(run.model, bns, domain, train, run.tasks, cfg, DistContext()):
+            predictions[dataset_domain] = predict_domain(_DomainView(run.model, domain, dataset_domain), data,
                                                          dataset_domain, recipe.training.batch_size)
-        offsets[dataset_domain] = int(getattr(test, "category_offset", 0))
+        offsets[dataset_domain] = int(getattr(data, "category_offset", 0))
+    return predictions, offsets
+
+
+def write_results(run, split: str, out_dir: Path) -> list[Path]:
+    """``mtlkit predict RUN --split SPLIT --out DIR``: the server's zipped results.json of
+    every domain's ``split`` as ``DIR/submission.zip``."""
+    predictions, offsets = split_predictions(run, split)
+    return [write_submission(predictions, offsets, Path(out_dir) / "submission.zip")]
+
+
+def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
+    """Predict the test split of every domain of the run's recipe with its ``checkpoint``
+    (``best``, else ``last``) and write the submission zip ``out``; returns the count."""
+    from mtlkit.loaded_run import load_run
+
+    predictions, offsets = split_predictions(load_run(run, checkpoint), "test")
     write_submission(predictions, offsets, out)
     return sum(len(v) for v in predictions.values())
 
@@ -132,3 +137,9 @@ class _DomainView:
 
     def __call__(self, x, tasks):
         return {self.domain: self.model(x, tasks=[self.task])[self.task]}
+
+
+@hookimpl
+def register_result_writers(register):
+    for name in ("decathlon", "synthetic_decathlon"):
+        register(name, write_results, description="the test server's results.json (offset category ids), zipped")
