@@ -105,7 +105,9 @@ def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_grad_level_ddp_equals_one_process_on_the_global_batch(tmp_path):
     configs = grad_level_configs()
-    assert {n for n, _ in configs} >= {"mgda", "cagrad", "imtl_g", "nash_mtl", "pcgrad"}
+    assert {n for n, _ in configs} >= {"mgda", "cagrad", "imtl_g", "nash_mtl", "pcgrad", "aligned_mtl", "upgrad",
+                                       "dualproj", "config", "fairgrad", "moco", "excess_mtl", "db_mtl",
+                                       "gradvac", "imtl"}
     script = tmp_path / "grad_ddp.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     env = dict(os.environ, OMP_NUM_THREADS="1", MTLKIT_LOAD_ENTRY_POINTS="0")

@@ -32,7 +32,9 @@ GRAD_LEVEL = [n for n in ALL if get_registry().get("weighting", n).factory.requi
 
 
 def test_the_methods_are_registered():
-    for name in ["equal", "uncertainty", "dwa", "pcgrad", "rlw", "scale_invariant", "gls", "mgda", "cagrad", "imtl_g"]:
+    for name in ["equal", "uncertainty", "dwa", "pcgrad", "rlw", "scale_invariant", "gls", "mgda", "cagrad", "imtl_g",
+                 "nash_mtl", "aligned_mtl", "upgrad", "dualproj", "config", "fairgrad", "moco", "excess_mtl",
+                 "db_mtl", "gradvac", "stch", "imtl"]:
         assert name in ALL
         assert get_registry().get("weighting", name).description
 
