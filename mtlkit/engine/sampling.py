@@ -52,6 +52,7 @@ class Stream(enum.Enum):
     LOADER = (6, "epoch")  # the training DataLoader's generator (worker base seeds)
     RESEED_AFTER_WORLD_CHANGE = (7, "rank, global step")  # resumed with another world size
     EVAL_LOADER = (8, "")  # the evaluation DataLoaders' generator
+    EXTRA_BATCH = (9, "epoch, global step, split, rank")  # a weighting's extra batch (StepContext.draw_batch)
 
     @property
     def parts(self) -> str:
@@ -78,6 +79,7 @@ _LAYOUT = {
     Stream.TRAINING: lambda rank: (rank, 3),
     Stream.LOADER: lambda epoch: (epoch, 4),
     Stream.RESEED_AFTER_WORLD_CHANGE: lambda rank, step: (rank, step, 3),
+    Stream.EXTRA_BATCH: lambda epoch, step, split, rank: (epoch, step, split, rank, 6),
 }
 
 
@@ -242,6 +244,8 @@ def epoch_plan(train_data, cfg: TrainingConfig, epoch: int, rank: int, world: in
 
         per_pass = [len(chunks(list(range(math.ceil(n / world))), batch_size(cfg, d), cfg.drop_last))
                     for n, d in zip(sizes, domains)]
+        if cfg.domain_order == "mixed":  # pragma: no cover - the next commit plans mixed epochs
+            raise NotImplementedError("training.domain_order = \"mixed\"")
         if cfg.domain_order == "sequential":
             for i, d in enumerate(domains):
                 it = passes(i)

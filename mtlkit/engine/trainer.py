@@ -54,6 +54,7 @@ from .checks import check_best_metric, check_data, check_weighting
 from .checkpoint import capture_rng, recipe_sha256
 from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
 from .evaluation import delta_m, evaluate, improved_best
+from .extra_batches import ExtraBatches
 from .optim import apply_lr, build_optimizer, lr_factor
 from .progress import ProgressReporter
 from .readout import StepValues
@@ -98,7 +99,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         check_data(self.tasks, train_data, val_data, self.cfg)
         self.weighting = weighting if weighting is not None else Weighting(list(self.tasks))
-        check_weighting(self.weighting, self.tasks, self.many_to_many)
+        check_weighting(self.weighting, self.tasks, self.many_to_many, model, self.cfg.domain_order)
         self.best_higher = check_best_metric(self.cfg.best_metric, self.tasks)
 
         self.ctx = D.setup(self.cfg.device)
@@ -116,7 +117,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.opt_cfg, self.raw_model, self.weighting)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.train_step = TrainStep(self.model, self.raw_model, self.tasks, self.weighting, self.optimizer,
-                                    self.cfg, self.ctx)
+                                    self.cfg, self.ctx, ExtraBatches(train_data, val_data, self.cfg, self.ctx.rank))
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writes = self.run_dir is not None and self.ctx.is_main
@@ -226,7 +227,7 @@ class Trainer:
         for i, batch in enumerate(loader, start):
             domain = plan[i][0]
             self._torn = True  # from the first kernel on, an exception leaves the state half-updated
-            losses, weights = self.train_step(batch, domain)
+            losses, weights = self.train_step(batch, domain, epoch, self.global_step)
             # commit the step: from here a checkpoint includes it
             self.step_in_epoch = i + 1
             self.global_step += 1

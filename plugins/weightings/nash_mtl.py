@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GramWeighting
+from ._common import GradTargetParams, GramWeighting
 
 
-class NashMTLParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NashMTLParams(GradTargetParams):
     ridge: float = Field(1e-6, ge=0)  # ridge on the correlation matrix, see the module docstring
     max_iter: int = Field(100, ge=1)  # Newton iterations at most
     tol: float = Field(1e-10, gt=0)  # stop when max_k |beta_k ((C + ridge I) beta)_k - 1| is below this
@@ -98,7 +97,7 @@ class NashMTL(GramWeighting):
     initial_coefficient = 1.0
 
     def __init__(self, params: NashMTLParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.ridge = float(params.ridge)
         self.max_iter = params.max_iter
         self.tol = params.tol
