@@ -13,8 +13,9 @@ Data settings
   ``model(x)`` returns every task's output.
 - Many-to-many: ``train_data`` is a dict domain (= task name) -> Dataset. Each batch comes
   from one domain and runs ``model(x, tasks=[domain])``. ``training.domain_order`` says how
-  domains alternate. Gradient-level weightings need every task's loss on the same batch,
-  which a one-domain batch never has, so they are refused here.
+  domains alternate. Gradient-level weightings need every task's loss in one step: with
+  ``domain_order = "mixed"`` each step takes a batch of every domain (each through its own
+  branch) and hands all their losses to the weighting; other orders refuse them.
 
 The hot loop stays on the device
 --------------------------------
@@ -59,7 +60,8 @@ from .optim import apply_lr, build_optimizer, lr_factor
 from .progress import ProgressReporter
 from .readout import StepValues
 from .runfiles import RunFiles
-from .sampling import Seeds, Stream, epoch_plan, make_loader, seed_everything, set_data_epoch, train_dataset
+from .sampling import (Seeds, Stream, collate_by_domain, epoch_plan, make_loader, seed_everything, set_data_epoch,
+                       train_dataset)
 from .signals import StopSignals
 from .snapshot import restore_trainer, save_trainer
 from .step import TrainStep
@@ -218,8 +220,10 @@ class Trainer:
         set_data_epoch(self.train_data, epoch)
         plan = self.epoch_plan(epoch)
         start = min(self.step_in_epoch, len(plan))
-        loader = make_loader(train_dataset(self.train_data), self.cfg, self.device,
-                             self.seeds.for_(Stream.LOADER, epoch), batch_sampler=[b for _, b in plan[start:]])
+        mixed = self.many_to_many and self.cfg.domain_order == "mixed"  # batches are {domain: batch}
+        loader = make_loader(train_dataset(self.train_data, mixed), self.cfg, self.device,
+                             self.seeds.for_(Stream.LOADER, epoch), batch_sampler=[b for _, b in plan[start:]],
+                             collate_fn=collate_by_domain if mixed else None)
         self.raw_model.train()
         self.weighting.train()
         self.reporter.start_epoch(epoch, len(plan), start)
