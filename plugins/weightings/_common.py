@@ -13,14 +13,25 @@ differ by orders of magnitude, and a solver tuned to the largest one ignores the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pydantic import Field
+
 from mtlkit.contracts import Weighting
 from mtlkit.errors import ConfigError
+from mtlkit.registry import Params
+
+
+class GradTargetParams(Params):
+    """Params of a method whose gradients can be taken on either target (every Gram method)."""
+
+    grad_target: Literal["params", "features"] = Field(
+        "params", description="Gradients of the shared parameters (params) or of the shared representation "
+        "the network exposes (features: much cheaper, exact for the trunk's output).")
 
 
 def require_tasks(method: str, task_names: list[str], minimum: int = 2) -> None:
@@ -272,11 +283,13 @@ class GramWeighting(Weighting):
     """
 
     requires_grads = "shared"
+    grad_targets = ("params", "features")
     method = "?"
     initial_coefficient: float | None = None
 
-    def __init__(self, task_names: list[str]) -> None:
+    def __init__(self, task_names: list[str], grad_target: str = "params") -> None:
         super().__init__(task_names)
+        self.grad_target = grad_target
         require_tasks(self.method, self.task_names, 2)
         k = len(self.task_names)
         self._coefs = [1.0 / k if self.initial_coefficient is None else self.initial_coefficient] * k

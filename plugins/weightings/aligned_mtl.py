@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from mtlkit.hookspecs import hookimpl
-from mtlkit.registry import Params
 
-from ._common import GramWeighting
+from ._common import GradTargetParams, GramWeighting
 
 
-class AlignedMTLParams(Params):
+class AlignedMTLParams(GradTargetParams):
     scale: Literal["min", "median", "rmse"] = "min"  # s^2: smallest, median or mean kept eigenvalue
 
 
@@ -52,7 +51,7 @@ class AlignedMTL(GramWeighting):
     initial_coefficient = 1.0
 
     def __init__(self, params: AlignedMTLParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.scale = params.scale
 
     def coefficients(self, m, losses=None):

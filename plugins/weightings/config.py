@@ -18,13 +18,12 @@ import numpy as np
 import torch
 
 from mtlkit.hookspecs import hookimpl
-from mtlkit.registry import Params
 
-from ._common import GramWeighting
+from ._common import GradTargetParams, GramWeighting
 from .upgrad import preference
 
 
-class ConFIGParams(Params):
+class ConFIGParams(GradTargetParams):
     weights: list[float] | None = None  # preference weights w, one per task (None: all 1)
 
 
@@ -50,7 +49,7 @@ class ConFIG(GramWeighting):
     method = "config"
 
     def __init__(self, params: ConFIGParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.all_tasks = list(self.task_names)
         self.pref = params.weights
         if self.pref is not None:

@@ -50,12 +50,32 @@ class DBMTL(Weighting):
             raise ValueError("weighting 'db_mtl': none of the tasks has a loss")
         return sum(terms[1:], terms[0])
 
+    def backward(self, ctx):
+        """The default gradient-level step, with the heads' coefficients dlog(L + eps)/dL
+        taken at the global batch's losses (the default takes combine's derivative at each
+        rank's own losses: under torchrun 1/L_rank, not 1/L)."""
+        losses = ctx.global_losses()
+        coef = {t: 1.0 / (losses[t] + self.eps) for t in ctx.task_names}
+        grads = ctx.task_gradients(private_weights=coef)
+        # tasks without a gradient this step (no valid target) keep their average
+        keep = (torch.linalg.vector_norm(grads, ord=float("inf"), dim=1) != 0).tolist()
+        present = [t for t, k in zip(ctx.task_names, keep) if k]
+        if not present:
+            ctx.set_gradient(None)
+            return
+        rows = grads if all(keep) else grads[torch.tensor(keep, device=grads.device)]
+        ctx.set_gradient(self.update(rows, losses, present))
+
     def combine_grads(self, grads, losses):
         check_grads("db_mtl", grads, self.task_names)
+        return self.update(grads, losses, self.task_names)
+
+    def update(self, grads, losses, names):
+        """One step of the averages (rows of ``grads``: the tasks ``names``); the update."""
         self.step += 1
         ema = sized_buffer(self, "ema", len(self.all_tasks), grads)
-        rows = [self.all_tasks.index(t) for t in self.task_names]
-        scale = torch.stack([losses[t].detach().to(grads) + self.eps for t in self.task_names])
+        rows = [self.all_tasks.index(t) for t in names]
+        scale = torch.stack([losses[t].detach().to(grads) + self.eps for t in names])
         beta_t = self.beta / self.step ** self.sigma
         ema[rows] = beta_t * ema[rows] + (1 - beta_t) * grads / scale[:, None]
         norms = torch.linalg.vector_norm(ema, dim=1)

@@ -10,8 +10,11 @@ by an exponentiated-gradient (mirror ascent) step and are normalised to sum to K
 
     w_k <- w_k exp(eta e_k / e_k^0),   w <- K w / sum(w),
 
-and the step's update is sum_k w_k g_k (task-specific parameters: sum_k w_k L_k). w = 1
-at the start; eta = 1e-2, the authors' ``robust_step_size``.
+and the step's update is sum_k w_k g_k. w = 1 at the start; eta = 1e-2, the authors'
+``robust_step_size``. Task-specific parameters get the gradient of sum_k w_k L_k with the
+weights at the start of the step (their coefficients are fixed before the per-task passes
+that give the gradients; the authors' code uses the step's new weights there, a
+difference of one exponentiated step of size eta).
 
 S (K x P) is a buffer of the weighting, checkpointed with it, like w and e^0. A task left
 out of a step keeps its S and its weight's exponent is 0. Only ``params`` gradients: S

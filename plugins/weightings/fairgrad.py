@@ -20,13 +20,12 @@ import torch
 from pydantic import Field
 
 from mtlkit.hookspecs import hookimpl
-from mtlkit.registry import Params
 
-from ._common import GramWeighting
+from ._common import GradTargetParams, GramWeighting
 from .nash_mtl import nash_weights
 
 
-class FairGradParams(Params):
+class FairGradParams(GradTargetParams):
     alpha: float = Field(1.0, gt=0)  # the fairness exponent (1: proportional fairness)
     ridge: float = Field(1e-6, ge=0)  # ridge on the gradients' correlation matrix (see nash_mtl)
     max_iter: int = Field(200, ge=1)  # Newton iterations at most
@@ -38,7 +37,7 @@ class FairGrad(GramWeighting):
     initial_coefficient = 1.0
 
     def __init__(self, params: FairGradParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.alpha = float(params.alpha)
         self.ridge = float(params.ridge)
         self.max_iter = params.max_iter

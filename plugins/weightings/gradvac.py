@@ -26,21 +26,22 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
-from mtlkit.registry import Params
 
-from ._common import check_grads, generator_state, gram, require_tasks, set_generator_state, weighted_sum
+from ._common import GradTargetParams, check_grads, generator_state, gram, require_tasks, set_generator_state, weighted_sum
 
 
-class GradVacParams(Params):
+class GradVacParams(GradTargetParams):
     beta: float = Field(0.01, gt=0, le=1)  # EMA rate of the target cosines
     seed: int = 0  # seeds the visiting order (same on every DDP rank)
 
 
 class GradVac(Weighting):
     requires_grads = "shared"
+    grad_targets = ("params", "features")
 
     def __init__(self, params: GradVacParams, task_names: list[str]) -> None:
         super().__init__(task_names)
+        self.grad_target = params.grad_target
         require_tasks("gradvac", self.task_names, 2)
         self.beta = float(params.beta)
         self.generator = torch.Generator().manual_seed(int(params.seed))

@@ -11,8 +11,8 @@ sum_k alpha_k h_k of the scaled task gradients h_k = e^{s_k} g_k, alpha summing 
 equal projections on every unit gradient. Task-specific parameters and the scales get the
 gradient of the scaled losses.
 
-``mode = "hybrid"`` (the paper's IMTL) does both; ``"loss"`` is IMTL-L alone, a loss-level
-method (one backward pass). IMTL-G alone is ``imtl_g``.
+``mode = "hybrid"`` (the paper's IMTL) does both, on either gradient target; ``"loss"`` is
+IMTL-L alone, a loss-level method (one backward pass). IMTL-G alone is ``imtl_g``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
-from mtlkit.registry import Params
 
-from ._common import GramWeighting, check_grads, gram, weighted_sum
+from ._common import GradTargetParams, GramWeighting, check_grads, gram, weighted_sum
 from .imtl_g import imtl_g_weights
 
 
-class IMTLParams(Params):
+class IMTLParams(GradTargetParams):
     mode: Literal["hybrid", "loss"] = "hybrid"  # IMTL (loss + gradient balance) or IMTL-L alone
 
 
@@ -37,11 +37,13 @@ class IMTL(GramWeighting):
     method = "imtl"
 
     def __init__(self, params: IMTLParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.all_tasks = list(self.task_names)
         self.mode = params.mode
         if self.mode == "loss":
-            self.requires_grads = None  # loss-level: the engine calls combine only
+            if params.grad_target != "params":
+                raise ConfigError("weighting 'imtl': grad_target applies to mode = \"hybrid\" (IMTL-L alone is loss-level)")
+            self.requires_grads = None  # loss-level: one backward of combine
         self.log_scales = nn.Parameter(torch.zeros(len(self.task_names)))
 
     def scales(self) -> torch.Tensor:

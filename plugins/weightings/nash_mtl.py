@@ -29,24 +29,26 @@ Two options of the paper's training procedure (section 5, and the authors' code)
 alpha in between (the update is still alpha @ G of the step's own gradients: the weights
 are reused, not the direction); ``max_norm > 0`` rescales the shared update to at most that
 L2 norm (like ``torch.nn.utils.clip_grad_norm_``: factor max_norm / (|d| + 1e-6), at most
-1). The authors' experiments clip at 1.0; the default here, 0, leaves the update alone, so
-earlier mtlkit runs keep their results. The step count and the last alpha are checkpoint
-state.
+1; ``grad_target = "params"`` only). The authors' experiments clip at 1.0; the default
+here, 0, leaves the update alone, so earlier mtlkit runs keep their results. The step
+count and the last alpha are checkpoint state. (The authors' code also skips the per-task
+passes on the steps in between; here those steps still take them, the weights alone are
+reused.)
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GramWeighting, check_grads, gram, weighted_sum
+from ._common import GradTargetParams, GramWeighting, check_grads, gram, weighted_sum
 
 
-class NashMTLParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NashMTLParams(GradTargetParams):
     ridge: float = Field(1e-6, ge=0)  # ridge on the correlation matrix, see the module docstring
     max_iter: int = Field(100, ge=1)  # Newton iterations at most
     tol: float = Field(1e-10, gt=0)  # stop when max_k |beta_k ((C + ridge I) beta)_k - 1| is below this
@@ -132,12 +134,15 @@ class NashMTL(GramWeighting):
     initial_coefficient = 1.0
 
     def __init__(self, params: NashMTLParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.ridge = float(params.ridge)
         self.max_iter = params.max_iter
         self.tol = params.tol
         self.every = params.update_weights_every
         self.max_norm = float(params.max_norm)
+        if self.max_norm > 0 and self.grad_target != "params":
+            raise ConfigError("weighting 'nash_mtl': max_norm clips the shared parameters' update, "
+                              "it needs grad_target = \"params\"")
         self.step = 0  # combine_grads calls so far
         self.alpha: dict[str, float] = {}  # the last solved alpha, by task
 

@@ -20,12 +20,11 @@ from pydantic import Field
 
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
-from mtlkit.registry import Params
 
-from ._common import GramWeighting, cone_projection
+from ._common import GradTargetParams, GramWeighting, cone_projection
 
 
-class UPGradParams(Params):
+class UPGradParams(GradTargetParams):
     # preference weights w (one per task, in task order; None: 1/K each)
     weights: list[float] | None = None
     max_iter: int = Field(1000, ge=1)  # active-set steps at most (a safeguard: it ends in finitely many)
@@ -46,7 +45,7 @@ class UPGrad(GramWeighting):
     method = "upgrad"
 
     def __init__(self, params: UPGradParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.all_tasks = list(self.task_names)
         self.pref = params.weights
         if self.pref is not None:
