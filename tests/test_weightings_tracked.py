@@ -118,3 +118,25 @@ def test_tracked_state_is_json_and_buffers():
         assert json.loads(json.dumps(w.get_state())) == w.get_state()
         buffers = dict(w.named_buffers())
         assert any(b.shape == (2, 3) for b in buffers.values()), name  # the P-long state is a buffer
+
+
+@pytest.mark.parametrize("name", ["db_mtl", "excess_mtl"])
+def test_owned_backward_is_the_plain_step(name):
+    """DB-MTL and ExcessMTL own their backward (heads' coefficients at the global loss, the
+    step's new weights): a few engine steps equal the step written out plainly."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_step_context import TASKS, batches, build_weighting, engine_steps, reference_step
+    from test_engine_common import make_model, make_tasks
+
+    tasks, data = make_tasks(TASKS), batches()
+    mine, ref = make_model(tasks, seed=1), make_model(tasks, seed=1)
+    w_mine, w_ref = build_weighting(name, {}, tasks), build_weighting(name, {}, tasks)
+    engine_steps(mine, tasks, w_mine, data)
+    for b in data:
+        reference_step(ref, tasks, w_ref, b)
+    for a, b in zip(mine.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert w_mine.weights() == pytest.approx(w_ref.weights())

@@ -12,9 +12,9 @@ by an exponentiated-gradient (mirror ascent) step and are normalised to sum to K
 
 and the step's update is sum_k w_k g_k. w = 1 at the start; eta = 1e-2, the authors'
 ``robust_step_size``. Task-specific parameters get the gradient of sum_k w_k L_k with the
-weights at the start of the step (their coefficients are fixed before the per-task passes
-that give the gradients; the authors' code uses the step's new weights there, a
-difference of one exponentiated step of size eta).
+step's new weights, as in the authors' code: the weighting owns its backward, keeps the
+graph through the per-task passes and takes one more pass through the task branches
+only (the default step would fix their coefficients before the weights move).
 
 S (K x P) is a buffer of the weighting, checkpointed with it, like w and e^0. A task left
 out of a step keeps its S and its weight's exponent is 0. Only ``params`` gradients: S
@@ -50,10 +50,31 @@ class ExcessMTL(Weighting):
         self.register_buffer("loss_weight", torch.ones(k))
         self.register_buffer("initial_risk", torch.zeros(k))  # e^0; 0: not seen yet
 
+    def backward(self, ctx):
+        grads = ctx.task_gradients(retain_graph=True)
+        # tasks without a gradient this step (no valid target) keep their state and weight
+        keep = (torch.linalg.vector_norm(grads, ord=float("inf"), dim=1) != 0).tolist()
+        present = [t for t, k in zip(ctx.task_names, keep) if k]
+        rows = grads if all(keep) else grads[torch.tensor(keep, device=grads.device)]
+        ctx.set_gradient(self.update(rows, present) if present else None)
+        # the task branches: this step's weights, one pass that stops at the representation
+        terms = [self.loss_weight[self.all_tasks.index(t)] * ctx.losses[t]
+                 for t in ctx.task_names if ctx.losses[t].requires_grad]
+        private = list(ctx.private_params)
+        if terms and private:
+            for p, g in zip(private, torch.autograd.grad(sum(terms[1:], terms[0]), private, allow_unused=True)):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+
     def combine_grads(self, grads, losses):
         check_grads("excess_mtl", grads, self.task_names)
+        return self.update(grads, self.task_names)
+
+    def update(self, grads, names):
+        """One step of the risk estimates and the weights (rows of ``grads``: the tasks
+        ``names``); the update sum_k w_k g_k."""
         s = sized_buffer(self, "grad_sq_sum", len(self.all_tasks), grads)
-        rows = torch.tensor([self.all_tasks.index(t) for t in self.task_names], device=s.device)
+        rows = torch.tensor([self.all_tasks.index(t) for t in names], device=s.device)
         s[rows] += grads * grads
         risk = (grads * grads / torch.sqrt(s[rows] + 1e-7)).sum(1).to(self.loss_weight)
         init = self.initial_risk[rows]
