@@ -103,9 +103,9 @@ def test_default_backward_keeps_every_method_update(name):
     tasks = make_tasks(TASKS)
     data = batches()
     factory = get_registry().get("weighting", name).factory
-    targets = ["params"] + (["features"] if "features" in getattr(factory, "grad_targets", ()) else [])
+    targets = list(getattr(factory, "grad_targets", ("params",))) if factory.requires_grads else ["params"]
     for target in targets:
-        params = {} if target == "params" else {"grad_target": "features"}
+        params = {} if target == getattr(factory, "grad_target", "params") else {"grad_target": target}
         mine, ref = make_model(tasks, seed=1), make_model(tasks, seed=1)
         w_mine, w_ref = build_weighting(name, params, tasks), build_weighting(name, params, tasks)
         start = {k: v.detach().clone() for k, v in ref.named_parameters()}

@@ -263,6 +263,21 @@ def sized_buffer(module: torch.nn.Module, name: str, rows: int, like: Tensor) ->
     return buf
 
 
+def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float, betas=(0.9, 0.999),
+              eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """One step of Adam (Kingma & Ba 2015; L2 weight decay added to the gradient, as
+    ``torch.optim.Adam``) on the tensor ``x`` in place, with the moment buffers ``m`` and
+    ``v``; ``t`` counts this step from 1. For the small vectors a weighting learns with its
+    own optimiser (FAMO's logits, GradNorm's and Auto-Lambda's weights): buffers, so the
+    checkpoint carries them."""
+    g = grad + weight_decay * x if weight_decay else grad
+    m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    m_hat = m / (1 - betas[0] ** t)
+    v_hat = v / (1 - betas[1] ** t)
+    x.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
 def generator_state(gen: torch.Generator) -> list[int]:
     """A torch.Generator's state as a JSON-friendly list of bytes."""
     return [int(b) for b in gen.get_state().tolist()]
