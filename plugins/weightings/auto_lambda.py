@@ -109,7 +109,10 @@ class AutoLambda(Weighting):
                     offset += n
                 _assign(params, step, original, -a)
             val = ctx.losses_on(ctx.draw_batch(self.split))
-            objective = sum(val[t] for t in self.primary if t in val)
+            terms = [val[t] for t in self.primary if t in val]
+            if not terms:  # many-to-many: this step's domain is not a primary task
+                return None
+            objective = sum(terms[1:], terms[0])
             d = _flat(torch.autograd.grad(objective, params, allow_unused=True), params, ctx.dist)
             norm = float(torch.linalg.vector_norm(d))
             if not norm > 0:

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.engine import distributed as D
+from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
@@ -71,7 +72,8 @@ class FAMO(Weighting):
     def backward(self, ctx):
         missing = [t for t in self.task_names if t not in ctx.losses]
         if missing:
-            raise ValueError(f"weighting 'famo': every task needs a loss each step, missing {missing}")
+            raise ConfigError(f"weighting 'famo': every task needs a loss each step, missing {missing} "
+                              f"(many-to-many: training.domain_order = \"mixed\" over every domain)")
         losses = ctx.global_losses()  # the weights of the global batch, on every rank
         self._before = torch.stack([losses[t].to(self.logits) for t in self.task_names])
         w = self.loss_weights(losses)

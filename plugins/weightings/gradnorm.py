@@ -27,6 +27,7 @@ from pydantic import Field
 
 from mtlkit.engine import distributed as D
 from mtlkit.contracts import Weighting
+from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 
 from ._common import GradTargetParams, adam_step, require_tasks
@@ -66,7 +67,8 @@ class GradNorm(Weighting):
     def backward(self, ctx):
         missing = [t for t in self.task_names if t not in ctx.losses]
         if missing:
-            raise ValueError(f"weighting 'gradnorm': every task needs a loss each step, missing {missing}")
+            raise ConfigError(f"weighting 'gradnorm': every task needs a loss each step, missing {missing} "
+                              f"(many-to-many: training.domain_order = \"mixed\" over every domain)")
         w = self.task_weights
         if self.grad_target == "features":
             rows = ctx.task_gradients(private_weights={t: w[k] for k, t in enumerate(self.task_names)})
