@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mtlkit.engine import Trainer
 from mtlkit.errors import ConfigError

@@ -3,7 +3,6 @@ update rules by hand (numpy) on toys, and through the engine against the step wr
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
