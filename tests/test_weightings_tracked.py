@@ -120,10 +120,14 @@ def test_tracked_state_is_json_and_buffers():
         assert any(b.shape == (2, 3) for b in buffers.values()), name  # the P-long state is a buffer
 
 
-@pytest.mark.parametrize("name", ["db_mtl", "excess_mtl"])
-def test_owned_backward_is_the_plain_step(name):
+@pytest.mark.parametrize("name,params,target", [
+    ("db_mtl", {}, "params"), ("excess_mtl", {}, "params"),
+    ("nash_mtl", {"update_weights_every": 2}, "params"), ("nash_mtl", {"update_weights_every": 2}, "features"),
+    ("nash_mtl", {"update_weights_every": 2, "max_norm": 0.5}, "params")])
+def test_owned_backward_is_the_plain_step(name, params, target):
     """DB-MTL and ExcessMTL own their backward (heads' coefficients at the global loss, the
-    step's new weights): a few engine steps equal the step written out plainly."""
+    step's new weights), and Nash-MTL between two solves (no per-task passes): a few engine
+    steps equal the step written out plainly (per-task gradients, combine_grads, combine)."""
     import sys
     from pathlib import Path
 
@@ -131,12 +135,13 @@ def test_owned_backward_is_the_plain_step(name):
     from test_step_context import TASKS, batches, build_weighting, engine_steps, reference_step
     from test_engine_common import make_model, make_tasks
 
-    tasks, data = make_tasks(TASKS), batches()
+    tasks, data = make_tasks(TASKS), batches(n=4)
     mine, ref = make_model(tasks, seed=1), make_model(tasks, seed=1)
-    w_mine, w_ref = build_weighting(name, {}, tasks), build_weighting(name, {}, tasks)
+    params = {**params, **({"grad_target": target} if target == "features" else {})}
+    w_mine, w_ref = build_weighting(name, params, tasks), build_weighting(name, params, tasks)
     engine_steps(mine, tasks, w_mine, data)
     for b in data:
-        reference_step(ref, tasks, w_ref, b)
+        reference_step(ref, tasks, w_ref, b, target)
     for a, b in zip(mine.parameters(), ref.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert w_mine.weights() == pytest.approx(w_ref.weights())

@@ -31,9 +31,9 @@ are reused, not the direction); ``max_norm > 0`` rescales the shared update to a
 L2 norm (like ``torch.nn.utils.clip_grad_norm_``: factor max_norm / (|d| + 1e-6), at most
 1; ``grad_target = "params"`` only). The authors' experiments clip at 1.0; the default
 here, 0, leaves the update alone, so earlier mtlkit runs keep their results. The step
-count and the last alpha are checkpoint state. (The authors' code also skips the per-task
-passes on the steps in between; here those steps still take them, the weights alone are
-reused.)
+count and the last alpha are checkpoint state. The steps in between take no per-task
+passes (as the authors' code): one backward of sum_k alpha_k L_k for the shared rows and
+one through the task branches for their plain loss gradients.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from mtlkit.engine import distributed as D
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 
@@ -148,6 +149,36 @@ class NashMTL(GramWeighting):
 
     def coefficients(self, m, losses=None):
         return torch.from_numpy(nash_weights(m.numpy(), self.ridge, self.max_iter, self.tol))
+
+    def backward(self, ctx):
+        names = [t for t in ctx.task_names if ctx.losses[t].requires_grad]
+        if not (self.step % self.every != 0 and names and all(t in self.alpha for t in names)):
+            ctx.backward_gradients(self.combine_grads)
+            return
+        # a step between solves: the last weights, and no per-task passes (as the authors'
+        # code): one pass of sum_k alpha_k L_k for the shared rows, one through the branches
+        self.step += 1
+        self._coefs = [self.alpha.get(t, 0.0) for t in self.task_names]
+        rows = list(ctx.shared_params) if self.grad_target == "params" else list(ctx.representation)
+        weighted = sum(self.alpha[t] * ctx.losses[t] for t in names)
+        grads = torch.autograd.grad(weighted, rows, retain_graph=True, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1) for g, x in zip(grads, rows)])
+        if self.grad_target == "params":
+            D.all_reduce_mean_(flat, ctx.dist)  # the global batch's update, as set_gradient expects
+            if self.max_norm > 0:
+                flat = flat * (self.max_norm / (torch.linalg.vector_norm(flat) + 1e-6)).clamp(max=1.0)
+            ctx.set_gradient(flat)
+        else:  # set_gradient takes this rank's block of the ranks' rows side by side, / world size
+            world, rank = (ctx.dist.world_size, ctx.dist.rank) if ctx.dist.enabled else (1, 0)
+            full = flat.new_zeros(world * flat.numel())
+            full[rank * flat.numel():(rank + 1) * flat.numel()] = flat / world
+            ctx.set_gradient(full)
+        rest = list(ctx.private_params) if self.grad_target == "params" else \
+            list(ctx.shared_params) + list(ctx.private_params)
+        total = sum(ctx.losses[t] for t in names)
+        for p, g in zip(rest, torch.autograd.grad(total, rest, allow_unused=True)):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
 
     def combine_grads(self, grads, losses):
         check_grads(self.method, grads, self.task_names)
