@@ -9,7 +9,8 @@ add to g_i' the multiple of g_j that raises the cosine to exactly phi_ij,
     g_i' += |g_i'| (phi_ij sqrt(1 - phi^2) - phi sqrt(1 - phi_ij^2)) / (|g_j| sqrt(1 - phi_ij^2)) g_j,
 
 then phi_ij <- (1 - beta) phi_ij + beta phi. The update is the sum of the adjusted
-gradients. beta = 0.01, the paper's value (LibMTL and torchjd default to 0.5). The whole shared parameter
+gradients. beta = 0.01, our reading of the paper's setting (LibMTL and torchjd default
+to 0.5; set beta = 0.5 to match them). The whole shared parameter
 vector is one group (the paper also adjusts per layer; not offered here).
 
 Like PCGrad, every adjusted g_i stays a combination of the original gradients, so the
