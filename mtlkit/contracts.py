@@ -36,10 +36,13 @@ before training (:func:`mtlkit.engine.checks.check_samples`) then reads that ins
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .step_context import StepContext
 
 
 @dataclass(frozen=True)
@@ -193,15 +196,27 @@ def attach_output_activation(head: nn.Module, task: "Task") -> nn.Module:
     return head
 
 
+RepresentationHook = Callable[[list[Tensor]], list[Tensor]]
+
+
 class MultiTaskNetwork(nn.Module):
     """What an attention plugin returns.
 
     ``forward(x, tasks=None) -> {task: output}``: ``tasks`` selects which tasks' branches
     run (``None``: all). In the many-to-many setting the engine passes the one active
     domain, and only that branch runs.
+
+    Shared representation (``grad_target = "features"``): a network that sets
+    ``representation`` (a one-line description of what it exposes) accepts
+    ``forward(x, tasks=None, representation_hook=None)``. It calls the hook once per
+    forward with the list of tensors its shared trunk produces and every requested
+    task's branch reads (nothing else of the trunk may reach a branch), and continues with
+    the tensors the hook returns (same shapes) in their place; :func:`expose` does this
+    for a list with repeats. ``representation = None``: the network exposes none.
     """
 
     task_names: list[str]
+    representation: ClassVar[str | None] = None
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters shared by several tasks (what gradient-level weightings combine):
@@ -211,6 +226,22 @@ class MultiTaskNetwork(nn.Module):
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters used by ``task`` alone (see :func:`split_parameters`)."""
         yield from split_parameters(self)[1].get(task, [])
+
+
+def expose(hook: RepresentationHook | None, tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` through a representation hook (None: unchanged). A tensor listed twice
+    (e.g. an MTAN tap whose gate is its feature) goes to the hook once and comes back as
+    the same replacement at each place."""
+    if hook is None:
+        return tensors
+    unique: dict[int, int] = {}
+    for t in tensors:
+        unique.setdefault(id(t), len(unique))
+    firsts = list({id(t): t for t in tensors}.values())
+    out = hook(firsts)
+    if len(out) != len(firsts) or any(a.shape != b.shape for a, b in zip(out, firsts)):
+        raise RuntimeError("representation hook: must return one tensor of the same shape per input")
+    return [out[unique[id(t)]] for t in tensors]
 
 
 # -- what is shared and what is private: the one rule ----------------------------------
@@ -286,14 +317,29 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], dict[str, li
 class Weighting(nn.Module):
     """Turns per-task losses (and, if asked, per-task gradients) into one update.
 
-    ``requires_grads``:
-      - ``None``: loss-level. The engine calls ``combine(losses)`` and backpropagates the
-        scalar it returns (one backward pass).
-      - ``"shared"``: gradient-level. The engine computes each task's gradient of the
-        shared parameters, flattened into the rows of ``grads`` (K x P, tasks in
-        ``task_names`` order), calls ``combine_grads(grads, losses)`` and uses the returned
-        P-vector as the shared parameters' gradient; task-specific parameters get the
-        gradient of ``combine(losses)``.
+    The step contract: the engine runs the forward pass and the task losses, zeroes the
+    gradients and calls ``backward(ctx)`` with a :class:`mtlkit.step_context.StepContext`
+    (losses, model, shared/private parameters, the shared representation, the batch,
+    optimiser, step, epoch, DDP context, and ``draw_batch(split)`` for an extra batch);
+    then the optimiser step, then ``on_step_end(ctx)``. A weighting owns its backward by
+    overriding ``backward``; the default is one of two levels, by ``requires_grads``:
+
+      - ``None``: loss-level. ``ctx.backward_loss(combine(losses))``: one backward pass.
+      - ``"shared"``: gradient-level. ``ctx.backward_gradients(combine_grads)``: each
+        task's gradient (K passes, or one batched pass), flattened into the rows of
+        ``grads`` (K x N, tasks in ``task_names`` order), averaged (params) or gathered
+        (features) across ranks; ``combine_grads(grads, losses)`` returns the N-vector
+        used as the update; task-specific parameters get the gradient of
+        ``combine(losses)``, taken inside the same per-task passes (as
+        ``sum_t dcombine/dL_t * dL_t/dp``). Tasks whose row is zero (no valid target in
+        the batch) are left out of the call (``task_names`` lists the present ones).
+
+    ``grad_target`` (gradient-level): ``"params"`` (rows are gradients of the shared
+    parameters) or ``"features"`` (rows are gradients of the shared representation the
+    network exposes; the combined vector is back-propagated once through the trunk);
+    ``grad_targets`` lists the targets the method supports (every Gram-based method:
+    both), and its params model offers a ``grad_target`` setting when it supports more
+    than ``params``. See :mod:`mtlkit.step_context` for the details, DDP included.
 
     Epoch hooks see mean unweighted training losses per task. ``get_state``/``set_state``
     carry JSON state (e.g. DWA's history) through checkpoints; tensor parameters (e.g.
@@ -302,6 +348,8 @@ class Weighting(nn.Module):
     """
 
     requires_grads: ClassVar[str | None] = None
+    grad_targets: ClassVar[tuple[str, ...]] = ("params",)
+    grad_target: str = "params"
 
     def __init__(self, task_names: list[str]) -> None:
         super().__init__()
@@ -312,6 +360,16 @@ class Weighting(nn.Module):
 
     def combine_grads(self, grads: Tensor, losses: dict[str, Tensor]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def backward(self, ctx: "StepContext") -> None:
+        """Leave this step's gradients in ``.grad`` (default: by ``requires_grads``)."""
+        if self.requires_grads is None:
+            ctx.backward_loss(self.combine(ctx.losses))
+        else:
+            ctx.backward_gradients(self.combine_grads)
+
+    def on_step_end(self, ctx: "StepContext") -> None:
+        """After the optimiser step (e.g. FAMO's look at the losses after the update)."""
 
     def weights(self) -> dict[str, float]:
         """The current per-task weights (for logs); gradient methods may return {}."""

@@ -70,7 +70,8 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
     if tasks is not None:
         attempt(check_best_metric, recipe.training.best_metric, tasks, prefix=trainer)
         if weighting is not None:
-            attempt(check_weighting, weighting, tasks, recipe.many_to_many, prefix=trainer)
+            attempt(check_weighting, weighting, tasks, recipe.many_to_many, model, recipe.training.domain_order,
+                    prefix=trainer)
         if data_built:
             n = len(errors)
             attempt(check_data, tasks, train, val, recipe.training, prefix=trainer)

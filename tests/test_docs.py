@@ -135,3 +135,18 @@ def test_every_hook_is_exercised_by_a_probe_plugin(fresh_pm, capsys):
         assert component.plugin == "probe_plugin" and component.description == f"probe of {hook}"
     for _, check in OTHER_HOOKS.values():
         check(fresh_pm, capsys)
+
+
+def test_weightings_page_lists_every_weighting():
+    """docs/weightings.md: one table row per registered weighting, and its sweep command
+    names every one."""
+    import re
+
+    from mtlkit.plugin_manager import get_registry
+
+    text = (ROOT / "docs" / "weightings.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `")}
+    names = set(get_registry().names("weighting"))
+    assert rows == names
+    grid = re.search(r"--grid weighting.name=([\w,]+)", text)
+    assert grid and set(grid.group(1).split(",")) == names

@@ -82,7 +82,7 @@ def test_amp_step_per_dense_architecture(tmp_path, attention, precision):
     assert (meta["scaler"] is not None) == (precision == "fp16")
 
 
-@pytest.mark.parametrize("weighting", ["pcgrad", "mgda", "nash_mtl"])
+@pytest.mark.parametrize("weighting", ["pcgrad", "mgda", "cagrad"])
 def test_amp_gradient_level_step(tmp_path, weighting):
     result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan", weighting)), run_dir=tmp_path / "run",
                                overrides={"training.precision": "fp16"})

@@ -163,3 +163,15 @@ def test_auto_settings_resolve_per_device(monkeypatch):
     assert resolve(cfg, torch.device("cuda", 0)).precision == "fp32"
     explicit = TrainingConfig(precision="fp16", channels_last=False, num_workers=2)
     assert resolve(explicit, torch.device("cuda", 0)) == explicit  # explicit choices stay
+
+
+def test_fp16_is_refused_for_a_weighting_that_owns_its_backward():
+    from mtlkit.plugin_manager import get_registry
+
+    famo = get_registry().get("weighting", "famo")
+    tasks = make_tasks()
+    train, val = make_data(num_train=16)
+    with pytest.raises(ConfigError, match=r"^weighting: .*owns its backward.*bf16") as err:
+        Trainer(make_model(tasks), tasks, train, val, weighting=famo.build({}, task_names=list(tasks)),
+                training={**CFG, "precision": "fp16"}, quiet=True)
+    assert "\n" not in str(err.value)

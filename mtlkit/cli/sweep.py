@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..rundir import check_run_dir
 
 
 def register_commands(register) -> None:
@@ -25,6 +26,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="plain progress lines")
     p.add_argument("--runs-dir", default=None, help="base folder for the run folders")
     p.add_argument("--last", type=int, default=10, help="average the last N evaluations in the table")
+    p.add_argument("--baseline", action="append", default=[], metavar="RUN_DIR",
+                   help="single-task runs giving the table's Delta_m baselines (as mtlkit compare --baseline)")
     p.add_argument("--out", default=None, help="table prefix (default: RUNS_DIR/sweep)")
     p.add_argument("--dry-run", action="store_true", help="print the runs without training")
 
@@ -56,6 +59,8 @@ def sweep_command(args: argparse.Namespace) -> int:
             values = [o.split("=", 1)[1].strip("'\"") for o in overrides]
             tag = "-".join(dict.fromkeys(values))  # keys swept together share one value
             plan.append((spec, all_sets, f"{loaded.name}{'-' + tag if tag else ''}"))
+    for b in args.baseline:  # before any run: a missing baseline must not waste a sweep
+        check_run_dir(Path(b))
     for spec, sets, name in plan:
         print(f"{name}: {spec} {' '.join('--set ' + s for s in sets)}")
     if args.dry_run:
@@ -67,4 +72,5 @@ def sweep_command(args: argparse.Namespace) -> int:
                             quiet=args.quiet)
         print(f"run folder: {result.run_dir}")
         finished.append(result.run_dir)
-    return compare_runs(finished, last=args.last, out=args.out or str(runs_dir / "sweep" / "compare"))
+    return compare_runs(finished, last=args.last, baselines=args.baseline,
+                        out=args.out or str(runs_dir / "sweep" / "compare"))

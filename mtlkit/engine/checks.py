@@ -26,7 +26,8 @@ def check_data(tasks: Mapping[str, Task], train_data: Any, val_data: Any, cfg: T
             if len(ds) == 0:
                 raise DataError(f"train_data: domain '{d}' has no samples")
         for field, values in (("domain_batch_size", cfg.domain_batch_size),
-                              ("domain_loss_weight", cfg.domain_loss_weight)):
+                              ("domain_loss_weight", cfg.domain_loss_weight),
+                              ("mixed_domains", cfg.mixed_domains)):
             for d in values:
                 if d not in train_data:
                     raise ConfigError(f"training.{field}: '{d}' is not a domain of the training data"
@@ -36,21 +37,39 @@ def check_data(tasks: Mapping[str, Task], train_data: Any, val_data: Any, cfg: T
     else:
         if len(train_data) == 0:
             raise DataError("train_data: no samples")
-        for field in ("domain_batch_size", "domain_loss_weight"):
+        for field in ("domain_batch_size", "domain_loss_weight", "mixed_domains"):
             if getattr(cfg, field):
                 raise ConfigError(f"training.{field} applies to many-to-many data (a dict of domains) only")
 
 
-def check_weighting(weighting: Weighting, tasks: Mapping[str, Task], many_to_many: bool) -> None:
-    """The weighting serves exactly these tasks, and gradient-level ones see every task per batch."""
+def check_weighting(weighting: Weighting, tasks: Mapping[str, Task], many_to_many: bool, model: Any = None,
+                    domain_order: str | None = None) -> None:
+    """The weighting serves exactly these tasks; gradient-level ones see every task per batch
+    (many-to-many: only with ``domain_order = "mixed"``); its gradient target is one it
+    supports and, for ``features``, one the network exposes."""
     w = weighting
+    name = type(w).__name__
     if set(w.task_names) != set(tasks):
         raise ConfigError(f"weighting: built for tasks {w.task_names}, training has {list(tasks)}")
     if w.requires_grads not in (None, "shared"):
         raise ConfigError(f"weighting: requires_grads = {w.requires_grads!r} is not supported (None or 'shared')")
-    if w.requires_grads == "shared" and many_to_many:
-        raise ConfigError(f"weighting: '{type(w).__name__}' is gradient-level (needs every task's gradient "
-                          f"on one batch); many-to-many batches hold one domain, use a loss-level weighting")
+    mixed = domain_order == "mixed"
+    if w.requires_grads == "shared" and many_to_many and not mixed:
+        raise ConfigError(f"weighting: '{name}' is gradient-level (needs every task's gradient in one step); "
+                          f"many-to-many batches hold one domain: set training.domain_order = \"mixed\" "
+                          f"or use a loss-level weighting")
+    target = getattr(w, "grad_target", "params")
+    supported = tuple(getattr(w, "grad_targets", ("params",)))
+    if target not in supported:
+        raise ConfigError(f"weighting: '{name}' does not support grad_target = \"{target}\" "
+                          f"(supported: {', '.join(supported)})")
+    if target == "features":
+        if mixed and many_to_many:
+            raise ConfigError("weighting: grad_target = \"features\" needs every task on one batch; with "
+                              "domain_order = \"mixed\" each domain has its own (use grad_target = \"params\")")
+        if model is not None and getattr(model, "representation", None) is None:
+            raise ConfigError(f"weighting: grad_target = \"features\" needs a network that exposes its shared "
+                              f"representation; {type(model).__name__} does not (use grad_target = \"params\")")
 
 
 def check_best_metric(best_metric: str | None, tasks: Mapping[str, Task]) -> bool | None:
@@ -92,3 +111,12 @@ def check_samples(tasks: Mapping[str, Task], train_data: Any, val_data: Any) -> 
             for t in [domain] if domain is not None else list(tasks):
                 if tasks[t].target not in sample:
                     raise missing_key(where, tasks[t].target, t, have=sample)
+
+
+def check_precision(weighting: Weighting, precision: str) -> None:
+    """fp16's loss scaling covers the engine's own backward paths (loss-level, and the
+    default gradient-level one through StepContext); a weighting that owns its backward
+    may take gradients the scaler does not know of, so fp16 is refused there."""
+    if precision == "fp16" and type(weighting).backward is not Weighting.backward:
+        raise ConfigError(f"weighting: {type(weighting).__name__} owns its backward step, which fp16 loss scaling "
+                          f"does not cover; use training.precision = \"bf16\" (or \"fp32\")")

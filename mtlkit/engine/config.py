@@ -91,10 +91,16 @@ class TrainingConfig(Params):
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cap on batches per epoch (quick runs).")
     best_metric: Optional[str] = Field(None, description="\"task/metric\" that selects checkpoints/best "
                                        "(direction from the metric's higher_is_better).")
-    domain_order: Literal["sequential", "round_robin", "proportional"] = Field(
+    domain_order: Literal["sequential", "round_robin", "proportional", "mixed"] = Field(
         "sequential", description="Many-to-many only. sequential: a full pass over each domain in turn; "
         "round_robin: one batch per domain in turn until all are exhausted; proportional: each batch's "
-        "domain drawn with probability ~ size^(1/proportional_temperature).")
+        "domain drawn with probability ~ size^(1/proportional_temperature); mixed: each step takes one "
+        "batch of every domain (of mixed_domains), each through its own branch, and the weighting gets "
+        "all their losses (gradient-level weightings too); an epoch lasts until the domain with the most "
+        "batches is through, the others start new shuffled passes meanwhile.")
+    mixed_domains: list[str] = Field(default_factory=list, description="domain_order = \"mixed\" only: the "
+                                     "domains drawn together at each step (default: all). Each other domain "
+                                     "takes steps of its own, in turn with the mixed steps (as round_robin).")
     proportional_temperature: float = Field(1.0, gt=0, description="Temperature T of domain_order = "
                                             "\"proportional\" (1: by size; large: uniform).")
     domain_batch_size: dict[str, int] = Field(default_factory=dict, description="Many-to-many only: "
@@ -131,6 +137,10 @@ class TrainingConfig(Params):
             raise ValueError("domain_loss_weight values must be >= 0")
         if self.stages and "epochs" not in self.model_fields_set:
             self.epochs = sum(s.epochs for s in self.stages)  # the run's length: all its stages
+        if self.mixed_domains and self.domain_order != "mixed":
+            raise ValueError("mixed_domains applies to domain_order = \"mixed\" only")
+        if len(set(self.mixed_domains)) != len(self.mixed_domains):
+            raise ValueError("mixed_domains lists a domain twice")
         return self
 
 

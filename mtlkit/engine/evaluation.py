@@ -55,7 +55,8 @@ def evaluate(model: nn.Module, tasks: Mapping[str, Task], data, cfg: TrainingCon
                 states = {t: tasks[t].metrics() for t in names}
                 for batch in loader:
                     with autocast(cfg.precision, ctx.device):  # the training precision
-                        out = forward(model, batch, domain, tasks, ctx.device, "evaluation data", cfg.channels_last)
+                        out = forward(model, batch, domain, tasks, ctx.device, "evaluation data",
+                                      channels_last=cfg.channels_last)
                     out = outputs_fp32(out)
                     tgt = targets(batch, names, tasks, ctx.device, "evaluation data")
                     for t in names:

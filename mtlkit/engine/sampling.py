@@ -13,7 +13,7 @@ Sharding
 One-to-many: ``DistributedSampler(shuffle=True)`` semantics (permute, pad by wrapping,
 take ``rank::world``). Many-to-many: each domain is shuffled and sharded the same way,
 pass after pass, and ``training.domain_order`` interleaves the domains' batches; every
-rank visits the same domain at each step.
+rank visits the same domain (mixed: the same domains) at each step.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from .config import TrainingConfig
 from .precision import loader_workers
 
-Plan = list[tuple["str | None", list[tuple[int, int]]]]
+# (domain: None one-to-many, a name, or a tuple of names for a mixed step; [(index, sample seed)])
+Plan = list[tuple["str | tuple[str, ...] | None", list[tuple[int, int]]]]
 
 
 # -- seeds --------------------------------------------------------------------------------
@@ -54,6 +55,7 @@ class Stream(enum.Enum):
     RESEED_AFTER_WORLD_CHANGE = (7, "rank, global step")  # resumed with another world size
     EVAL_LOADER = (8, "")  # the evaluation DataLoaders' generator
     BN_STATS = (9, "domain index")  # the pass that recomputes shared BatchNorm statistics (bn_stats)
+    EXTRA_BATCH = (10, "epoch, global step, split, rank")  # a weighting's extra batch (StepContext.draw_batch)
 
     @property
     def parts(self) -> str:
@@ -81,6 +83,7 @@ _LAYOUT = {
     Stream.LOADER: lambda epoch: (epoch, 4),
     Stream.RESEED_AFTER_WORLD_CHANGE: lambda rank, step: (rank, step, 3),
     Stream.BN_STATS: lambda domain: (domain, 6, 6),
+    Stream.EXTRA_BATCH: lambda epoch, step, split, rank: (epoch, step, split, rank, 6),
 }
 
 
@@ -154,10 +157,11 @@ class SeededSamples(Dataset):
 
 
 class Concat(Dataset):
-    """Domains side by side (global index = domain offset + local index)."""
+    """Domains side by side (global index = domain offset + local index). With ``names``,
+    items are ``(domain name, sample)`` (mixed steps: see :func:`collate_by_domain`)."""
 
-    def __init__(self, datasets: list[Dataset]) -> None:
-        self.datasets = datasets
+    def __init__(self, datasets: list[Dataset], names: list[str] | None = None) -> None:
+        self.datasets, self.names = datasets, names
         self.offsets = np.cumsum([0] + [len(d) for d in datasets]).tolist()
 
     def __len__(self) -> int:
@@ -165,13 +169,22 @@ class Concat(Dataset):
 
     def __getitem__(self, index: int):
         d = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return self.datasets[d][index - self.offsets[d]]
+        sample = self.datasets[d][index - self.offsets[d]]
+        return sample if self.names is None else (self.names[d], sample)
 
 
-def train_dataset(train_data) -> Dataset:
+def train_dataset(train_data, mixed: bool = False) -> Dataset:
     if isinstance(train_data, Mapping):
-        return SeededSamples(Concat(list(train_data.values())))
+        return SeededSamples(Concat(list(train_data.values()), list(train_data) if mixed else None))
     return SeededSamples(train_data)
+
+
+def collate_by_domain(items: list[tuple[str, dict]]) -> dict[str, dict]:
+    """A mixed step's samples ``(domain, sample)`` as ``{domain: batch}`` (plan order)."""
+    groups: dict[str, list] = {}
+    for name, sample in items:
+        groups.setdefault(name, []).append(sample)
+    return {name: default_collate(samples) for name, samples in groups.items()}
 
 
 def set_data_epoch(train_data, epoch: int) -> None:
@@ -217,6 +230,26 @@ def batch_size(cfg: TrainingConfig, domain: str | None) -> int:
     return cfg.domain_batch_size.get(domain, cfg.batch_size) if domain else cfg.batch_size
 
 
+def mixed_plan(domains: list[str], per_pass: list[int], passes, chosen: list[str]) -> list:
+    """``domain_order = "mixed"``: each step one batch of every domain of the group
+    (``chosen``, default all), as ``(tuple of domains, their indices one after another)``.
+    An epoch has as many mixed steps as the group's domain with the most batches per pass;
+    the others start new passes (freshly shuffled) meanwhile. Domains outside the group
+    take steps of their own (1-tuples), in turn with the mixed steps, as round_robin does.
+    """
+    group = [i for i, d in enumerate(domains) if (not chosen or d in chosen) and per_pass[i] > 0]
+    units = ([group] if group else []) + [[i] for i, d in enumerate(domains)
+                                           if chosen and d not in chosen and per_pass[i] > 0]
+    counts = [max(per_pass[i] for i in u) for u in units]
+    its = {i: passes(i) for u in units for i in u}
+    plan = []
+    for k in range(max(counts, default=0)):
+        for u, c in zip(units, counts):
+            if k < c:
+                plan.append((tuple(domains[i] for i in u), [j for i in u for j in next(its[i])]))
+    return plan
+
+
 def epoch_plan(train_data, cfg: TrainingConfig, epoch: int, rank: int, world: int) -> Plan:
     """This rank's batches of ``epoch``: (domain or None, [(index, sample seed), ...]).
 
@@ -245,7 +278,9 @@ def epoch_plan(train_data, cfg: TrainingConfig, epoch: int, rank: int, world: in
 
         per_pass = [len(chunks(list(range(math.ceil(n / world))), batch_size(cfg, d), cfg.drop_last))
                     for n, d in zip(sizes, domains)]
-        if cfg.domain_order == "sequential":
+        if cfg.domain_order == "mixed":
+            plan = mixed_plan(domains, per_pass, passes, cfg.mixed_domains)
+        elif cfg.domain_order == "sequential":
             for i, d in enumerate(domains):
                 it = passes(i)
                 plan += [(d, next(it)) for _ in range(per_pass[i])]

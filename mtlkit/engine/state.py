@@ -131,9 +131,23 @@ def _restore_module(module: nn.Module, tensors: dict[str, Tensor], prefix: str, 
         raise CheckpointError(f"{where}: {prefix.rstrip('.')} state does not fit this model ({'; '.join(parts)})")
     for key, value in given.items():
         if tuple(value.shape) != tuple(own[key].shape):
+            if _sized_on_first_use(module, key, value):
+                continue
             raise CheckpointError(f"{where}: {prefix}{key} has shape {tuple(value.shape)} in the checkpoint, "
                                   f"{tuple(own[key].shape)} in the model")
     module.load_state_dict(given, strict=True)
+
+
+def _sized_on_first_use(module: nn.Module, key: str, value: Tensor) -> bool:
+    """A buffer registered empty and sized on first use (a weighting's K x P state, whose P
+    is the gradients' length) takes the checkpoint's shape, keeping its dtype and device."""
+    path, _, name = key.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    buf = owner._buffers.get(name)
+    if buf is None or buf.numel() != 0 or buf.dim() != value.dim():
+        return False
+    owner._buffers[name] = torch.empty(value.shape, dtype=buf.dtype, device=buf.device)
+    return True
 
 
 def check_optimizer_layout(opt_meta: dict[str, Any], where: str) -> None:

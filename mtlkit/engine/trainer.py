@@ -13,8 +13,9 @@ Data settings
   ``model(x)`` returns every task's output.
 - Many-to-many: ``train_data`` is a dict domain (= task name) -> Dataset. Each batch comes
   from one domain and runs ``model(x, tasks=[domain])``. ``training.domain_order`` says how
-  domains alternate. Gradient-level weightings need every task's loss on the same batch,
-  which a one-domain batch never has, so they are refused here.
+  domains alternate. Gradient-level weightings need every task's loss in one step: with
+  ``domain_order = "mixed"`` each step takes a batch of every domain (each through its own
+  branch) and hands all their losses to the weighting; other orders refuse them.
 
 The hot loop stays on the device
 --------------------------------
@@ -50,17 +51,18 @@ from torch import nn
 from ..contracts import Task, Weighting
 from ..errors import ConfigError, TrainingError
 from . import distributed as D
-from .checks import check_best_metric, check_data, check_weighting
+from .checks import check_best_metric, check_data, check_precision, check_weighting
 from .checkpoint import capture_rng, recipe_sha256
 from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
 from .evaluation import delta_m, evaluate, improved_best
+from .extra_batches import ExtraBatches
+from .loggers import Logger
 from .precision import Precision, compiled, prepare_model
 from .precision import resolve as resolve_auto
-from .loggers import Logger
 from .progress import ProgressReporter
 from .readout import StepValues
 from .runfiles import RunFiles
-from .sampling import Seeds, Stream, make_loader, seed_everything, set_data_epoch, train_dataset
+from .sampling import Seeds, Stream, collate_by_domain, make_loader, seed_everything, set_data_epoch, train_dataset
 from .signals import StopSignals
 from .snapshot import restore_trainer, save_trainer
 from .stages import Stages
@@ -104,7 +106,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         check_data(self.tasks, train_data, val_data, self.cfg)
         self.weighting = weighting if weighting is not None else Weighting(list(self.tasks))
-        check_weighting(self.weighting, self.tasks, self.many_to_many)
+        check_weighting(self.weighting, self.tasks, self.many_to_many, model, self.cfg.domain_order)
         self.best_higher = check_best_metric(self.cfg.best_metric, self.tasks)
         self.stages = Stages(self.cfg, self.opt_cfg, self.sched_cfg, train_data)
 
@@ -116,6 +118,7 @@ class Trainer:
         self.weighting.to(self.device)
         prepare_model(self.raw_model, self.cfg, self.device)
         self.precision = Precision(self.cfg.precision, self.device)
+        check_precision(self.weighting, self.cfg.precision)
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -126,7 +129,8 @@ class Trainer:
         self.model = compiled(self.model, self.cfg)  # DDP inside: compile sees its bucketing hooks
         self.optimizer, self.base_lrs = self.stages.start(self)  # the first stage's optimiser
         self.train_step = TrainStep(self.model, self.raw_model, self.tasks, self.weighting, self.optimizer,
-                                    self.cfg, self.ctx, self.precision)
+                                    self.cfg, self.ctx, ExtraBatches(train_data, val_data, self.cfg, self.ctx.rank),
+                                    self.precision)
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writes = self.run_dir is not None and self.ctx.is_main
@@ -227,8 +231,10 @@ class Trainer:
         set_data_epoch(self.train_data, epoch)
         plan = self.epoch_plan(epoch)
         start = min(self.step_in_epoch, len(plan))
-        loader = make_loader(train_dataset(self.train_data), self.cfg, self.device,
-                             self.seeds.for_(Stream.LOADER, epoch), batch_sampler=[b for _, b in plan[start:]])
+        mixed = self.many_to_many and self.cfg.domain_order == "mixed"  # batches are {domain: batch}
+        loader = make_loader(train_dataset(self.train_data, mixed), self.cfg, self.device,
+                             self.seeds.for_(Stream.LOADER, epoch), batch_sampler=[b for _, b in plan[start:]],
+                             collate_fn=collate_by_domain if mixed else None)
         self.raw_model.train()
         self.weighting.train()
         self.reporter.start_epoch(epoch, len(plan), start)
@@ -236,7 +242,7 @@ class Trainer:
         for i, batch in enumerate(loader, start):
             domain = plan[i][0]
             self._torn = True  # from the first kernel on, an exception leaves the state half-updated
-            losses, weights = self.train_step(batch, domain)
+            losses, weights = self.train_step(batch, domain, epoch, self.global_step)
             # commit the step: from here a checkpoint includes it
             self.step_in_epoch = i + 1
             self.global_step += 1

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mtlkit.contracts import MultiTaskNetwork, Tap, activate_task
+from mtlkit.contracts import MultiTaskNetwork, Tap, activate_task, expose
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.init import xavier_init
@@ -159,6 +159,9 @@ def checkpointed(fn: Callable, modules: list[nn.Module], *args):
 
 
 class MTANNetwork(MultiTaskNetwork):
+    representation = ("the backbone's taps: every level's gate and feature tensors (B x C x H x W each), "
+                      "which every task's attention branch reads; the shared f convs come after it")
+
     def __init__(self, params: MTANParams, backbone, heads, tasks) -> None:
         super().__init__()
         self.params = params
@@ -210,13 +213,16 @@ class MTANNetwork(MultiTaskNetwork):
                 prev = self.branch_level(task, j, gate, feat, prev, size)
         return prev
 
-    def forward(self, x: Tensor, tasks: list[str] | None = None) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, tasks: list[str] | None = None, representation_hook=None) -> dict[str, Tensor]:
         tasks = list(tasks or self.task_names)
         if len(tasks) == 1:
             activate_task(self.backbone, tasks[0])
         if self.params.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         _, taps = self.backbone.forward_taps(x)
+        if representation_hook is not None:
+            flat = expose(representation_hook, [t for pair in taps for t in pair])
+            taps = list(zip(flat[0::2], flat[1::2]))
         batched = self._fast is not None and (self.params.fast is True or x.is_cuda)
         if batched and len(tasks) > 1 and not self.params.memory_efficient:
             feats = self._fast(tasks, taps)

@@ -13,14 +13,25 @@ differ by orders of magnitude, and a solver tuned to the largest one ignores the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pydantic import Field
+
 from mtlkit.contracts import Weighting
 from mtlkit.errors import ConfigError
+from mtlkit.registry import Params
+
+
+class GradTargetParams(Params):
+    """Params of a method whose gradients can be taken on either target (every Gram method)."""
+
+    grad_target: Literal["params", "features"] = Field(
+        "params", description="Gradients of the shared parameters (params) or of the shared representation "
+        "the network exposes (features: much cheaper, exact for the trunk's output).")
 
 
 def require_tasks(method: str, task_names: list[str], minimum: int = 2) -> None:
@@ -176,6 +187,97 @@ def min_norm_weights(m: Tensor | np.ndarray, max_iter: int = 1000, tol: float = 
     return torch.from_numpy(a)
 
 
+def cone_projection(m: Tensor | np.ndarray, u: np.ndarray, max_iter: int = 1000) -> np.ndarray:
+    """Coefficients v of the projection of x = sum_k u_k g_k onto the dual cone of the task
+    gradients {d : g_k . d >= 0 for every k}, given their Gram matrix M: the projection is
+    sum_k v_k g_k with v = argmin_{v >= u} v^T M v (Quinton & Rey 2024, Prop. 1; the dual of
+    the projection problem of GEM, Lopez-Paz & Ranzato 2017).
+
+    Solved in the normalised space (y = n v, C = M / (n n^T), unit diagonal whatever the
+    norms) as the non-negative least-squares problem min_{z >= 0} |A (l + z)|^2 in Gram form
+    (A^T A = C, l = n u) by the active-set method of Lawson & Hanson (Solving Least Squares
+    Problems, 1974, ch. 23): free a variable whose gradient descends, solve the free block
+    (least squares: a singular block has the right-hand side in its range), step back to the
+    bound where that solution leaves z >= 0. Each free block's solution is exact; the loop
+    ends at the KKT point (z >= 0, C (l + z) >= 0 on the bound, = 0 off it).
+    A zero gradient takes no part (its constraint is void): it keeps v_k = u_k.
+    """
+    mm = m.detach().cpu().double().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float64)
+    u = np.asarray(u, dtype=np.float64)
+    v = u.copy()
+    n = np.sqrt(np.maximum(np.diag(mm), 0.0))
+    live = np.flatnonzero(n > 0)
+    if live.size == 0:
+        return v
+    nl = n[live]
+    c = mm[np.ix_(live, live)] / np.outer(nl, nl)
+    l = nl * u[live]
+    k = len(live)
+    q = c @ l  # the gradient of 1/2 |A (l + z)|^2 at z = 0
+    tol = 64 * k * np.finfo(np.float64).eps * max(1.0, float(np.abs(l).sum()))
+    z = np.zeros(k)
+    free: list[int] = []
+    steps = 0
+    while steps < max_iter:
+        steps += 1
+        grad = c @ z + q
+        bound = [j for j in range(k) if j not in free]
+        if not bound:
+            break
+        j = min(bound, key=lambda i: grad[i])
+        if not grad[j] < -tol:  # KKT: no variable on its bound can descend
+            break
+        free.append(j)
+        while steps < max_iter:  # until the free block's least-squares solution is feasible
+            steps += 1
+            s = np.zeros(k)
+            s[free] = np.linalg.lstsq(c[np.ix_(free, free)], -q[free], rcond=None)[0]
+            if np.all(s[free] > 0):
+                z = s
+                break
+            out = [i for i in free if s[i] <= 0]
+            theta = min(z[i] / max(z[i] - s[i], 1e-300) for i in out)
+            z = z + theta * (s - z)
+            free = [i for i in free if z[i] > 0 and not (i in out and z[i] <= tol)]
+            z[[i for i in range(k) if i not in free]] = 0.0
+            if j not in free and theta == 0.0:  # the entering variable cannot move: optimal to rounding
+                steps = max_iter
+        v[live] = (l + z) / nl
+    return v
+
+
+def sized_buffer(module: torch.nn.Module, name: str, rows: int, like: Tensor) -> Tensor:
+    """The ``rows`` x P buffer ``name`` of ``module`` (registered in its ``__init__`` with
+    P = 0), made zeros of the gradients' P, dtype and device on first use.
+
+    Methods that keep P-long state across steps (MoCo, DB-MTL, ExcessMTL) hold it as buffers:
+    the checkpoint saves them with the weighting (``weighting.<name>``), beside the model.
+    """
+    buf = getattr(module, name)
+    p = like.shape[1]
+    if buf.shape[1] == 0:
+        buf = torch.zeros(rows, p, dtype=like.dtype, device=like.device)
+        setattr(module, name, buf)
+    elif buf.shape != (rows, p):
+        raise ValueError(f"weighting: buffer '{name}' holds {tuple(buf.shape)}, the gradients are {rows} x {p}")
+    return buf
+
+
+def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float, betas=(0.9, 0.999),
+              eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """One step of Adam (Kingma & Ba 2015; L2 weight decay added to the gradient, as
+    ``torch.optim.Adam``) on the tensor ``x`` in place, with the moment buffers ``m`` and
+    ``v``; ``t`` counts this step from 1. For the small vectors a weighting learns with its
+    own optimiser (FAMO's logits, GradNorm's and Auto-Lambda's weights): buffers, so the
+    checkpoint carries them."""
+    g = grad + weight_decay * x if weight_decay else grad
+    m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    m_hat = m / (1 - betas[0] ** t)
+    v_hat = v / (1 - betas[1] ** t)
+    x.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
 def generator_state(gen: torch.Generator) -> list[int]:
     """A torch.Generator's state as a JSON-friendly list of bytes."""
     return [int(b) for b in gen.get_state().tolist()]
@@ -196,11 +298,13 @@ class GramWeighting(Weighting):
     """
 
     requires_grads = "shared"
+    grad_targets = ("params", "features")
     method = "?"
     initial_coefficient: float | None = None
 
-    def __init__(self, task_names: list[str]) -> None:
+    def __init__(self, task_names: list[str], grad_target: str = "params") -> None:
         super().__init__(task_names)
+        self.grad_target = grad_target
         require_tasks(self.method, self.task_names, 2)
         k = len(self.task_names)
         self._coefs = [1.0 / k if self.initial_coefficient is None else self.initial_coefficient] * k

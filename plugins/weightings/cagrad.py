@@ -32,15 +32,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GramWeighting, min_norm_weights
+from ._common import GradTargetParams, GramWeighting, min_norm_weights
 
 
-class CAGradParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CAGradParams(GradTargetParams):
     c: float = Field(0.4, ge=0)  # radius of the ball around g0, relative to |g0|
     rescale: Literal["none", "1+c^2", "1+c"] = "1+c^2"  # divisor of the final update
     max_iter: int = Field(100, ge=1)  # root-search steps on s at most (each solves one min-norm problem)
@@ -126,7 +125,7 @@ class CAGrad(GramWeighting):
     method = "cagrad"
 
     def __init__(self, params: CAGradParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.c = float(params.c)
         self.rescale = params.rescale
         self.max_iter = params.max_iter

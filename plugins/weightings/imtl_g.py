@@ -14,15 +14,14 @@ rescaled to sum 1. C has a unit diagonal whatever the norms.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GramWeighting
+from ._common import GradTargetParams, GramWeighting
 
 
-class IMTLGParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class IMTLGParams(GradTargetParams):
+    """No settings of its own (the gradient target only)."""
 
 
 def imtl_g_weights(m: torch.Tensor) -> torch.Tensor:
@@ -51,7 +50,7 @@ class IMTLG(GramWeighting):
     method = "imtl_g"
 
     def __init__(self, params: IMTLGParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
 
     def coefficients(self, m, losses=None):
         return imtl_g_weights(m)

@@ -14,15 +14,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GramWeighting, min_norm_weights
+from ._common import GradTargetParams, GramWeighting, min_norm_weights
 
 
-class MGDAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MGDAParams(GradTargetParams):
     normalization: Literal["none", "l2", "loss", "loss+"] = "none"
     max_iter: int = Field(1000, ge=1)  # safeguard only: the active-set method ends in finitely many steps
     tol: float = Field(1e-10, gt=0)  # KKT tolerance, a cosine (see _common.kkt_violation)
@@ -32,7 +31,7 @@ class MGDA(GramWeighting):
     method = "mgda"
 
     def __init__(self, params: MGDAParams, task_names: list[str]) -> None:
-        super().__init__(task_names)
+        super().__init__(task_names, params.grad_target)
         self.normalization = params.normalization
         self.max_iter = params.max_iter
         self.tol = params.tol

@@ -18,19 +18,21 @@ from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from ._common import check_grads, generator_state, gram, require_tasks, set_generator_state, weighted_sum
+from ._common import GradTargetParams, check_grads, generator_state, gram, require_tasks, set_generator_state, weighted_sum
 
 
-class PCGradParams(Params):
+class PCGradParams(GradTargetParams):
     reduction: Literal["sum", "mean"] = "sum"  # how the projected gradients are combined
     seed: int = 0  # seeds the generator of the projection order (same on every DDP rank)
 
 
 class PCGrad(Weighting):
     requires_grads = "shared"
+    grad_targets = ("params", "features")
 
     def __init__(self, params: PCGradParams, task_names: list[str]) -> None:
         super().__init__(task_names)
+        self.grad_target = params.grad_target
         require_tasks("pcgrad", self.task_names, 2)
         self.reduction = params.reduction
         self.generator = torch.Generator().manual_seed(int(params.seed))

@@ -1,0 +1,107 @@
+"""ExcessMTL (He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi & Zhao, "Robust Multi-Task Learning
+with Excess Risks", ICML 2024).
+
+Tasks are weighted by their estimated excess risk (distance to their own optimum) rather
+than their loss, so that noisy tasks with a high irreducible loss do not take over. With a
+diagonal, AdaGrad-like curvature estimate H_k = diag(sqrt(S_k + 1e-7)), S_k the running
+sum of g_k squared elementwise, the excess risk is estimated as e_k = g_k^T H_k^-1 g_k.
+The first step's estimates are the reference e_k^0; from the second on, the weights move
+by an exponentiated-gradient (mirror ascent) step and are normalised to sum to K:
+
+    w_k <- w_k exp(eta e_k / e_k^0),   w <- K w / sum(w),
+
+and the step's update is sum_k w_k g_k. w = 1 at the start; eta = 1e-2, the authors'
+``robust_step_size``. Task-specific parameters get the gradient of sum_k w_k L_k with the
+step's new weights, as in the authors' code: the weighting owns its backward, keeps the
+graph through the per-task passes and takes one more pass through the task branches
+only (the default step would fix their coefficients before the weights move).
+
+S (K x P) is a buffer of the weighting, checkpointed with it, like w and e^0. A task left
+out of a step keeps its S and its weight's exponent is 0. Only ``params`` gradients: S
+accumulates over steps, which per-sample representation gradients do not.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mtlkit.contracts import Weighting
+from mtlkit.hookspecs import hookimpl
+from mtlkit.registry import Params
+
+from ._common import check_grads, require_tasks, sized_buffer
+
+
+class ExcessMTLParams(Params):
+    step_size: float = Field(1e-2, gt=0)  # eta of the exponentiated-gradient step on the weights
+
+
+class ExcessMTL(Weighting):
+    requires_grads = "shared"
+
+    def __init__(self, params: ExcessMTLParams, task_names: list[str]) -> None:
+        super().__init__(task_names)
+        require_tasks("excess_mtl", self.task_names, 2)
+        self.all_tasks = list(self.task_names)
+        k = len(self.all_tasks)
+        self.step_size = float(params.step_size)
+        self.register_buffer("grad_sq_sum", torch.zeros(k, 0))
+        self.register_buffer("loss_weight", torch.ones(k))
+        self.register_buffer("initial_risk", torch.zeros(k))  # e^0; 0: not seen yet
+
+    def backward(self, ctx):
+        grads = ctx.task_gradients(retain_graph=True)
+        # tasks without a gradient this step (no valid target) keep their state and weight
+        keep = (torch.linalg.vector_norm(grads, ord=float("inf"), dim=1) != 0).tolist()
+        present = [t for t, k in zip(ctx.task_names, keep) if k]
+        rows = grads if all(keep) else grads[torch.tensor(keep, device=grads.device)]
+        ctx.set_gradient(self.update(rows, present) if present else None)
+        # the task branches: this step's weights, one pass that stops at the representation
+        terms = [self.loss_weight[self.all_tasks.index(t)] * ctx.losses[t]
+                 for t in ctx.task_names if ctx.losses[t].requires_grad]
+        private = list(ctx.private_params)
+        if terms and private:
+            for p, g in zip(private, torch.autograd.grad(sum(terms[1:], terms[0]), private, allow_unused=True)):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+
+    def combine_grads(self, grads, losses):
+        check_grads("excess_mtl", grads, self.task_names)
+        return self.update(grads, self.task_names)
+
+    def update(self, grads, names):
+        """One step of the risk estimates and the weights (rows of ``grads``: the tasks
+        ``names``); the update sum_k w_k g_k."""
+        s = sized_buffer(self, "grad_sq_sum", len(self.all_tasks), grads)
+        rows = torch.tensor([self.all_tasks.index(t) for t in names], device=s.device)
+        s[rows] += grads * grads
+        risk = (grads * grads / torch.sqrt(s[rows] + 1e-7)).sum(1).to(self.loss_weight)
+        init = self.initial_risk[rows]
+        seen = init > 0
+        # a task's first step sets its reference; later steps move its weight (on the device)
+        exponent = torch.where(seen, self.step_size * risk / torch.where(seen, init, 1.0), 0.0)
+        self.initial_risk[rows] = torch.where(seen, init, risk)
+        w = self.loss_weight.clone()
+        w[rows] = w[rows] * torch.exp(exponent)
+        self.loss_weight.copy_(w * len(self.all_tasks) / w.sum())
+        return self.loss_weight[rows].to(grads) @ grads
+
+    def combine(self, losses):
+        terms = [self.loss_weight[k] * losses[t] for k, t in enumerate(self.all_tasks) if t in losses]
+        if not terms:
+            raise ValueError("weighting 'excess_mtl': none of the tasks has a loss")
+        return sum(terms[1:], terms[0])
+
+    def weights(self):
+        return dict(zip(self.all_tasks, self.loss_weight.tolist()))
+
+
+@hookimpl
+def register_weightings(register):
+    register(
+        "excess_mtl",
+        ExcessMTL,
+        params=ExcessMTLParams,
+        description="ExcessMTL (He et al. 2024): weights by estimated excess risk, exponentiated-gradient steps",
+    )
