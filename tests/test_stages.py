@@ -53,10 +53,10 @@ def spy_steps(trainer):
     step = trainer.train_step
     base = type(step)
 
-    def call(self, batch, domain):
+    def call(self, batch, domain, *rest):
         opt = self.optimizer
         seen.append((trainer.epoch, domain, opt, len(opt.state), [g["lr"] for g in opt.param_groups]))
-        return base.__call__(self, batch, domain)
+        return base.__call__(self, batch, domain, *rest)
 
     step.__class__ = type("Spy", (base,), {"__call__": call})
     return seen

@@ -79,7 +79,7 @@ def _pass(model: nn.Module, bns: list[_BatchNorm], domain: str, data, tasks: Map
         for batch in loader:
             with autocast(cfg.precision, ctx.device):  # as the domain is then evaluated
                 forward(model, batch, domain, tasks, ctx.device, f"training data of domain '{domain}'",
-                        cfg.channels_last is True)
+                        channels_last=cfg.channels_last)
     # the ranks' cumulative averages, weighted by how many batches each counted
     rows = []
     for bn in bns:
