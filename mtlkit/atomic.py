@@ -68,6 +68,19 @@ def atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], Any]) -> Pa
     return out
 
 
+def promote(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename a finished file or folder (a completed, verified download; an unpacked folder
+    moved into a staging tree) to ``dst`` in one step, durably. For content written in
+    stages across calls, which ``atomic_write`` cannot hold in one handle."""
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
+def scratch_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new, uniquely named folder in ``parent`` (the caller removes it)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

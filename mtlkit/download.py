@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from .atomic import remove_quietly
+from .atomic import promote, remove_quietly
 from .errors import DataError
 
 CHUNK = 1 << 20
@@ -132,7 +132,7 @@ def download(url: str, dest: str | os.PathLike, size: int | None = None, sha256:
     if not part.exists():
         raise DataError(f"{url}: the server sent nothing")
     _verified_or_removed(part, size, sha256, url)
-    os.replace(part, dest)
+    promote(part, dest)
     return dest
 
 

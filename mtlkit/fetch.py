@@ -24,14 +24,13 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
-from .atomic import atomic_folder
+from .atomic import atomic_folder, promote, scratch_folder
 from .download import download, verify
 from .errors import ConfigError, DataError, MtlkitError, PluginError, did_you_mean
 
@@ -176,7 +175,7 @@ def locate(top: Path, marker: str) -> Path | None:
 def _merge(src: Path, dst: Path) -> None:
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        promote(src, dst)
         return
     if not dst.is_dir() or not src.is_dir():
         raise DataError(f"two archives both provide '{dst.name}'")
@@ -186,7 +185,7 @@ def _merge(src: Path, dst: Path) -> None:
 
 def unpack(archive: Archive, path: Path, staging: Path, dataset: str) -> None:
     """Unpack ``path`` and move its declared folders into ``staging``."""
-    scratch = Path(tempfile.mkdtemp(prefix=".unpack-", dir=staging))
+    scratch = scratch_folder(staging, ".unpack-")
     try:
         extract(path, archive.format, scratch)
         if archive.inner:
