@@ -212,3 +212,22 @@ def test_a_weighting_owning_its_backward_draws_repeatable_batches_and_sees_the_u
     # drawing leaves training as it was: the dropout RNG stream included
     for k in plain:
         assert torch.equal(pa[k], pb[k]) and torch.equal(pa[k], plain[k]), k
+
+
+@pytest.mark.parametrize("target", ["params", "features"])
+def test_batched_per_task_passes_give_the_same_update(target, monkeypatch):
+    """The K passes as one ``is_grads_batched`` pass (an option: slower on CPU, see
+    docs/performance.md) take the same step."""
+    from mtlkit.engine import grad_step
+
+    tasks = make_tasks(TASKS)
+    data = batches(2)
+    models = []
+    for batched in (False, True):
+        monkeypatch.setattr(grad_step, "BATCHED", batched)
+        model = make_model(tasks, seed=4)
+        engine_steps(model, tasks, build_weighting("pcgrad", {"grad_target": target, "reduction": "mean"}, tasks),
+                     data)
+        models.append(dict(model.named_parameters()))
+    for k, p in models[0].items():
+        assert torch.allclose(p, models[1][k], rtol=1e-4, atol=1e-6), k

@@ -7,8 +7,8 @@ that get ``sum_t w_t dL_t/dp`` (task-specific ones; with ``features`` also share
 after the representation), so no pass of its own is spent on them. ``w_t`` is
 ``dcombine/dL_t`` at this step's losses, from a backward through ``combine`` alone (a
 graph of K scalars), which also gives the weighting's own parameters their gradient.
-(A batched variant, one ``is_grads_batched`` pass, measured slower on CPU: see
-docs/performance.md.)
+(A batched variant, one ``is_grads_batched`` pass, gives the same result and measured
+slower on CPU: see ``BATCHED`` and docs/performance.md.)
 
 Distributed: ``params`` rows are averaged across ranks (all-reduce); ``features`` rows
 live on each rank's own samples, so the ranks' rows are gathered side by side (rank
@@ -69,12 +69,16 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
         extra = list(ctx.private_params) if target == "params" else list(ctx.shared_params) + list(ctx.private_params)
     names = ctx.task_names
     sizes = [x.numel() for x in rows_of]
-    G = torch.zeros(len(names), sum(sizes), dtype=rows_of[0].dtype, device=rows_of[0].device)
+    # filled row by row (a piece with no gradient, or a task with no graph, is zeroed then)
+    G = torch.empty(len(names), sum(sizes), dtype=rows_of[0].dtype, device=rows_of[0].device)
     acc: dict[int, Tensor] = {}
     inputs = rows_of + extra
+    if BATCHED:
+        return _batched(ctx, target, names, rows_of, extra, sizes, G, private_weights, retain_graph)
     for k, t in enumerate(names):
         loss = ctx.losses[t]
         if not loss.requires_grad:  # nothing to differentiate: a zero row
+            G[k].zero_()
             continue
         last = k == len(names) - 1
         grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph or not last, allow_unused=True)
@@ -82,6 +86,8 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
         for g, n in zip(grads, sizes):
             if g is not None:
                 G[k, offset:offset + n] = g.reshape(-1)
+            else:
+                G[k, offset:offset + n].zero_()
             offset += n
         w = private_weights.get(t) if private_weights is not None else None
         if w is None:
@@ -93,6 +99,39 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
     for p in extra:
         if id(p) in acc:
             p.grad = acc[id(p)].detach() if p.grad is None else p.grad + acc[id(p)].detach()
+    if ctx.dist.enabled:
+        G = D.all_reduce_mean_(G, ctx.dist) if target == "params" else gather_rows(G, ctx.dist)
+    return G
+
+
+# the K per-task passes as one vmapped pass (torch.autograd.grad(..., is_grads_batched=True)):
+# the same result; measured slower on CPU (docs/performance.md), so off; bench/weighting_step.py
+# flips it to measure it again
+BATCHED = False
+
+
+def _batched(ctx: StepContext, target: str, names: list[str], rows_of: list[Tensor], extra: list[nn.Parameter],
+             sizes: list[int], G: Tensor, private_weights: dict[str, Any] | None, retain_graph: bool) -> Tensor:
+    """``task_gradients`` in one batched backward pass (see ``BATCHED``)."""
+    k = len(names)
+    losses = torch.stack([ctx.losses[t].reshape(()) for t in names])
+    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+    grads = torch.autograd.grad(losses, rows_of + extra, grad_outputs=eye, is_grads_batched=True,
+                                retain_graph=retain_graph, allow_unused=True)
+    offset = 0
+    for g, n in zip(grads, sizes):
+        if g is not None:
+            G[:, offset:offset + n] = g.reshape(k, -1)
+        else:
+            G[:, offset:offset + n].zero_()
+        offset += n
+    if private_weights is not None:
+        w = torch.stack([torch.as_tensor(0.0 if private_weights.get(t) is None else private_weights[t],
+                                         dtype=losses.dtype) for t in names])
+        for p, g in zip(extra, grads[len(rows_of):]):
+            if g is not None:
+                c = torch.tensordot(w, g, dims=1)
+                p.grad = c if p.grad is None else p.grad + c
     if ctx.dist.enabled:
         G = D.all_reduce_mean_(G, ctx.dist) if target == "params" else gather_rows(G, ctx.dist)
     return G
