@@ -69,10 +69,10 @@ def variants(task_names: list[str]) -> list[tuple[str, Callable[[], Any], bool]]
     reg = get_registry()
     out = []
     for name, comp in sorted(reg.components["weighting"].items()):
-        out.append((f"{name} params", lambda c=comp: c.build({}, task_names=task_names), False))
-        if "features" in getattr(comp.factory, "grad_targets", ()):
-            out.append((f"{name} features", lambda c=comp: c.build({"grad_target": "features"},
-                                                                   task_names=task_names), False))
+        settable = "grad_target" in comp.params.model_fields
+        for target in getattr(comp.factory, "grad_targets", ("params",)):
+            params = {"grad_target": target} if settable else {}
+            out.append((f"{name} {target}", lambda c=comp, p=params: c.build(p, task_names=task_names), False))
     mgda = reg.get("weighting", "mgda")
 
     def old():

@@ -231,3 +231,14 @@ def test_batched_per_task_passes_give_the_same_update(target, monkeypatch):
         models.append(dict(model.named_parameters()))
     for k, p in models[0].items():
         assert torch.allclose(p, models[1][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_nonzero_rows_finds_a_row_whose_only_entries_miss_the_sample(monkeypatch):
+    from mtlkit.engine import grad_step
+
+    monkeypatch.setattr(grad_step, "PROBE", 8)
+    G = torch.zeros(4, 1000)
+    G[0, ::7] = 1.0  # seen by the sample
+    G[1, 501] = -2.0  # between sampled columns: only the full scan sees it
+    G[3, 333] = float("nan")
+    assert grad_step.nonzero_rows(G) == [True, True, False, True]

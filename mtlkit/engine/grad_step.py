@@ -193,6 +193,27 @@ def set_gradient(ctx: StepContext, combined: Tensor | None, target: str) -> None
         torch.autograd.backward(outs, grad_tensors=pieces)
 
 
+PROBE = 1 << 15  # columns looked at first by nonzero_rows
+
+
+def nonzero_rows(G: Tensor) -> list[bool]:
+    """Which rows of G hold a non-zero (or NaN) entry: the step's one read from the device.
+
+    A strided sample of about ``PROBE`` columns decides nearly every row (a task with a
+    gradient has it nearly everywhere); only rows that are zero on the sample are scanned
+    in full (a second read, in the rare step with a task without a gradient). Max |g|: a
+    reduction, no K x N temporary; NaN != 0 keeps a NaN row in.
+    """
+    stride = max(1, G.shape[1] // PROBE)
+    keep = (torch.linalg.vector_norm(G[:, ::stride], ord=float("inf"), dim=1) != 0).tolist()
+    if stride > 1 and not all(keep):
+        rest = [k for k, v in enumerate(keep) if not v]
+        full = (torch.linalg.vector_norm(G[rest], ord=float("inf"), dim=1) != 0).tolist()
+        for k, v in zip(rest, full):
+            keep[k] = v
+    return keep
+
+
 def combine_present(step: Any, ctx: StepContext, G: Tensor, losses: dict[str, Tensor],
                     combine_grads: CombineGrads) -> Tensor | None:
     """``combine_grads`` over the tasks whose gradient row is not zero (None: no such task).
@@ -204,12 +225,11 @@ def combine_present(step: Any, ctx: StepContext, G: Tensor, losses: dict[str, Te
     left out and the weighting solves for the others: during the call its ``task_names``
     lists the present tasks, in order, matching the rows of ``grads`` and the keys of
     ``losses``. G is global already, so every rank leaves out the same. Which tasks take
-    part is decided on the host: the step's one read from the device.
+    part is decided on the host (:func:`nonzero_rows`).
     """
     w = step.weighting
     full = list(w.task_names)
-    # max |g| per row: a reduction, no K x N temporary; a NaN row stays in (NaN != 0)
-    keep = (torch.linalg.vector_norm(G, ord=float("inf"), dim=1) != 0).tolist()
+    keep = nonzero_rows(G)
     present = [t for t, k in zip(ctx.task_names, keep) if k]
     if present == full:
         return combine_grads(G, losses)
