@@ -36,6 +36,14 @@ representation (MTAN's shared f convs) are trained like task-specific ones, with
 gradient of ``combine(losses)``. Under torchrun the representation rows of all ranks are
 gathered (rank blocks side by side, divided by the world size: the global batch's
 matrix), so ``combine_grads`` sees exactly what one process on the global batch sees.
+(The exchange is K x N per rank, N the representation's size; a Gram-only method could
+exchange the K x K Gram pieces instead: not done, every method gets the same exact rows.)
+
+Which target is cheaper depends on the network: ``features`` skips the trunk in the K
+per-task passes, but its rows are as long as the representation, which for MTAN (every
+tap's gate and feature, at full resolution) can exceed the parameter count: at 1/8 width
+on 64x96 (the quickstart) N is 4x P and the attention branches, not the trunk, hold most
+of the work, so the two targets cost about the same there (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -212,3 +212,33 @@ def test_a_weighting_owning_its_backward_draws_repeatable_batches_and_sees_the_u
     # drawing leaves training as it was: the dropout RNG stream included
     for k in plain:
         assert torch.equal(pa[k], pb[k]) and torch.equal(pa[k], plain[k]), k
+
+
+@pytest.mark.parametrize("target", ["params", "features"])
+def test_batched_per_task_passes_give_the_same_update(target, monkeypatch):
+    """The K passes as one ``is_grads_batched`` pass (an option: slower on CPU, see
+    docs/performance.md) take the same step."""
+    from mtlkit.engine import grad_step
+
+    tasks = make_tasks(TASKS)
+    data = batches(2)
+    models = []
+    for batched in (False, True):
+        monkeypatch.setattr(grad_step, "BATCHED", batched)
+        model = make_model(tasks, seed=4)
+        engine_steps(model, tasks, build_weighting("pcgrad", {"grad_target": target, "reduction": "mean"}, tasks),
+                     data)
+        models.append(dict(model.named_parameters()))
+    for k, p in models[0].items():
+        assert torch.allclose(p, models[1][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_nonzero_rows_finds_a_row_whose_only_entries_miss_the_sample(monkeypatch):
+    from mtlkit.engine import grad_step
+
+    monkeypatch.setattr(grad_step, "PROBE", 8)
+    G = torch.zeros(4, 1000)
+    G[0, ::7] = 1.0  # seen by the sample
+    G[1, 501] = -2.0  # between sampled columns: only the full scan sees it
+    G[3, 333] = float("nan")
+    assert grad_step.nonzero_rows(G) == [True, True, False, True]

@@ -7,8 +7,8 @@ that get ``sum_t w_t dL_t/dp`` (task-specific ones; with ``features`` also share
 after the representation), so no pass of its own is spent on them. ``w_t`` is
 ``dcombine/dL_t`` at this step's losses, from a backward through ``combine`` alone (a
 graph of K scalars), which also gives the weighting's own parameters their gradient.
-(A batched variant, one ``is_grads_batched`` pass, measured slower on CPU: see
-docs/performance.md.)
+(A batched variant, one ``is_grads_batched`` pass, gives the same result and measured
+slower on CPU: see ``BATCHED`` and docs/performance.md.)
 
 Distributed: ``params`` rows are averaged across ranks (all-reduce); ``features`` rows
 live on each rank's own samples, so the ranks' rows are gathered side by side (rank
@@ -82,12 +82,16 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
     names = ctx.task_names
     scale = loss_scale(ctx)
     sizes = [x.numel() for x in rows_of]
-    G = torch.zeros(len(names), sum(sizes), dtype=rows_of[0].dtype, device=rows_of[0].device)
+    # filled row by row (a piece with no gradient, or a task with no graph, is zeroed then)
+    G = torch.empty(len(names), sum(sizes), dtype=rows_of[0].dtype, device=rows_of[0].device)
     acc: dict[int, Tensor] = {}
     inputs = rows_of + extra
+    if BATCHED:
+        return _batched(ctx, target, names, rows_of, extra, sizes, G, private_weights, retain_graph)
     for k, t in enumerate(names):
         loss = ctx.losses[t]
         if not loss.requires_grad:  # nothing to differentiate: a zero row
+            G[k].zero_()
             continue
         if scale is not None:
             loss = loss * scale
@@ -97,6 +101,8 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
         for g, n in zip(grads, sizes):
             if g is not None:
                 G[k, offset:offset + n] = g.reshape(-1)
+            else:
+                G[k, offset:offset + n].zero_()
             offset += n
         w = private_weights.get(t) if private_weights is not None else None
         if w is None:
@@ -117,6 +123,39 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
         ctx.engine.overflow = overflow if getattr(ctx.engine, "overflow", None) is None \
             else ctx.engine.overflow | overflow
         G = torch.nan_to_num(G.float() / scale, nan=0.0, posinf=0.0, neginf=0.0)
+    return G
+
+
+# the K per-task passes as one vmapped pass (torch.autograd.grad(..., is_grads_batched=True)):
+# the same result; measured slower on CPU (docs/performance.md), so off; bench/weighting_step.py
+# flips it to measure it again
+BATCHED = False
+
+
+def _batched(ctx: StepContext, target: str, names: list[str], rows_of: list[Tensor], extra: list[nn.Parameter],
+             sizes: list[int], G: Tensor, private_weights: dict[str, Any] | None, retain_graph: bool) -> Tensor:
+    """``task_gradients`` in one batched backward pass (see ``BATCHED``)."""
+    k = len(names)
+    losses = torch.stack([ctx.losses[t].reshape(()) for t in names])
+    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+    grads = torch.autograd.grad(losses, rows_of + extra, grad_outputs=eye, is_grads_batched=True,
+                                retain_graph=retain_graph, allow_unused=True)
+    offset = 0
+    for g, n in zip(grads, sizes):
+        if g is not None:
+            G[:, offset:offset + n] = g.reshape(k, -1)
+        else:
+            G[:, offset:offset + n].zero_()
+        offset += n
+    if private_weights is not None:
+        w = torch.stack([torch.as_tensor(0.0 if private_weights.get(t) is None else private_weights[t],
+                                         dtype=losses.dtype) for t in names])
+        for p, g in zip(extra, grads[len(rows_of):]):
+            if g is not None:
+                c = torch.tensordot(w, g, dims=1)
+                p.grad = c if p.grad is None else p.grad + c
+    if ctx.dist.enabled:
+        G = D.all_reduce_mean_(G, ctx.dist) if target == "params" else gather_rows(G, ctx.dist)
     return G
 
 
@@ -182,6 +221,27 @@ def set_gradient(ctx: StepContext, combined: Tensor | None, target: str) -> None
         torch.autograd.backward(outs, grad_tensors=pieces)
 
 
+PROBE = 1 << 15  # columns looked at first by nonzero_rows
+
+
+def nonzero_rows(G: Tensor) -> list[bool]:
+    """Which rows of G hold a non-zero (or NaN) entry: the step's one read from the device.
+
+    A strided sample of about ``PROBE`` columns decides nearly every row (a task with a
+    gradient has it nearly everywhere); only rows that are zero on the sample are scanned
+    in full (a second read, in the rare step with a task without a gradient). Max |g|: a
+    reduction, no K x N temporary; NaN != 0 keeps a NaN row in.
+    """
+    stride = max(1, G.shape[1] // PROBE)
+    keep = (torch.linalg.vector_norm(G[:, ::stride], ord=float("inf"), dim=1) != 0).tolist()
+    if stride > 1 and not all(keep):
+        rest = [k for k, v in enumerate(keep) if not v]
+        full = (torch.linalg.vector_norm(G[rest], ord=float("inf"), dim=1) != 0).tolist()
+        for k, v in zip(rest, full):
+            keep[k] = v
+    return keep
+
+
 def combine_present(step: Any, ctx: StepContext, G: Tensor, losses: dict[str, Tensor],
                     combine_grads: CombineGrads) -> Tensor | None:
     """``combine_grads`` over the tasks whose gradient row is not zero (None: no such task).
@@ -193,12 +253,11 @@ def combine_present(step: Any, ctx: StepContext, G: Tensor, losses: dict[str, Te
     left out and the weighting solves for the others: during the call its ``task_names``
     lists the present tasks, in order, matching the rows of ``grads`` and the keys of
     ``losses``. G is global already, so every rank leaves out the same. Which tasks take
-    part is decided on the host: the step's one read from the device.
+    part is decided on the host (:func:`nonzero_rows`).
     """
     w = step.weighting
     full = list(w.task_names)
-    # max |g| per row: a reduction, no K x N temporary; a NaN row stays in (NaN != 0)
-    keep = (torch.linalg.vector_norm(G, ord=float("inf"), dim=1) != 0).tolist()
+    keep = nonzero_rows(G)
     present = [t for t, k in zip(ctx.task_names, keep) if k]
     if present == full:
         return combine_grads(G, losses)

@@ -11,9 +11,10 @@ back to the caller as tensors, to be read once per log interval (:mod:`.readout`
 Distributed (torchrun)
 ----------------------
 The model is wrapped in DistributedDataParallel by the trainer. A loss-level weighting
-with the default ``backward`` lets DDP average the model's gradients; the weighting's own
-parameters (outside DDP) get theirs averaged by hand. Every other step (gradient-level,
-a weighting with its own ``backward``, ``domain_order = "mixed"``: several forward passes
+with the default ``backward`` and ``on_step_end`` lets DDP average the model's gradients;
+the weighting's own parameters (outside DDP) get theirs averaged by hand. Every other step
+(gradient-level, a weighting with its own ``backward`` or ``on_step_end``,
+``domain_order = "mixed"``: several forward passes
 or ``torch.autograd.grad`` calls, which DDP's reducer does not follow) runs under
 ``model.no_sync()``; what ``backward`` leaves in ``.grad`` is then averaged across ranks in
 one flat all-reduce, except the gradients that are global already (the shared rows of
@@ -101,7 +102,9 @@ class TrainStep:
         self.extra_batches = extra_batches
         self.gradient_level = weighting.requires_grads == "shared"
         self.target = getattr(weighting, "grad_target", "params") if self.gradient_level else "params"
-        self.custom = type(weighting).backward is not Weighting.backward
+        # a weighting with its own backward or on_step_end may run passes DDP's reducer does not follow
+        self.custom = (type(weighting).backward is not Weighting.backward
+                       or type(weighting).on_step_end is not Weighting.on_step_end)
         self._split: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None
         self._draws = 0
         self._manual = self._mixed = False

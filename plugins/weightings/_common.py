@@ -50,8 +50,11 @@ def check_grads(method: str, grads: Tensor, task_names: list[str]) -> None:
         )
 
 
-# float64 elements converted at a time by ``gram``: bounds its extra memory (32 MiB) for any P
-GRAM_CHUNK = 1 << 22
+# float64 elements converted at a time by ``gram``, which bounds its extra memory: on the CPU
+# 1 MiB, so each chunk stays in cache (six times faster than 32 MiB chunks, whose fresh pages
+# and cache misses dominated); on an accelerator 32 MiB (fewer kernel launches)
+GRAM_CHUNK = 1 << 17
+GRAM_CHUNK_DEVICE = 1 << 22
 
 
 def gram(grads: Tensor) -> Tensor:
@@ -69,7 +72,7 @@ def gram(grads: Tensor) -> Tensor:
         grads = grads.cpu()
     k, p = grads.shape
     out = torch.zeros(k, k, dtype=torch.float64, device=grads.device)
-    step = max(1, GRAM_CHUNK // max(k, 1))
+    step = max(1, (GRAM_CHUNK if grads.device.type == "cpu" else GRAM_CHUNK_DEVICE) // max(k, 1))
     for start in range(0, p, step):
         block = grads[:, start:start + step].to(torch.float64)
         out += block @ block.T
