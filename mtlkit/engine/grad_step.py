@@ -86,7 +86,7 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
     G = torch.empty(len(names), sum(sizes), dtype=rows_of[0].dtype, device=rows_of[0].device)
     acc: dict[int, Tensor] = {}
     inputs = rows_of + extra
-    if BATCHED:
+    if BATCHED and scale is None:  # the batched variant has no loss scaling (fp16 takes the loop)
         return _batched(ctx, target, names, rows_of, extra, sizes, G, private_weights, retain_graph)
     for k, t in enumerate(names):
         loss = ctx.losses[t]
