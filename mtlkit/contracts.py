@@ -282,6 +282,7 @@ class Weighting(nn.Module):
     requires_grads: ClassVar[str | None] = None
     grad_targets: ClassVar[tuple[str, ...]] = ("params",)
     grad_target: str = "params"
+    present_only: ClassVar[bool] = False
 
     def __init__(self, task_names: list[str]) -> None:
         super().__init__()
@@ -295,7 +296,11 @@ class Weighting(nn.Module):
 
     def backward(self, ctx: "StepContext") -> None:
         """Leave this step's gradients in ``.grad`` (default: by ``requires_grads``)."""
-        if self.requires_grads is None:
+        if self.requires_grads is None and self.present_only:
+            present = ctx.present_tasks()
+            if present:  # none: no gradient at all, the optimiser leaves everything alone
+                ctx.backward_loss(self.combine({t: ctx.losses[t] for t in present}))
+        elif self.requires_grads is None:
             ctx.backward_loss(self.combine(ctx.losses))
         else:
             ctx.backward_gradients(self.combine_grads)

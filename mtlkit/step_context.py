@@ -15,6 +15,7 @@ representation gradients, DDP averaging and resumable extra batches right:
   (``params``) or through the shared trunk (``features``, one backward pass).
 - ``backward_gradients(combine_grads)``: the whole default gradient-level backward.
 - ``backward_loss(loss)``: a plain backward of one scalar.
+- ``present_tasks(grads or losses)``: the tasks that take part in this step (see below).
 - ``draw_batch(split)`` / ``losses_on(batch)``: an extra batch (``"train"`` or ``"val"``),
   drawn from a seed of (run seed, epoch, step, split, rank, draw): the same on resume;
   and the task losses of the current model on a batch (FAMO's after-update losses,
@@ -23,6 +24,16 @@ representation gradients, DDP averaging and resumable extra batches right:
 Under torchrun, after ``backward`` returns, the engine averages across ranks every
 gradient that is not global already (the shared rows of ``task_gradients``/
 ``set_gradient`` are); a custom ``backward`` writes each rank's own gradients.
+
+Tasks without a target
+----------------------
+A task with no valid target in the batch (every label ignored, every depth 0) has a zero
+loss and a zero gradient row. It takes no part in the step: the default gradient-level
+backward leaves it out of ``combine_grads``; a weighting that owns its backward (or keeps
+per-task state) asks ``present_tasks`` and solves for those, leaves the others' state as
+it was, takes no log of their zero loss, and with no task present leaves the shared
+parameters without a gradient (None: momentum and weight decay do not move them either).
+The log reports a left-out task's weight as 0.
 
 Targets (``grad_target``)
 -------------------------
@@ -50,12 +61,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 GRAD_TARGETS = ("params", "features")
 
@@ -75,6 +84,9 @@ class StepEngine(Protocol):
                        retain_graph: bool) -> Tensor: ...
 
     def global_losses(self, ctx: "StepContext") -> dict[str, Tensor]: ...
+
+    def present_tasks(self, ctx: "StepContext", grads: Tensor | None,
+                      losses: dict[str, Tensor] | None) -> list[str]: ...
 
     def set_gradient(self, ctx: "StepContext", combined: Tensor | None, target: str) -> None: ...
 
@@ -147,6 +159,15 @@ class StepContext:
         """The step's losses (detached) averaged over ranks: what the global batch gives."""
         return self.engine.global_losses(self)
 
+    def present_tasks(self, grads: Tensor | None = None, losses: dict[str, Tensor] | None = None) -> list[str]:
+        """The tasks of ``task_names`` (in order) that take part in this step: those whose
+        row of ``grads`` (``task_gradients``' matrix) is not zero, or, without ``grads``,
+        whose global loss (``losses``: what ``global_losses()`` gave, taken when None) is
+        not 0. A task with no valid target in the batch has neither. Global values, so
+        every rank decides alike; one read from the device. The step's log then shows
+        ``weights()`` taken with ``task_names`` set to these tasks, the others at 0."""
+        return self.engine.present_tasks(self, grads, losses)
+
     def set_gradient(self, combined: Tensor | None, target: str | None = None) -> None:
         """Use ``combined`` (an N-vector of ``task_gradients``' space, None: no update) as
         the shared parameters' gradient, or back-propagate it through the shared trunk."""
@@ -155,3 +176,10 @@ class StepContext:
     def backward_gradients(self, combine_grads: CombineGrads, target: str | None = None) -> None:
         """The default gradient-level backward with ``combine_grads(grads, losses)``."""
         self.engine.backward_gradients(self, combine_grads, target or self.grad_target)
+
+
+def present_rows(grads: Tensor, names: list[str], present: list[str]) -> Tensor:
+    """The rows of ``grads`` (one per task of ``names``) of the ``present`` tasks, in order."""
+    if list(present) == list(names):
+        return grads
+    return grads[torch.tensor([names.index(t) for t in present], dtype=torch.long, device=grads.device)]

@@ -24,7 +24,7 @@ from mtlkit.plugins.tasks.classification import Classification, ClassificationPa
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_common import make_data, make_model  # noqa: E402
-from test_engine_grad_ddp import grad_level_configs  # noqa: E402
+from test_engine_grad_ddp import BASE_PARAMS, grad_level_configs  # noqa: E402
 
 NUM_CLASSES = {"shape": 4, "colour": 4, "size": 3}
 
@@ -115,7 +115,7 @@ def test_one_task_left_moves_the_trunk_along_its_gradient(name):
     names = ("shape", "size")
     model = make_model(make_tasks(names), seed=0)
     s0 = shared(model).clone()
-    fit(model, names, build(name, {}, names), blank=["size"])
+    fit(model, names, build(name, BASE_PARAMS.get(name, {}), names), blank=["size"])
     # reference: loss-level sum of losses = the shape loss alone (size's is 0)
     ref = make_model(make_tasks(names), seed=0)
     fit(ref, names, None, blank=["size"])
@@ -131,7 +131,7 @@ def test_all_tasks_empty_leaves_the_trunk_alone(tmp_path, name):
     model = make_model(make_tasks(names), seed=0)
     start = shared(model).clone()
     # weight decay and momentum would move the trunk on a zero gradient; there is none
-    fit(model, names, build(name, {}, names), blank=names, run_dir=tmp_path, steps=2,
+    fit(model, names, build(name, BASE_PARAMS.get(name, {}), names), blank=names, run_dir=tmp_path, steps=2,
         optimizer=dict(name="sgd", lr=0.2, momentum=0.9, weight_decay=0.1))
     assert torch.equal(shared(model), start)
     steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -202,7 +202,7 @@ def test_auto_lambda_hypergradient_on_quadratic_losses():
     losses = quad_losses(model, train)
     ctx = SimpleNamespace(raw_model=model, optimizer=opt, losses=losses, batch=train, dist=DistContext(),
                           draw_batch=lambda split: val, losses_on=lambda batch: quad_losses(model, batch),
-                          backward_loss=lambda loss: loss.backward())
+                          backward_loss=lambda loss: loss.backward(), present_tasks=lambda **kw: ["a", "b"])
     grad = w.meta_gradient(ctx)
     # closed form: theta' = theta - a (g + wd theta); dL_val(theta')/dlambda_k = -a grad L_k(theta) . grad L_val(theta')
     gk = {t: a.T @ (a @ theta - y) for t, (a, y) in train.items()}

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import TrainingError
-from ..step_context import CombineGrads, StepContext
+from ..step_context import CombineGrads, StepContext, present_rows
 from . import distributed as D
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -242,40 +242,87 @@ def nonzero_rows(G: Tensor) -> list[bool]:
     return keep
 
 
+def present_tasks(step: Any, ctx: StepContext, grads: Tensor | None = None,
+                  losses: dict[str, Tensor] | None = None) -> list[str]:
+    """The tasks of ``ctx.task_names`` (in order) that take part in this step.
+
+    A task with no valid target in the batch (every label ignored, every depth 0) has a
+    zero loss and a zero gradient row: it is left out of the step's aggregation, its
+    per-task state stays as it was, and the log reports its weight as 0. ``grads`` (the
+    K x N rows of ``task_gradients``): a task takes part when its row is not zero; else
+    ``losses`` (the global losses, ``ctx.global_losses()`` when None): when its loss is
+    not 0. A NaN counts as present (the engine then stops on it). Both are global, so
+    every rank decides alike. The decision is made on the host: the step's one read from
+    the device. The step records it: ``weights()`` is then reported with ``task_names``
+    set to the present tasks, the others at 0 (see :func:`reported_weights`).
+    """
+    names = list(ctx.task_names)
+    if grads is not None:
+        flags = nonzero_rows(grads)
+    else:
+        values = losses if losses is not None else global_losses(ctx)
+        flags = torch.stack([values[t].detach().reshape(()) != 0 for t in names]).tolist()
+    present = [t for t, k in zip(names, flags) if k]
+    step.present = present
+    return present
+
+
+def reported_weights(step: Any) -> dict[str, Any]:
+    """What the log shows for this step: ``weighting.weights()``, or, when the step left
+    tasks out (:func:`present_tasks`), the weights over the present tasks (its
+    ``task_names`` set to them during the call) and 0 for the others. ``{}`` is a method's
+    way of saying it reports no weights."""
+    w = step.weighting
+    full = list(w.task_names)
+    present = getattr(step, "present", None)
+    if present is None or present == full:
+        return w.weights()
+    if not present:
+        return dict.fromkeys(full, 0.0)
+    w.task_names = list(present)
+    try:
+        reported = w.weights()
+    finally:
+        w.task_names = full
+    return {**dict.fromkeys(full, 0.0), **reported} if reported else {}
+
+
 def combine_present(step: Any, ctx: StepContext, G: Tensor, losses: dict[str, Tensor],
                     combine_grads: CombineGrads) -> Tensor | None:
     """``combine_grads`` over the tasks whose gradient row is not zero (None: no such task).
 
-    A task with no valid target in the batch (every label ignored, every depth 0) has a
-    zero loss and a zero row. Left in, it decides the aggregate: the min-norm point of
-    a hull holding 0 is 0 (MGDA), IMTL-G puts all the weight on it; the trunk stops.
-    Such tasks (and, with ``domain_order = "mixed"``, tasks without a batch this step) are
-    left out and the weighting solves for the others: during the call its ``task_names``
-    lists the present tasks, in order, matching the rows of ``grads`` and the keys of
-    ``losses``. G is global already, so every rank leaves out the same. Which tasks take
-    part is decided on the host (:func:`nonzero_rows`).
+    Left in, a task with no valid target (a zero row) decides the aggregate: the min-norm
+    point of a hull holding 0 is 0 (MGDA), IMTL-G puts all the weight on it; the trunk
+    stops. Such tasks (and, with ``domain_order = "mixed"``, tasks without a batch this
+    step) are left out (:func:`present_tasks`) and the weighting solves for the others:
+    during the call its ``task_names`` lists the present tasks, in order, matching the
+    rows of ``grads`` and the keys of ``losses``. G is global already, so every rank
+    leaves out the same.
     """
     w = step.weighting
     full = list(w.task_names)
-    keep = nonzero_rows(G)
-    present = [t for t, k in zip(ctx.task_names, keep) if k]
+    present = present_tasks(step, ctx, grads=G)
     if present == full:
         return combine_grads(G, losses)
-    # what the log reports for this step (the weighting's own weights() would pair the
-    # full task list with the present tasks' coefficients)
-    step.subset_weights = dict.fromkeys(full, 0.0)
     if not present:
         return None
     w.task_names = present
     try:
-        rows = G if all(keep) else G[torch.tensor(keep, device=G.device)]
-        combined = combine_grads(rows, {t: losses[t] for t in present})
-        reported = w.weights()
+        return combine_grads(present_rows(G, ctx.task_names, present), {t: losses[t] for t in present})
     finally:
         w.task_names = full
-    # {} is a method's way of saying it reports no weights
-    step.subset_weights = {**step.subset_weights, **reported} if reported else {}
-    return combined
+
+
+def _weighting_grads_over(step: Any, ctx: StepContext, present: list[str], scale: Tensor | None) -> None:
+    """The weighting's own parameters: the gradient of ``combine`` over the present tasks
+    only (a left-out task's terms, IMTL-L's -s_k, would move its scale on a zero loss)."""
+    params = [p for p in step.weighting.parameters() if p.requires_grad]
+    if not params:
+        return
+    for p in params:
+        p.grad = None
+    if present:
+        combine_coefficients(step.weighting, {t: ctx.losses[t] for t in present}, scale)
 
 
 def backward_gradients(step: Any, ctx: StepContext, combine_grads: CombineGrads, target: str) -> None:
@@ -285,7 +332,10 @@ def backward_gradients(step: Any, ctx: StepContext, combine_grads: CombineGrads,
     the gradient rows and the task losses alike: with a rank's own losses (MGDA's loss
     normalisation) the ranks would choose different weights and the replicas drift.
     """
-    coefficients = combine_coefficients(step.weighting, ctx.losses, loss_scale(ctx))
+    scale = loss_scale(ctx)
+    coefficients = combine_coefficients(step.weighting, ctx.losses, scale)
     G = task_gradients(ctx, target, coefficients, retain_graph=False)
     combined = combine_present(step, ctx, G, global_losses(ctx), combine_grads)
+    if len(step.present) < len(ctx.task_names):
+        _weighting_grads_over(step, ctx, step.present, scale)
     set_gradient(ctx, combined, target)

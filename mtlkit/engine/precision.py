@@ -64,6 +64,8 @@ class Precision:
         if self.scaler is None:
             optimizer.step()
             return
+        if not any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+            return  # a step with no gradient (no task had a target): nothing to unscale or check
         self.scaler.step(optimizer)
         self.scaler.update()
 

@@ -4,8 +4,8 @@ the weighting's ``on_step_end(ctx)``. The gradient-level machinery lives in
 :mod:`.grad_step`.
 
 Nothing here reads a value back from the device, with one exception: gradient-level
-weightings need to know which tasks have a gradient at all (see
-``grad_step.combine_present``), one K-vector per step. The step's losses and weights go
+weightings (and the methods that ask, ``ctx.present_tasks``) need to know which tasks
+take part at all (see ``grad_step.present_tasks``), one K-vector per step. The step's losses and weights go
 back to the caller as tensors, to be read once per log interval (:mod:`.readout`).
 
 Distributed (torchrun)
@@ -108,7 +108,9 @@ class TrainStep:
         self._split: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None
         self._draws = 0
         self._manual = self._mixed = False
-        # the weights of the last step when it left tasks out (see grad_step.combine_present), else None
+        # the tasks of the step that took part, when the step asked (grad_step.present_tasks)
+        self.present: list[str] | None = None
+        # the weights of the last step when it left tasks out (grad_step.reported_weights), else None
         self.subset_weights: dict[str, float] | None = None
 
     def __call__(self, batch: Any, domain: str | tuple[str, ...] | None, epoch: int = 0,
@@ -135,14 +137,16 @@ class TrainStep:
             self._draws = 0
             self.overflow = None  # fp16: whether this step's per-task gradients overflowed (grad_step)
             self.optimizer.zero_grad(set_to_none=True)
-            self.subset_weights = None
+            self.present = self.subset_weights = None
             self.weighting.backward(ctx)
             if manual:
                 self._average_rest(ctx)
             self.precision.step(self.optimizer)
             self.weighting.on_step_end(ctx)
-        # a gradient-level step that left tasks out reports them at 0 (see combine_present)
-        weights = self.subset_weights if self.subset_weights is not None else self.weighting.weights()
+        # a step that left tasks out reports them at 0 (see grad_step.reported_weights)
+        weights = grad_step.reported_weights(self)
+        if self.present is not None and self.present != list(self.weighting.task_names):
+            self.subset_weights = weights
         return values, dict(weights)
 
     # -- forward ------------------------------------------------------------------------------
@@ -215,6 +219,9 @@ class TrainStep:
 
     def global_losses(self, ctx: StepContext) -> dict[str, Tensor]:
         return grad_step.global_losses(ctx)
+
+    def present_tasks(self, ctx: StepContext, grads: Tensor | None, losses: dict[str, Tensor] | None) -> list[str]:
+        return grad_step.present_tasks(self, ctx, grads, losses)
 
     def set_gradient(self, ctx: StepContext, combined: Tensor | None, target: str) -> None:
         grad_step.set_gradient(ctx, combined, target)

@@ -266,19 +266,48 @@ def sized_buffer(module: torch.nn.Module, name: str, rows: int, like: Tensor) ->
     return buf
 
 
-def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float, betas=(0.9, 0.999),
-              eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int | list[int], lr: float,
+              betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+              rows: list[int] | None = None) -> None:
     """One step of Adam (Kingma & Ba 2015; L2 weight decay added to the gradient, as
     ``torch.optim.Adam``) on the tensor ``x`` in place, with the moment buffers ``m`` and
-    ``v``; ``t`` counts this step from 1. For the small vectors a weighting learns with its
-    own optimiser (FAMO's logits, GradNorm's and Auto-Lambda's weights): buffers, so the
-    checkpoint carries them."""
+    ``v``; ``t`` counts this step from 1 (or one count per entry stepped). For the small
+    vectors a weighting learns with its own optimiser (FAMO's logits, GradNorm's and
+    Auto-Lambda's weights): buffers, so the checkpoint carries them.
+
+    ``rows``: step these entries only (``grad`` and a list ``t`` hold theirs, in order);
+    the others (tasks left out of the step) keep their value and moments."""
+    if rows is not None:
+        index = torch.tensor(rows, dtype=torch.long, device=x.device)
+        xs, ms, vs = x[index], m[index], v[index]
+        adam_step(xs, grad, ms, vs, t, lr, betas, eps, weight_decay)
+        x[index], m[index], v[index] = xs, ms, vs
+        return
+    if not isinstance(t, int):
+        t = t[0] if len(set(t)) == 1 else torch.tensor(t, dtype=torch.float64, device=x.device)
     g = grad + weight_decay * x if weight_decay else grad
     m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
     v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
     m_hat = m / (1 - betas[0] ** t)
     v_hat = v / (1 - betas[1] ** t)
-    x.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+    x.sub_((lr * m_hat / (v_hat.sqrt() + eps)).to(x))
+
+
+def task_steps(counts: list[int], rows: list[int]) -> list[int]:
+    """Count one more Adam step for each of ``rows`` (indices into ``counts``, one per
+    task); their counts, in order. A task left out of a step does not count it."""
+    for k in rows:
+        counts[k] += 1
+    return [counts[k] for k in rows]
+
+
+def step_counts(method: str, state: Any, k: int) -> list[int]:
+    """Per-task step counts from JSON state: a list, or one int (older checkpoints)."""
+    if isinstance(state, list):
+        if len(state) != k:
+            raise ValueError(f"weighting '{method}': state has {len(state)} step counts for {k} tasks")
+        return [int(x) for x in state]
+    return [int(state or 0)] * k
 
 
 def generator_state(gen: torch.Generator) -> list[int]:

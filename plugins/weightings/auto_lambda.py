@@ -18,6 +18,13 @@ Primary tasks: all tasks by default (multi-task learning), or the ``primary`` li
 step's own forward graph stays valid. Under torchrun g, d and the finite-difference losses
 are averaged over ranks (every rank draws its own validation samples), so every rank moves
 lambda alike. lambda and Adam's moments are buffers (checkpointed with the weighting).
+
+A task with no valid target in the training batch (a zero loss) takes no part in the step
+(``ctx.present_tasks``): the training loss and the virtual step sum over the present
+tasks, only their lambdas take the Adam step (each task's step count counts the steps it
+took part in), so the left-out task's lambda and moments stay as they were; with no task
+left there is no meta step and no backward pass. The validation objective is the primary
+tasks' loss on the validation batch, whatever the training batch holds.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from ._common import adam_step
+from ._common import adam_step, step_counts, task_steps
 
 
 class AutoLambdaParams(Params):
@@ -66,34 +73,43 @@ class AutoLambda(Weighting):
         if unknown:
             raise ConfigError(f"weighting 'auto_lambda': primary names unknown tasks {unknown} "
                               f"(tasks: {', '.join(self.task_names)})")
+        self.all_tasks = list(self.task_names)
         self.primary = list(params.primary) if params.primary else list(self.task_names)
         self.lr, self.split = float(params.lr), params.split
         self.register_buffer("lambdas", torch.full((k,), float(params.init)))
         self.register_buffer("adam_m", torch.zeros(k))
         self.register_buffer("adam_v", torch.zeros(k))
-        self.updates = 0
+        self.updates = [0] * k  # Adam steps each task's lambda took
 
     def combine(self, losses):
-        terms = [self.lambdas[k] * losses[t] for k, t in enumerate(self.task_names) if t in losses]
+        terms = [self.lambdas[k] * losses[t] for k, t in enumerate(self.all_tasks) if t in losses]
         if not terms:
             raise ValueError("weighting 'auto_lambda': none of the tasks has a loss")
         return sum(terms[1:], terms[0])
 
     def backward(self, ctx):
-        grad = self.meta_gradient(ctx)
+        present = ctx.present_tasks()
+        if not present:  # no task to learn from: no gradient, no meta step
+            return
+        grad = self.meta_gradient(ctx, present)
         if grad is not None:
-            self.updates += 1
-            adam_step(self.lambdas, grad.to(self.lambdas), self.adam_m, self.adam_v, self.updates, self.lr)
-        ctx.backward_loss(self.combine(ctx.losses))
+            rows = [self.all_tasks.index(t) for t in present]
+            adam_step(self.lambdas, grad.to(self.lambdas), self.adam_m, self.adam_v,
+                      task_steps(self.updates, rows), self.lr, rows=rows)
+        ctx.backward_loss(self.combine({t: ctx.losses[t] for t in present}))
 
-    def meta_gradient(self, ctx) -> torch.Tensor | None:
-        """d L_val(theta') / d lambda by the authors' finite differences (None: d = 0)."""
+    def meta_gradient(self, ctx, present: list[str] | None = None) -> torch.Tensor | None:
+        """d L_val(theta') / d lambda_k for the tasks ``present`` (every task with a loss by
+        default), by the authors' finite differences (None: d = 0)."""
         params = [p for p in ctx.raw_model.parameters() if p.requires_grad]
         group = ctx.optimizer.param_groups[0]
         a, wd = float(group["lr"]), float(group.get("weight_decay", 0.0) or 0.0)
-        present = [t for t in self.task_names if t in ctx.losses and ctx.losses[t].requires_grad]
-        train = sum(self.lambdas[self.task_names.index(t)] * ctx.losses[t] for t in present)
-        g = _flat(torch.autograd.grad(train, params, retain_graph=True, allow_unused=True), params, ctx.dist)
+        if present is None:
+            present = [t for t in self.all_tasks if t in ctx.losses]
+        terms = [self.lambdas[self.all_tasks.index(t)] * ctx.losses[t] for t in present if ctx.losses[t].requires_grad]
+        grads = torch.autograd.grad(sum(terms[1:], terms[0]), params, retain_graph=True, allow_unused=True) \
+            if terms else [None] * len(params)
+        g = _flat(grads, params, ctx.dist)
         original = [p.data for p in params]
         try:
             with torch.no_grad():  # theta' = theta - a (m + g + wd theta)
@@ -123,8 +139,7 @@ class AutoLambda(Weighting):
                 for sign in (1.0, -1.0):  # theta +- e d
                     _assign(params, d, original, sign * e)
                     out = ctx.losses_on(ctx.batch)
-                    vals = torch.stack([out[t].detach().float() if t in out else torch.zeros(())
-                                        for t in self.task_names])
+                    vals = torch.stack([out[t].detach().float() for t in present])
                     sides.append(D.all_reduce_mean_(vals, ctx.dist))
         finally:
             for p, data in zip(params, original):
@@ -132,13 +147,15 @@ class AutoLambda(Weighting):
         return -a * (sides[0] - sides[1]) / (2 * e)
 
     def weights(self):
-        return dict(zip(self.task_names, self.lambdas.tolist()))
+        # over task_names: the present tasks after a step that left some out
+        lam = dict(zip(self.all_tasks, self.lambdas.tolist()))
+        return {t: lam[t] for t in self.task_names}
 
     def get_state(self):
-        return {"updates": self.updates}
+        return {"updates": list(self.updates)}
 
     def set_state(self, state):
-        self.updates = int(state.get("updates", 0))
+        self.updates = step_counts("auto_lambda", state.get("updates", 0), len(self.all_tasks))
 
 
 @hookimpl

@@ -9,9 +9,13 @@ sum_k alpha_k b_k with alpha_k = max_j |b_j| / (|b_k| + 1e-8): every balanced te
 norm of the largest. beta = 0.9, sigma = 0 (the authors' defaults). Task-specific
 parameters get the gradient of sum_k log(L_k + eps).
 
-The K x P averages are a buffer of the weighting (checkpointed with it); a task left out
-of a step (no valid target) keeps its average. Only ``params`` gradients: the averages
-carry over steps, which the per-sample representation gradients do not.
+The K x P averages are a buffer of the weighting (checkpointed with it). A task with no
+valid target in the batch (a zero row, ``ctx.present_tasks``) takes no part in the step:
+it keeps its average, and alpha and the update are taken over the present tasks' averages
+(its stale one would otherwise set the scale, or take a weight of max_j |b_j| / 1e-8 at
+the start); no log of its zero loss is taken. With no task left the shared parameters get
+no gradient. Only ``params`` gradients: the averages carry over steps, which the
+per-sample representation gradients do not.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.step_context import present_rows
 from mtlkit.registry import Params
 
 from ._common import check_grads, require_tasks, sized_buffer
@@ -43,6 +48,7 @@ class DBMTL(Weighting):
         self.step = 0
         self.register_buffer("ema", torch.zeros(len(self.task_names), 0))
         self._alpha: torch.Tensor | None = None
+        self._alpha_tasks: list[str] = []
 
     def combine(self, losses):
         terms = [torch.log(losses[t] + self.eps) for t in self.all_tasks if t in losses]
@@ -57,36 +63,35 @@ class DBMTL(Weighting):
         losses = ctx.global_losses()
         coef = {t: 1.0 / (losses[t] + self.eps) for t in ctx.task_names}
         grads = ctx.task_gradients(private_weights=coef)
-        # tasks without a gradient this step (no valid target) keep their average
-        keep = (torch.linalg.vector_norm(grads, ord=float("inf"), dim=1) != 0).tolist()
-        present = [t for t, k in zip(ctx.task_names, keep) if k]
-        if not present:
-            ctx.set_gradient(None)
-            return
-        rows = grads if all(keep) else grads[torch.tensor(keep, device=grads.device)]
-        ctx.set_gradient(self.update(rows, losses, present))
+        present = ctx.present_tasks(grads)
+        ctx.set_gradient(self.update(present_rows(grads, ctx.task_names, present), losses, present)
+                         if present else None)
 
     def combine_grads(self, grads, losses):
         check_grads("db_mtl", grads, self.task_names)
         return self.update(grads, losses, self.task_names)
 
     def update(self, grads, losses, names):
-        """One step of the averages (rows of ``grads``: the tasks ``names``); the update."""
+        """One step of the averages (rows of ``grads``: the tasks ``names``); the update
+        sum_k alpha_k b_k over those tasks."""
         self.step += 1
         ema = sized_buffer(self, "ema", len(self.all_tasks), grads)
         rows = [self.all_tasks.index(t) for t in names]
         scale = torch.stack([losses[t].detach().to(grads) + self.eps for t in names])
         beta_t = self.beta / self.step ** self.sigma
-        ema[rows] = beta_t * ema[rows] + (1 - beta_t) * grads / scale[:, None]
-        norms = torch.linalg.vector_norm(ema, dim=1)
+        b = beta_t * ema[rows] + (1 - beta_t) * grads / scale[:, None]
+        ema[rows] = b
+        norms = torch.linalg.vector_norm(b, dim=1)
         alpha = norms.max() / (norms + 1e-8)  # on the device: no read-back
-        self._alpha = alpha.detach()
-        return alpha @ ema
+        self._alpha, self._alpha_tasks = alpha.detach(), list(names)
+        return alpha @ b
 
     def weights(self):
+        # alpha of the last step's tasks (task_names: the present ones after a step that left some out)
         if self._alpha is None:
-            return {t: 1.0 for t in self.all_tasks}
-        return dict(zip(self.all_tasks, self._alpha.tolist()))
+            return {t: 1.0 for t in self.task_names}
+        alpha = dict(zip(self._alpha_tasks, self._alpha.tolist()))
+        return {t: alpha.get(t, 0.0) for t in self.task_names}
 
     def get_state(self):
         return {"step": self.step}

@@ -16,8 +16,11 @@ step's new weights, as in the authors' code: the weighting owns its backward, ke
 graph through the per-task passes and takes one more pass through the task branches
 only (the default step would fix their coefficients before the weights move).
 
-S (K x P) is a buffer of the weighting, checkpointed with it, like w and e^0. A task left
-out of a step keeps its S and its weight's exponent is 0. Only ``params`` gradients: S
+S (K x P) is a buffer of the weighting, checkpointed with it, like w and e^0. A task with
+no valid target in the batch (a zero row, ``ctx.present_tasks``) takes no part in the
+step: it keeps its S, e^0 and weight; the present tasks' weights take the step and are
+renormalised to keep their share of K (at the start, the step is ExcessMTL's on the other
+tasks alone). With no task left the shared parameters get no gradient. Only ``params`` gradients: S
 accumulates over steps, which per-sample representation gradients do not.
 """
 
@@ -28,6 +31,7 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.step_context import present_rows
 from mtlkit.registry import Params
 
 from ._common import check_grads, require_tasks, sized_buffer
@@ -52,14 +56,11 @@ class ExcessMTL(Weighting):
 
     def backward(self, ctx):
         grads = ctx.task_gradients(retain_graph=True)
-        # tasks without a gradient this step (no valid target) keep their state and weight
-        keep = (torch.linalg.vector_norm(grads, ord=float("inf"), dim=1) != 0).tolist()
-        present = [t for t, k in zip(ctx.task_names, keep) if k]
-        rows = grads if all(keep) else grads[torch.tensor(keep, device=grads.device)]
-        ctx.set_gradient(self.update(rows, present) if present else None)
+        present = ctx.present_tasks(grads)
+        ctx.set_gradient(self.update(present_rows(grads, ctx.task_names, present), present) if present else None)
         # the task branches: this step's weights, one pass that stops at the representation
         terms = [self.loss_weight[self.all_tasks.index(t)] * ctx.losses[t]
-                 for t in ctx.task_names if ctx.losses[t].requires_grad]
+                 for t in present if ctx.losses[t].requires_grad]
         private = list(ctx.private_params)
         if terms and private:
             for p, g in zip(private, torch.autograd.grad(sum(terms[1:], terms[0]), private, allow_unused=True)):
@@ -72,8 +73,9 @@ class ExcessMTL(Weighting):
 
     def update(self, grads, names):
         """One step of the risk estimates and the weights (rows of ``grads``: the tasks
-        ``names``); the update sum_k w_k g_k."""
+        ``names``); the update sum_k w_k g_k over them."""
         s = sized_buffer(self, "grad_sq_sum", len(self.all_tasks), grads)
+        k = len(self.all_tasks)
         rows = torch.tensor([self.all_tasks.index(t) for t in names], device=s.device)
         s[rows] += grads * grads
         risk = (grads * grads / torch.sqrt(s[rows] + 1e-7)).sum(1).to(self.loss_weight)
@@ -82,10 +84,12 @@ class ExcessMTL(Weighting):
         # a task's first step sets its reference; later steps move its weight (on the device)
         exponent = torch.where(seen, self.step_size * risk / torch.where(seen, init, 1.0), 0.0)
         self.initial_risk[rows] = torch.where(seen, init, risk)
-        w = self.loss_weight.clone()
-        w[rows] = w[rows] * torch.exp(exponent)
-        self.loss_weight.copy_(w * len(self.all_tasks) / w.sum())
-        return self.loss_weight[rows].to(grads) @ grads
+        w = self.loss_weight
+        # their share of K: the left-out tasks' weights stay as they are
+        share = k - (w.sum() - w[rows].sum()) if len(names) < k else float(k)
+        mine = w[rows] * torch.exp(exponent)
+        w[rows] = mine * share / mine.sum()
+        return w[rows].to(grads) @ grads
 
     def combine(self, losses):
         terms = [self.loss_weight[k] * losses[t] for k, t in enumerate(self.all_tasks) if t in losses]
@@ -94,7 +98,9 @@ class ExcessMTL(Weighting):
         return sum(terms[1:], terms[0])
 
     def weights(self):
-        return dict(zip(self.all_tasks, self.loss_weight.tolist()))
+        # over task_names: the present tasks after a step that left some out
+        w = dict(zip(self.all_tasks, self.loss_weight.tolist()))
+        return {t: w[t] for t in self.task_names}
 
 
 @hookimpl

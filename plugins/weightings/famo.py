@@ -14,6 +14,13 @@ the same batch (``on_step_end``), and the logits take one Adam step (learning ra
 least gains weight. w_lr = 0.025 and gamma = 0.01 are the authors' code's defaults
 (LibMTL uses gamma = 1e-3).
 
+A task with no valid target in the batch (a zero loss) takes no part in the step
+(``ctx.present_tasks``): the weights are the softmax of the present tasks' logits, c sums
+over them, and only their logits take the Adam step (each task's Adam step count counts
+the steps it took part in), so no log of a zero loss is taken, the left-out task's logit
+and moments stay as they were, and the step is FAMO's on the other tasks alone; with no
+task left there is no backward pass and no logit step.
+
 Under torchrun every value that decides the weights is the global batch's (the losses
 before and after, averaged over ranks), so every rank moves its logits alike. The logits
 and Adam's moments are buffers of the weighting (checkpointed with it).
@@ -30,7 +37,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from ._common import adam_step, require_tasks
+from ._common import adam_step, require_tasks, step_counts, task_steps
 
 
 class FAMOParams(Params):
@@ -50,56 +57,72 @@ class FAMO(Weighting):
     def __init__(self, params: FAMOParams, task_names: list[str]) -> None:
         super().__init__(task_names)
         require_tasks("famo", self.task_names, 2)
-        k = len(self.task_names)
+        self.all_tasks = list(self.task_names)
+        k = len(self.all_tasks)
         self.w_lr, self.gamma, self.eps = float(params.w_lr), float(params.gamma), float(params.eps)
         self.register_buffer("logits", torch.zeros(k))
         self.register_buffer("adam_m", torch.zeros(k))
         self.register_buffer("adam_v", torch.zeros(k))
-        self.updates = 0  # Adam steps taken
+        self.updates = [0] * k  # Adam steps each task's logit took
         self._before: torch.Tensor | None = None
+        self._present: list[str] = []
 
-    def loss_weights(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """z_k / (c (L_k + eps)), the factor of each task's loss gradient (tasks in order)."""
-        z = torch.softmax(self.logits, 0)
-        d = torch.stack([losses[t].detach().to(z) for t in self.task_names]) + self.eps
+    def _rows(self, names: list[str]) -> list[int]:
+        return [self.all_tasks.index(t) for t in names]
+
+    def loss_weights(self, losses: dict[str, torch.Tensor], names: list[str] | None = None) -> torch.Tensor:
+        """z_k / (c (L_k + eps)), the factor of each task's loss gradient (the tasks ``names``,
+        every task by default, in order; z the softmax of their logits)."""
+        names = self.all_tasks if names is None else names
+        z = torch.softmax(self.logits[self._rows(names)], 0)
+        d = torch.stack([losses[t].detach().to(z) for t in names]) + self.eps
         c = (z / d).sum()
         return z / (c * d)
 
     def combine(self, losses):
-        w = self.loss_weights(losses)
-        return sum(w[k].to(losses[t].dtype) * losses[t] for k, t in enumerate(self.task_names))
+        names = [t for t in self.all_tasks if t in losses]
+        w = self.loss_weights(losses, names)
+        return sum(w[k].to(losses[t].dtype) * losses[t] for k, t in enumerate(names))
 
     def backward(self, ctx):
-        missing = [t for t in self.task_names if t not in ctx.losses]
+        missing = [t for t in self.all_tasks if t not in ctx.losses]
         if missing:
             raise ConfigError(f"weighting 'famo': every task needs a loss each step, missing {missing} "
                               f"(many-to-many: training.domain_order = \"mixed\" over every domain)")
         losses = ctx.global_losses()  # the weights of the global batch, on every rank
-        self._before = torch.stack([losses[t].to(self.logits) for t in self.task_names])
-        w = self.loss_weights(losses)
-        ctx.backward_loss(sum(w[k].to(ctx.losses[t].dtype) * ctx.losses[t] for k, t in enumerate(self.task_names)))
+        present = self._present = ctx.present_tasks(losses=losses)
+        if not present:  # no task to learn from: no gradient, no logit step
+            return
+        self._before = torch.stack([losses[t].to(self.logits) for t in present])
+        w = self.loss_weights(losses, present)
+        ctx.backward_loss(sum(w[k].to(ctx.losses[t].dtype) * ctx.losses[t] for k, t in enumerate(present)))
 
     def on_step_end(self, ctx):
+        if not self._present:
+            return
         with torch.no_grad():
             new = ctx.losses_on(ctx.batch)
-            after = torch.stack([new[t].detach().to(self.logits) for t in self.task_names])
+            after = torch.stack([new[t].detach().to(self.logits) for t in self._present])
             D.all_reduce_mean_(after, ctx.dist)
-            self.update(self._before, after)
+            self.update(self._before, after, self._present)
 
-    def update(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """One Adam step of the logits from the losses before and after the model's update."""
-        self.updates += 1
-        grad = famo_logit_gradient(self.logits, before, after, self.eps)
-        adam_step(self.logits, grad, self.adam_m, self.adam_v, self.updates, self.w_lr, weight_decay=self.gamma)
+    def update(self, before: torch.Tensor, after: torch.Tensor, names: list[str] | None = None) -> None:
+        """One Adam step of the logits of the tasks ``names`` (every task by default) from
+        their losses before and after the model's update (in that order)."""
+        rows = self._rows(self.all_tasks if names is None else names)
+        grad = famo_logit_gradient(self.logits[rows], before, after, self.eps)
+        adam_step(self.logits, grad, self.adam_m, self.adam_v, task_steps(self.updates, rows), self.w_lr,
+                  weight_decay=self.gamma, rows=rows)
 
     def weights(self):
-        return dict(zip(self.task_names, torch.softmax(self.logits, 0).tolist()))
+        # the weights z of the tasks in task_names (the present ones after a step that left some out)
+        return dict(zip(self.task_names, torch.softmax(self.logits[self._rows(self.task_names)], 0).tolist()))
 
     def get_state(self):
-        return {"updates": self.updates}
+        return {"updates": list(self.updates)}
 
     def set_state(self, state):
-        self.updates = int(state.get("updates", 0))
+        self.updates = step_counts("famo", state.get("updates", 0), len(self.all_tasks))
 
 
 @hookimpl

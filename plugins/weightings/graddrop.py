@@ -13,6 +13,13 @@ M_i = [P > U] [grad_i > 0] + [P < U] [grad_i < 0]. A's gradient is
 sum_i (leak + (1 - leak) M_i) grad_i, back-propagated once through the trunk; task-specific
 parameters get their plain loss gradients. leak = 0 (the paper's default).
 
+A task with no valid target in the batch (a zero row) is left out by the engine, as for
+every gradient-level method; with one task left there is no other task's sign to pick
+against, and its gradient passes unmasked (GradDrop needs two tasks: on one, the batch-summed
+purity would still drop the per-sample components that disagree with the batch's sign,
+which is not what the method is for). ``weights()``: 1 for each task in the sum (the masks
+act per element, not per task), 0 for a left-out task.
+
 Under torchrun the purity is the global batch's (each rank's S over its samples, summed),
 the draws U come from a generator seeded alike on every rank (its state is checkpointed),
 and every rank applies the same masks to the gathered rows.
@@ -92,6 +99,8 @@ class GradDrop(Weighting):
         elements = sum(n // b for b, n in zip(batch_sizes, sizes))
 
         def combine(grads, losses):
+            if grads.shape[0] == 1:  # one task left (the others had no target): nothing to pick against
+                return grads[0]
             uniform = torch.rand(elements, generator=self.generator, dtype=torch.float64)
             return sign_dropout(grads, signs.to(grads), batch_sizes, sizes, uniform, self.leak, world, rank,
                                 reduce=lambda s: D.all_reduce_sum(s, ctx.dist))
@@ -99,7 +108,7 @@ class GradDrop(Weighting):
         ctx.backward_gradients(combine)
 
     def weights(self):
-        return {}
+        return {t: 1.0 for t in self.task_names}
 
     def get_state(self):
         return {"rng": generator_state(self.generator)}

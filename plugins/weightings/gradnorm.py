@@ -15,6 +15,13 @@ representation (the cheap variant, as LibMTL's rep_grad). alpha = 1.5 (the paper
 value); the weights' optimiser is Adam with learning rate ``lr`` (0.025, as other methods'
 own parameters in the Nash-MTL/FAMO code).
 
+A task with no valid target in the batch (a zero gradient at W) takes no part in the step
+(``ctx.present_tasks``): the model trains on the present tasks' weighted losses, r, the
+mean of G and the Adam step (each task's step count counts the steps it took part in) are
+taken over them, and they are renormalised to keep their share of K, so the left-out
+task's weight, L(0) and moments stay as they were (at the start, the step is GradNorm's
+on the other tasks alone); with no task left there is no backward pass and no step.
+
 Under torchrun the per-task gradients of W and the losses are the global batch's (averaged
 over ranks), so every rank moves the weights alike. w, L(0) and Adam's moments are
 buffers (checkpointed with the weighting).
@@ -29,8 +36,9 @@ from mtlkit.engine import distributed as D
 from mtlkit.contracts import Weighting
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.step_context import present_rows
 
-from ._common import GradTargetParams, adam_step, require_tasks
+from ._common import GradTargetParams, adam_step, require_tasks, step_counts, task_steps
 
 
 class GradNormParams(GradTargetParams):
@@ -53,62 +61,78 @@ class GradNorm(Weighting):
     def __init__(self, params: GradNormParams, task_names: list[str]) -> None:
         super().__init__(task_names)
         require_tasks("gradnorm", self.task_names, 2)
-        k = len(self.task_names)
+        self.all_tasks = list(self.task_names)
+        k = len(self.all_tasks)
         self.alpha, self.lr, self.grad_target = float(params.alpha), float(params.lr), params.grad_target
         self.register_buffer("task_weights", torch.ones(k))
         self.register_buffer("initial_losses", torch.zeros(k))  # L(0); 0: not seen yet
         self.register_buffer("adam_m", torch.zeros(k))
         self.register_buffer("adam_v", torch.zeros(k))
-        self.updates = 0
+        self.updates = [0] * k  # Adam steps each task's weight took
 
     def combine(self, losses):
-        return sum(self.task_weights[k] * losses[t] for k, t in enumerate(self.task_names) if t in losses)
+        return sum(self.task_weights[k] * losses[t] for k, t in enumerate(self.all_tasks) if t in losses)
 
     def backward(self, ctx):
-        missing = [t for t in self.task_names if t not in ctx.losses]
+        missing = [t for t in self.all_tasks if t not in ctx.losses]
         if missing:
             raise ConfigError(f"weighting 'gradnorm': every task needs a loss each step, missing {missing} "
                               f"(many-to-many: training.domain_order = \"mixed\" over every domain)")
         w = self.task_weights
         if self.grad_target == "features":
-            rows = ctx.task_gradients(private_weights={t: w[k] for k, t in enumerate(self.task_names)})
-            ctx.set_gradient(w.to(rows) @ rows)
+            rows = ctx.task_gradients(private_weights={t: w[k] for k, t in enumerate(self.all_tasks)})
+            present = ctx.present_tasks(rows)
+            idx = [self.all_tasks.index(t) for t in present]
+            ctx.set_gradient(w[idx].to(rows) @ present_rows(rows, self.all_tasks, present) if present else None)
         else:
             layer = last_shared_weight(ctx.shared_params)
             rows = torch.stack([torch.autograd.grad(ctx.losses[t], layer, retain_graph=True,
                                                     allow_unused=True)[0].reshape(-1)
                                 if ctx.losses[t].requires_grad else torch.zeros(layer.numel(), device=layer.device)
-                                for t in self.task_names])
+                                for t in self.all_tasks])
             D.all_reduce_mean_(rows, ctx.dist)
-            ctx.backward_loss(self.combine(ctx.losses))
+            present = ctx.present_tasks(rows)
+            if present:  # none: no gradient at all, the optimiser leaves the trunk alone
+                ctx.backward_loss(self.combine({t: ctx.losses[t] for t in present}))
+        if not present:
+            return
         losses = ctx.global_losses()
+        rows = present_rows(rows, self.all_tasks, present)
         self.update(torch.linalg.vector_norm(rows, dim=1).to(w),
-                    torch.stack([losses[t].to(w) for t in self.task_names]))
+                    torch.stack([losses[t].to(w) for t in present]), present)
 
-    def update(self, norms: torch.Tensor, losses: torch.Tensor) -> None:
-        """One step of the weights, from the tasks' unweighted gradient norms |grad_W L_k|
-        and losses (task order)."""
+    def update(self, norms: torch.Tensor, losses: torch.Tensor, names: list[str] | None = None) -> None:
+        """One step of the weights of the tasks ``names`` (every task by default) from their
+        unweighted gradient norms |grad_W L_k| and losses (in that order)."""
+        names = self.all_tasks if names is None else names
+        idx = [self.all_tasks.index(t) for t in names]
         w = self.task_weights
+        # their share of K: the left-out tasks' weights stay as they are
+        share = len(self.all_tasks) - (w.sum() - w[idx].sum()) if len(idx) < len(self.all_tasks) \
+            else float(len(self.all_tasks))
         # L(0): each task's first loss (no read-back: where, not if)
-        self.initial_losses.copy_(torch.where(self.initial_losses > 0, self.initial_losses, losses))
-        ratio = losses / self.initial_losses.clamp_min(1e-12)
+        init = self.initial_losses[idx]
+        init = torch.where(init > 0, init, losses)
+        self.initial_losses[idx] = init
+        ratio = losses / init.clamp_min(1e-12)
         r = ratio / ratio.mean()
-        g = w * norms
+        g = w[idx] * norms
         target = g.mean() * r ** self.alpha  # a constant of L_grad
         grad = torch.sign(g - target) * norms
-        self.updates += 1
-        adam_step(w, grad, self.adam_m, self.adam_v, self.updates, self.lr)
-        w.clamp_(min=1e-8)
-        w.mul_(len(self.task_names) / w.sum())
+        adam_step(w, grad, self.adam_m, self.adam_v, task_steps(self.updates, idx), self.lr, rows=idx)
+        mine = w[idx].clamp(min=1e-8)
+        w[idx] = mine * (share / mine.sum())
 
     def weights(self):
-        return dict(zip(self.task_names, self.task_weights.tolist()))
+        # over task_names: the present tasks after a step that left some out
+        w = dict(zip(self.all_tasks, self.task_weights.tolist()))
+        return {t: w[t] for t in self.task_names}
 
     def get_state(self):
-        return {"updates": self.updates}
+        return {"updates": list(self.updates)}
 
     def set_state(self, state):
-        self.updates = int(state.get("updates", 0))
+        self.updates = step_counts("gradnorm", state.get("updates", 0), len(self.all_tasks))
 
 
 @hookimpl

@@ -13,6 +13,13 @@ gradient of the scaled losses.
 
 ``mode = "hybrid"`` (the paper's IMTL) does both, on either gradient target; ``"loss"`` is
 IMTL-L alone, a loss-level method (one backward pass). IMTL-G alone is ``imtl_g``.
+
+A task with no valid target in the batch (a zero loss) takes no part in the step: its
+term e^{s_k} 0 - s_k would still push s_k up by the learning rate each such step. Hybrid:
+the engine leaves it out of IMTL-G and of the scales' gradient; ``"loss"``
+(``present_only``): the loss combines the tasks with a nonzero loss, and with none there
+is no backward pass. Its scale then gets a zero gradient (or none): plain SGD leaves it as
+it was, the run's momentum or weight decay may still move it, as they move its head.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class IMTLParams(GradTargetParams):
 
 class IMTL(GramWeighting):
     method = "imtl"
+    present_only = True  # mode "loss": leave a task with a zero loss out of combine
 
     def __init__(self, params: IMTLParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
@@ -70,8 +78,9 @@ class IMTL(GramWeighting):
         return weighted_sum(coef, grads)
 
     def weights(self):
-        if self.mode == "loss":
-            return dict(zip(self.all_tasks, self.log_scales.detach().exp().tolist()))
+        if self.mode == "loss":  # over task_names: the present tasks after a step that left some out
+            e = dict(zip(self.all_tasks, self.log_scales.detach().exp().tolist()))
+            return {t: e[t] for t in self.task_names}
         return dict(zip(self.task_names, self._coefs))
 
 

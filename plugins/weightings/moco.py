@@ -17,7 +17,11 @@ beta_sigma = 0.5, gamma = 0.1, gamma_sigma = 0.5, rho = 0 are the authors' (via 
 which replaces the projection by a softmax).
 
 Y (K x P) is a buffer of the weighting, checkpointed with it; lambda and t are JSON state.
-A task left out of a step keeps its estimate (and takes part in lambda's step). Only
+A task left out of a step (no valid target: the engine leaves its zero row out) keeps its
+estimate y_k and its lambda_k: the step is taken on the present tasks' face of the
+simplex, from their lambdas rescaled to sum to 1 (with no mass there, from equal ones),
+and their new lambdas are stored back at their old share of the mass. At the start the
+step is then MoCo's on the other tasks alone; its stale y_k never enters d. Only
 ``params`` gradients: the estimates carry over steps, which per-sample representation
 gradients do not.
 """
@@ -66,6 +70,7 @@ class MoCo(Weighting):
         self.step = 0
         self.lam = [1.0 / len(self.all_tasks)] * len(self.all_tasks)
         self.register_buffer("y", torch.zeros(len(self.all_tasks), 0))
+        self._step_lam: dict[str, float] = {}
 
     def combine_grads(self, grads, losses):
         check_grads("moco", grads, self.task_names)
@@ -79,19 +84,28 @@ class MoCo(Weighting):
             h = grads * (scale / (torch.linalg.vector_norm(grads, dim=1) + 1e-8))[:, None]
         beta_t = p.beta / self.step ** p.beta_sigma
         y[rows] = y[rows] - beta_t * (y[rows] - h)
-        yy = (y.double() @ y.double().T).cpu().numpy()  # K x K: the step's one read-back
-        lam = np.array(self.lam)
+        ys = y if len(rows) == len(self.all_tasks) else y[rows]
+        yy = (ys.double() @ ys.double().T).cpu().numpy()  # K x K: the step's one read-back
+        full = np.array(self.lam)
+        lam, mass = full[rows], 1.0
+        if len(rows) < len(self.all_tasks):  # the present tasks' face: their lambdas, summing to 1
+            mass = float(lam.sum())
+            lam = lam / mass if mass > 0 else np.full(len(rows), 1.0 / len(rows))
         gamma_t = p.gamma / self.step ** p.gamma_sigma
         lam = simplex_projection(lam - gamma_t * (yy + p.rho * np.eye(len(lam))) @ lam)
-        self.lam = lam.tolist()
-        return torch.tensor(lam, dtype=y.dtype, device=y.device) @ y
+        full[rows] = lam * mass
+        self.lam, self._step_lam = full.tolist(), dict(zip(self.task_names, lam.tolist()))
+        return torch.tensor(lam, dtype=y.dtype, device=y.device) @ ys
 
     def combine(self, losses):
         # task-specific parameters: each head its own loss
         return sum(losses[t] for t in self.all_tasks if t in losses)
 
     def weights(self):
-        return dict(zip(self.all_tasks, self.lam))
+        if self.task_names == self.all_tasks:
+            return dict(zip(self.all_tasks, self.lam))
+        # after a step that left tasks out (task_names: the present ones): the lambdas it used
+        return {t: self._step_lam.get(t, 0.0) for t in self.task_names}
 
     def get_state(self):
         return {"step": self.step, "lambda": list(self.lam)}
