@@ -38,7 +38,7 @@ from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from ._common import check_grads, require_tasks, sized_buffer
+from ._common import check_grads, gram, require_tasks, sized_buffer
 
 
 class MoCoParams(Params):
@@ -83,9 +83,13 @@ class MoCo(Weighting):
             scale = torch.stack([losses[t].detach().to(grads) for t in self.task_names])
             h = grads * (scale / (torch.linalg.vector_norm(grads, dim=1) + 1e-8))[:, None]
         beta_t = p.beta / self.step ** p.beta_sigma
-        y[rows] = y[rows] - beta_t * (y[rows] - h)
-        ys = y if len(rows) == len(self.all_tasks) else y[rows]
-        yy = (ys.double() @ ys.double().T).cpu().numpy()  # K x K: the step's one read-back
+        if len(rows) == len(self.all_tasks):  # in place: one pass over the K x P estimates
+            y.lerp_(h, beta_t)
+            ys = y
+        else:
+            y[rows] = y[rows].lerp_(h, beta_t)
+            ys = y[rows]
+        yy = gram(ys).cpu().numpy()  # K x K in float64 (chunked): the step's one read-back
         full = np.array(self.lam)
         lam, mass = full[rows], 1.0
         if len(rows) < len(self.all_tasks):  # the present tasks' face: their lambdas, summing to 1
