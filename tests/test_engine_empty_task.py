@@ -162,3 +162,37 @@ def test_task_loss_with_no_valid_target_is_zero(name):
     assert loss.dim() == 0 and float(loss.detach()) == 0.0  # 0/0 would be NaN
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def task_entries(weighting, k):
+    """The weighting's per-task state: its tensors (buffers, parameters) whose first
+    dimension is the task count, and its JSON state's lists of that length."""
+    out = {n: v.detach().clone() for n, v in list(weighting.named_buffers()) + list(weighting.named_parameters())
+           if v.dim() >= 1 and v.shape[0] == k}
+    out.update({f"state[{n}]": torch.tensor(v, dtype=torch.float64) for n, v in weighting.get_state().items()
+                if isinstance(v, list) and len(v) == k and all(isinstance(x, (int, float)) for x in v)})
+    return out
+
+
+@pytest.mark.parametrize("blank", [["size"], ["shape", "colour", "size"]], ids=["one", "all"])
+@pytest.mark.parametrize("name,params", grad_level_configs(), ids=lambda v: str(v) if isinstance(v, dict) else v)
+def test_an_empty_task_keeps_its_per_task_state(name, params, blank):
+    """Two steps without a target for ``blank``: their entries of the weighting's state (FAMO's
+    logits and Adam moments, GradNorm's weights and L(0), MoCo's tracked gradient and lambda,
+    DB-MTL's averages, ExcessMTL's sums, IMTL's scales, Auto-Lambda's lambdas, ...) are as
+    they were, and nothing the weighting holds is NaN."""
+    all3 = ("shape", "colour", "size")
+    model = make_model(make_tasks(all3), seed=0)
+    weighting = build(name, params, all3)
+    before = task_entries(weighting, 3)
+    fit(model, all3, weighting, blank=blank, steps=2)
+    after = task_entries(weighting, 3)
+    assert before.keys() == after.keys()
+    for key, old in before.items():
+        for t in blank:
+            k = all3.index(t)
+            new = after[key][k]
+            ref = old[k] if old.shape == after[key].shape else torch.zeros_like(new)  # (K, 0) until first use
+            assert torch.equal(new, ref), f"{name}: {key} of the empty task '{t}' changed"
+    for n, v in list(weighting.named_buffers()) + list(weighting.named_parameters()):
+        assert torch.isfinite(v).all(), f"{name}: {n} is not finite"
