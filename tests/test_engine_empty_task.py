@@ -60,13 +60,14 @@ def make_tasks(names):
             for t in names}
 
 
-def fit(model, names, weighting, blank=(), optimizer=None, run_dir=None, steps=1):
+def fit(model, names, weighting, blank=(), optimizer=None, run_dir=None, steps=1, precision="fp32"):
     """``steps`` SGD steps on batches of 8 (one step: the update is exactly the method's)."""
     tasks = make_tasks(names)
     train, _ = make_data(num_train=16, num_val=2)
     trainer = Trainer(model, tasks, Unlabelled(train, blank), weighting=weighting,
                       optimizer=optimizer or dict(name="sgd", lr=0.2),
-                      training=dict(epochs=1, batch_size=8, seed=1, device="cpu", max_steps_per_epoch=steps),
+                      training=dict(epochs=1, batch_size=8, seed=1, device="cpu", max_steps_per_epoch=steps,
+                                    precision=precision),
                       run_dir=run_dir, quiet=True)
     trainer.fit()
     return trainer
@@ -136,6 +137,18 @@ def test_all_tasks_empty_leaves_the_trunk_alone(tmp_path, name):
     assert torch.equal(shared(model), start)
     steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(r["weights"] == {"shape": 0.0, "colour": 0.0} for r in steps if r["type"] == "step")
+
+
+@pytest.mark.parametrize("name,params", [("imtl", {"mode": "loss"}), ("mgda", {})])
+def test_all_tasks_empty_under_fp16_loss_scaling(name, params):
+    """fp16: a step with no gradient at all (IMTL-L takes no backward) has nothing for the
+    scaler to unscale or check; it is skipped, not an error."""
+    names = ("shape", "colour")
+    model = make_model(make_tasks(names), seed=0)
+    start = shared(model).clone()
+    fit(model, names, build(name, params, names), blank=names, steps=2, precision="fp16",
+        optimizer=dict(name="sgd", lr=0.2, momentum=0.9, weight_decay=0.1))
+    assert torch.equal(shared(model), start)
 
 
 # -- the task plugins: nothing valid gives a zero loss, not NaN ------------------------------

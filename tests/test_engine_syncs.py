@@ -90,7 +90,7 @@ def test_loss_level_training_reads_once_per_log_interval(monkeypatch, tmp_path):
 
 def test_gradient_level_training_reads_which_tasks_take_part_each_step(monkeypatch):
     """Gradient-level weightings need one decision on the host per step (which tasks have a
-    gradient, see step._combine_present): one read per step, not one per task and value."""
+    gradient, see grad_step.present_tasks): one read per step, not one per task and value."""
     counts = train(monkeypatch, log_interval=8, weighting=MeanGrad)
     per_step = [k for k in counts if "step.py" in k]
     assert len(per_step) == 1 and counts[per_step[0]] == EPOCHS * STEPS, counts
