@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_empty_task import Unlabelled, make_tasks, shared  # noqa: E402
 from test_engine_common import make_data, make_model  # noqa: E402
-from test_engine_grad_ddp import BASE_PARAMS, grad_level_configs, rel_diff  # noqa: E402
+from test_engine_grad_ddp import BASE_PARAMS, grad_level_configs, rel_diff, start_ranks  # noqa: E402
 
 TASKS = ("shape", "colour", "size")
 ALL_EMPTY = [("imtl", {"mode": "loss"}), ("mgda", {}), ("famo", {})]
@@ -65,26 +64,9 @@ def run_all(out: str, rank: int) -> None:
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
 
 
-SCRIPT = textwrap.dedent('''
-    import os, sys
-    import torch
-    sys.path.insert(0, {tests!r})
-    torch.set_num_threads(1)
-    from test_engine_empty_task_ddp import run_all
-    from mtlkit.engine.distributed import shutdown
-    run_all(sys.argv[1], int(os.environ["RANK"]))
-    shutdown()
-''')
-
-
 @pytest.mark.slow
 def test_ranks_decide_alike_which_tasks_take_part(tmp_path):
-    script = tmp_path / "empty_ddp.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MTLKIT_LOAD_ENTRY_POINTS="0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(script), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_ranks(tmp_path, "test_engine_empty_task_ddp")
     try:
         log, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

@@ -103,12 +103,22 @@ SCRIPT = textwrap.dedent('''
     import torch
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
-    from test_engine_grad_ddp import run_all
+    from {module} import run_all
     from mtlkit.engine.distributed import shutdown
     run_all(sys.argv[1], int(os.environ["RANK"]))
     shutdown()
 ''')
 
+
+def start_ranks(tmp_path: Path, module: str) -> subprocess.Popen:
+    """Two gloo ranks under torchrun, each running ``<module>.run_all(tmp_path, rank)``
+    (a test module in this folder); output piped, one thread each."""
+    script = tmp_path / f"{module}_worker.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), module=module))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MTLKIT_LOAD_ENTRY_POINTS="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(script), str(tmp_path)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """Largest |a - b| over all parameters, relative to the largest |b|."""
@@ -123,12 +133,7 @@ def test_grad_level_ddp_equals_one_process_on_the_global_batch(tmp_path):
                                        "dualproj", "config", "fairgrad", "moco", "excess_mtl", "db_mtl",
                                        "gradvac", "imtl", "famo", "gradnorm", "graddrop", "mgda_ub",
                                        "auto_lambda"}
-    script = tmp_path / "grad_ddp.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MTLKIT_LOAD_ENTRY_POINTS="0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(script), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_ranks(tmp_path, "test_engine_grad_ddp")
     try:  # the one-process references train while the workers start up
         start = dict(make_model(make_tasks(TASKS), seed=0).named_parameters())
         singles = {}
