@@ -283,6 +283,11 @@ class Weighting(nn.Module):
     grad_targets: ClassVar[tuple[str, ...]] = ("params",)
     grad_target: str = "params"
     present_only: ClassVar[bool] = False
+    # Values one training step of this method reads back from the device (``item``,
+    # ``tolist``, ``float()``, ``cpu()``...): each waits for every queued kernel, so 0 keeps
+    # an accelerator busy. A method with a host-side solver reads once (its K x K Gram);
+    # tests/test_weightings_reads.py counts it on every registered weighting.
+    host_reads_per_step: ClassVar[int] = 0
 
     def __init__(self, task_names: list[str]) -> None:
         super().__init__()

@@ -9,41 +9,18 @@ the count is exactly what a GPU run would pay for.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
-import mtlkit
 from mtlkit.engine import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from host_reads import by_file, count_reads  # noqa: E402
 from test_engine_common import MeanGrad, make_data, make_model, make_tasks  # noqa: E402
 
-READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
-OURS = os.path.realpath(Path(mtlkit.__file__).parent.parent)  # mtlkit/ and plugins/
-TESTS = os.path.realpath(Path(__file__).parent)
 EPOCHS, STEPS, TASKS = 2, 24, 2  # 48 samples in batches of 2
-
-
-def count_reads(monkeypatch) -> Counter:
-    """Patch every read of a tensor's value; count those called from mtlkit's code."""
-    counts: Counter = Counter()
-    for name in READS:
-        real = getattr(torch.Tensor, name)
-
-        def read(self, *args, _real=real, _name=name, **kwargs):
-            frame = sys._getframe(1)
-            caller = os.path.realpath(frame.f_code.co_filename)
-            if caller.startswith(OURS + os.sep) and not caller.startswith(TESTS + os.sep):
-                counts[f"{_name} {os.path.relpath(caller, OURS)}:{frame.f_lineno}"] += 1
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, read)
-    return counts
 
 
 def train(monkeypatch, log_interval: int, weighting=None, run_dir=None):
@@ -57,13 +34,6 @@ def train(monkeypatch, log_interval: int, weighting=None, run_dir=None):
     trainer.fit()
     monkeypatch.undo()
     return counts
-
-
-def by_file(counts: Counter) -> Counter:
-    out: Counter = Counter()
-    for key, n in counts.items():
-        out[Path(key.split()[1].split(":")[0]).name] += n
-    return out
 
 
 def test_loss_level_training_reads_once_per_log_interval(monkeypatch, tmp_path):

@@ -57,8 +57,10 @@ GRAM_CHUNK = 1 << 17
 GRAM_CHUNK_DEVICE = 1 << 22
 
 
-def gram(grads: Tensor) -> Tensor:
-    """G G^T of the K x P gradient matrix, accumulated in float64, returned on the CPU.
+def gram(grads: Tensor, host: bool = True) -> Tensor:
+    """G G^T of the K x P gradient matrix, accumulated in float64, returned on the CPU
+    (``host``: the step's one read, for a host-side solver) or left on the gradients'
+    device (``host=False``: for a method whose K x K arithmetic stays there).
 
     float32 dot products of long, near-collinear rows lose the small differences that the
     solvers care about (|g_i - g_j|^2 = M_ii + M_jj - 2 M_ij cancels); products of float32
@@ -67,7 +69,8 @@ def gram(grads: Tensor) -> Tensor:
     K x P matrix is made, on the gradients' own device (the P-long work stays there).
     """
     if grads.dtype == torch.float64:
-        return (grads @ grads.T).cpu()
+        out = grads @ grads.T
+        return out.cpu() if host else out
     if grads.device.type == "mps":  # no float64 on Apple GPUs: accumulate on the CPU instead
         grads = grads.cpu()
     k, p = grads.shape
@@ -76,7 +79,7 @@ def gram(grads: Tensor) -> Tensor:
     for start in range(0, p, step):
         block = grads[:, start:start + step].to(torch.float64)
         out += block @ block.T
-    return out.cpu()
+    return out.cpu() if host else out
 
 
 def weighted_sum(weights: Tensor, grads: Tensor) -> Tensor:

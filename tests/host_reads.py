@@ -1,0 +1,51 @@
+"""Counting reads of tensor values made by mtlkit's own code (no tests here).
+
+Every way a tensor's value reaches Python (``item``, ``tolist``, ``float()``, ``int()``,
+``bool()``, ``numpy()``, ``cpu()``...) waits, on an accelerator, for the device to finish
+its queued work. On the CPU such a read costs nothing, so counting the calls made from
+mtlkit's code (engine, model, tasks, weightings; torch's internals are not ours to count)
+during a CPU run gives exactly what a GPU run would pay for. A method that has moved its
+values to the host once (``.cpu()``, then numpy) reads nothing more: numpy arithmetic is
+not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import mtlkit
+
+READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+OURS = os.path.realpath(Path(mtlkit.__file__).parent.parent)  # mtlkit/ and plugins/
+TESTS = os.path.realpath(Path(__file__).parent)
+
+
+def count_reads(monkeypatch) -> Counter:
+    """Patch every read of a tensor's value; count those called from mtlkit's code, keyed
+    ``"<read> <file relative to the repo>:<line>"``. ``monkeypatch.undo()`` stops counting."""
+    counts: Counter = Counter()
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, _real=real, _name=name, **kwargs):
+            frame = sys._getframe(1)
+            caller = os.path.realpath(frame.f_code.co_filename)
+            if caller.startswith(OURS + os.sep) and not caller.startswith(TESTS + os.sep):
+                counts[f"{_name} {os.path.relpath(caller, OURS)}:{frame.f_lineno}"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return counts
+
+
+def by_file(counts: Counter) -> Counter:
+    """The counts summed per file name."""
+    out: Counter = Counter()
+    for key, n in counts.items():
+        out[Path(key.split()[1].split(":")[0]).name] += n
+    return out

@@ -1,0 +1,60 @@
+"""Every weighting declares how many values one training step reads back from the device
+(``Weighting.host_reads_per_step``), and a CPU run counts them: each read waits, on an
+accelerator, for every queued kernel (see tests/host_reads.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mtlkit.engine import Trainer
+from mtlkit.engine.step import TrainStep
+from mtlkit.plugin_manager import get_registry
+
+sys.path.insert(0, str(Path(__file__).parent))
+from host_reads import count_reads  # noqa: E402
+from test_engine_common import make_data, make_model, make_tasks  # noqa: E402
+
+STEPS = 6
+PARAMS = {"auto_lambda": {"split": "train"}}  # its extra batch from the training data
+# the engine's one early read per step of which tasks take part (made on the host while the
+# device still runs the step's backward passes: see grad_step.present_tasks)
+PRESENCE = ("mtlkit/engine/grad_step.py",)
+
+
+def step_reads(monkeypatch, name: str) -> tuple[Counter, int]:
+    """Reads made inside the training steps of a short run, by site; and the steps taken."""
+    tasks = make_tasks()
+    data, _ = make_data(num_train=STEPS * 2, num_val=1)
+    samples = [data[i] for i in range(len(data))]
+    weighting = get_registry().get("weighting", name).build(PARAMS.get(name, {}), task_names=list(tasks))
+    trainer = Trainer(make_model(tasks), tasks, samples, weighting=weighting, optimizer={"name": "sgd", "lr": 0.05},
+                      quiet=True, training={"epochs": 1, "batch_size": 2, "log_interval": STEPS, "device": "cpu"})
+    counts = count_reads(monkeypatch)
+    inside, steps = Counter(), [0]
+    real_call = TrainStep.__call__
+
+    def counted_step(self, *args, **kwargs):
+        before = Counter(counts)
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            steps[0] += 1
+            inside.update(Counter(counts) - before)
+
+    monkeypatch.setattr(TrainStep, "__call__", counted_step)
+    trainer.fit()
+    monkeypatch.undo()
+    return inside, steps[0]
+
+
+@pytest.mark.parametrize("name", get_registry().names("weighting"))
+def test_a_step_reads_what_the_weighting_declares(monkeypatch, name):
+    reads, steps = step_reads(monkeypatch, name)
+    assert steps == STEPS
+    own = Counter({k: n for k, n in reads.items() if not k.split()[1].startswith(PRESENCE)})
+    declared = get_registry().get("weighting", name).factory.host_reads_per_step
+    assert sum(own.values()) == declared * STEPS, f"{name}: {dict(own)} in {STEPS} steps, declared {declared}/step"
