@@ -263,8 +263,9 @@ class Weighting(nn.Module):
         (features) across ranks; ``combine_grads(grads, losses)`` returns the N-vector
         used as the update; task-specific parameters get the gradient of
         ``combine(losses)``, taken inside the same per-task passes (as
-        ``sum_t dcombine/dL_t * dL_t/dp``). Tasks whose row is zero (no valid target in
-        the batch) are left out of the call (``task_names`` lists the present ones).
+        ``sum_t dcombine/dL_t * dL_t/dp``). Tasks whose loss is 0 (no valid target in
+        the batch, so a zero row too) are left out of the call (``task_names`` lists the
+        present ones).
 
     ``grad_target`` (gradient-level): ``"params"`` (rows are gradients of the shared
     parameters) or ``"features"`` (rows are gradients of the shared representation the

@@ -15,7 +15,7 @@ representation gradients, DDP averaging and resumable extra batches right:
   (``params``) or through the shared trunk (``features``, one backward pass).
 - ``backward_gradients(combine_grads)``: the whole default gradient-level backward.
 - ``backward_loss(loss)``: a plain backward of one scalar.
-- ``present_tasks(grads or losses)``: the tasks that take part in this step (see below).
+- ``present_tasks()``: the tasks that take part in this step (see below).
 - ``draw_batch(split)`` / ``losses_on(batch)``: an extra batch (``"train"`` or ``"val"``),
   drawn from a seed of (run seed, epoch, step, split, rank, draw): the same on resume;
   and the task losses of the current model on a batch (FAMO's after-update losses,
@@ -33,7 +33,9 @@ backward leaves it out of ``combine_grads``; a weighting that owns its backward 
 per-task state) asks ``present_tasks`` and solves for those, leaves the others' state as
 it was, takes no log of their zero loss, and with no task present leaves the shared
 parameters without a gradient (None: momentum and weight decay do not move them either).
-The log reports a left-out task's weight as 0.
+The log reports a left-out task's weight as 0. The decision is made on the global losses
+(a loss of exactly 0), whose flags the engine copies to the host right after the forward
+pass: asking waits for the forward pass, not for the backward passes queued after it.
 
 Targets (``grad_target``)
 -------------------------
@@ -85,7 +87,7 @@ class StepEngine(Protocol):
 
     def global_losses(self, ctx: "StepContext") -> dict[str, Tensor]: ...
 
-    def present_tasks(self, ctx: "StepContext", grads: Tensor | None,
+    def present_tasks(self, ctx: "StepContext",
                       losses: dict[str, Tensor] | None) -> list[str]: ...
 
     def set_gradient(self, ctx: "StepContext", combined: Tensor | None, target: str) -> None: ...
@@ -159,14 +161,15 @@ class StepContext:
         """The step's losses (detached) averaged over ranks: what the global batch gives."""
         return self.engine.global_losses(self)
 
-    def present_tasks(self, grads: Tensor | None = None, losses: dict[str, Tensor] | None = None) -> list[str]:
+    def present_tasks(self, losses: dict[str, Tensor] | None = None) -> list[str]:
         """The tasks of ``task_names`` (in order) that take part in this step: those whose
-        row of ``grads`` (``task_gradients``' matrix) is not zero, or, without ``grads``,
-        whose global loss (``losses``: what ``global_losses()`` gave, taken when None) is
-        not 0. A task with no valid target in the batch has neither. Global values, so
-        every rank decides alike; one read from the device. The step's log then shows
-        ``weights()`` taken with ``task_names`` set to these tasks, the others at 0."""
-        return self.engine.present_tasks(self, grads, losses)
+        global loss (``global_losses()``, or ``losses`` when given) is not 0; a task with
+        no valid target in the batch has a zero loss (and a zero gradient). Global values,
+        so every rank decides alike. The engine copies the step's flags to the host right
+        after the forward pass, so asking waits for the forward pass only (other
+        ``losses``: one read when asked). The step's log then shows ``weights()`` taken
+        with ``task_names`` set to these tasks, the others at 0."""
+        return self.engine.present_tasks(self, losses)
 
     def set_gradient(self, combined: Tensor | None, target: str | None = None) -> None:
         """Use ``combined`` (an N-vector of ``task_gradients``' space, None: no update) as

@@ -59,10 +59,11 @@ def test_loss_level_training_reads_once_per_log_interval(monkeypatch, tmp_path):
 
 
 def test_gradient_level_training_reads_which_tasks_take_part_each_step(monkeypatch):
-    """Gradient-level weightings need one decision on the host per step (which tasks have a
-    gradient, see grad_step.present_tasks): one read per step, not one per task and value."""
+    """Gradient-level weightings need one decision on the host per step (which tasks take
+    part, see grad_step.present_tasks): one early read per step (started after the forward
+    pass, collected after the backward passes are queued), not one per task and value."""
     counts = train(monkeypatch, log_interval=8, weighting=MeanGrad)
-    per_step = [k for k in counts if "step.py" in k]
+    per_step = [k for k in counts if "early_read.py" in k]
     assert len(per_step) == 1 and counts[per_step[0]] == EPOCHS * STEPS, counts
     assert sum(counts.values()) == EPOCHS * STEPS + EPOCHS * (1 + STEPS // 8), counts
 

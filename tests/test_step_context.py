@@ -233,12 +233,41 @@ def test_batched_per_task_passes_give_the_same_update(target, monkeypatch):
         assert torch.allclose(p, models[1][k], rtol=1e-4, atol=1e-6), k
 
 
-def test_nonzero_rows_finds_a_row_whose_only_entries_miss_the_sample(monkeypatch):
+def test_which_tasks_take_part_is_copied_before_the_backward_passes_and_read_after(monkeypatch):
+    """The presence flags start on their way to the host before any backward pass is
+    queued, and are read only once the passes are queued: the host never waits for them."""
     from mtlkit.engine import grad_step
+    from mtlkit.engine.early_read import EarlyRead
 
-    monkeypatch.setattr(grad_step, "PROBE", 8)
-    G = torch.zeros(4, 1000)
-    G[0, ::7] = 1.0  # seen by the sample
-    G[1, 501] = -2.0  # between sampled columns: only the full scan sees it
-    G[3, 333] = float("nan")
-    assert grad_step.nonzero_rows(G) == [True, True, False, True]
+    events = []
+    real_init, real_result = EarlyRead.__init__, EarlyRead.result
+    real_grad, real_backward = torch.autograd.grad, torch.autograd.backward
+
+    def init(self, values):
+        events.append(("start", values.tolist()))
+        real_init(self, values)
+
+    def result(self):
+        events.append(("read", None))
+        return real_result(self)
+
+    monkeypatch.setattr(EarlyRead, "__init__", init)
+    monkeypatch.setattr(EarlyRead, "result", result)
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: events.append(("pass", None)) or real_grad(*a, **k))
+    monkeypatch.setattr(torch.autograd, "backward",
+                        lambda *a, **k: events.append(("pass", None)) or real_backward(*a, **k))
+    tasks = make_tasks(TASKS)
+    model = make_model(tasks)
+    batch = batches(1)[0]
+    tasks["colour"].loss = lambda prediction, target: prediction.sum() * 0.0  # no valid target: 0, no gradient
+    weighting = MeanGrad(list(tasks))
+    step = TrainStep(model, model, tasks, weighting, torch.optim.SGD(model.parameters(), lr=LR),
+                     TrainingConfig(device="cpu"), DistContext())
+    step(batch, None, 0, 0)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "start" and events[0][1] == [True, False, True], events
+    first_read = kinds.index("read")
+    assert kinds.count("pass") >= len(TASKS) and kinds[1:first_read].count("pass") >= len(TASKS), kinds
+    assert step.present == ["shape", "size"] and weighting.calls == 1
+    assert grad_step.present_tasks(step, type("C", (), {"task_names": ["a", "b"], "global_losses": lambda self: {}})(),
+                                   losses={"a": torch.tensor(float("nan")), "b": torch.tensor(0.0)}) == ["a"]

@@ -22,7 +22,7 @@ STEPS = 6
 PARAMS = {"auto_lambda": {"split": "train"}}  # its extra batch from the training data
 # the engine's one early read per step of which tasks take part (made on the host while the
 # device still runs the step's backward passes: see grad_step.present_tasks)
-PRESENCE = ("mtlkit/engine/grad_step.py",)
+PRESENCE = ("mtlkit/engine/early_read.py",)
 
 
 def step_reads(monkeypatch, name: str) -> tuple[Counter, int]:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..errors import TrainingError
 from ..step_context import CombineGrads, StepContext, present_rows
 from . import distributed as D
+from .early_read import EarlyRead
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..contracts import Weighting
@@ -221,47 +222,34 @@ def set_gradient(ctx: StepContext, combined: Tensor | None, target: str) -> None
         torch.autograd.backward(outs, grad_tensors=pieces)
 
 
-PROBE = 1 << 15  # columns looked at first by nonzero_rows
+def start_presence(ctx: StepContext) -> EarlyRead:
+    """Start reading which tasks take part in this step (see :func:`present_tasks`): the
+    K flags (global loss != 0) are copied to the host while the backward passes run."""
+    losses = ctx.global_losses()
+    return EarlyRead(torch.stack([losses[t].detach().reshape(()) != 0 for t in ctx.task_names]))
 
 
-def nonzero_rows(G: Tensor) -> list[bool]:
-    """Which rows of G hold a non-zero (or NaN) entry: the step's one read from the device.
-
-    A strided sample of about ``PROBE`` columns decides nearly every row (a task with a
-    gradient has it nearly everywhere); only rows that are zero on the sample are scanned
-    in full (a second read, in the rare step with a task without a gradient). Max |g|: a
-    reduction, no K x N temporary; NaN != 0 keeps a NaN row in.
-    """
-    stride = max(1, G.shape[1] // PROBE)
-    keep = (torch.linalg.vector_norm(G[:, ::stride], ord=float("inf"), dim=1) != 0).tolist()
-    if stride > 1 and not all(keep):
-        rest = [k for k, v in enumerate(keep) if not v]
-        full = (torch.linalg.vector_norm(G[rest], ord=float("inf"), dim=1) != 0).tolist()
-        for k, v in zip(rest, full):
-            keep[k] = v
-    return keep
-
-
-def present_tasks(step: Any, ctx: StepContext, grads: Tensor | None = None,
-                  losses: dict[str, Tensor] | None = None) -> list[str]:
+def present_tasks(step: Any, ctx: StepContext, losses: dict[str, Tensor] | None = None) -> list[str]:
     """The tasks of ``ctx.task_names`` (in order) that take part in this step.
 
     A task with no valid target in the batch (every label ignored, every depth 0) has a
     zero loss and a zero gradient row: it is left out of the step's aggregation, its
-    per-task state stays as it was, and the log reports its weight as 0. ``grads`` (the
-    K x N rows of ``task_gradients``): a task takes part when its row is not zero; else
-    ``losses`` (the global losses, ``ctx.global_losses()`` when None): when its loss is
-    not 0. A NaN counts as present (the engine then stops on it). Both are global, so
-    every rank decides alike. The decision is made on the host: the step's one read from
-    the device. The step records it: ``weights()`` is then reported with ``task_names``
-    set to the present tasks, the others at 0 (see :func:`reported_weights`).
+    per-task state stays as it was, and the log reports its weight as 0. A task takes part
+    when its global loss (``ctx.global_losses()``, or ``losses`` when given) is not 0; a
+    NaN counts as present (the engine then stops on it). The losses are global, so every
+    rank decides alike. The decision is made on the host: the step's flags were copied
+    there right after the forward pass (:func:`start_presence`), so asking waits for the
+    forward pass only, not for the backward passes queued since; other ``losses`` are
+    read when asked. The step records it: ``weights()`` is then reported with
+    ``task_names`` set to the present tasks, the others at 0 (see :func:`reported_weights`).
     """
     names = list(ctx.task_names)
-    if grads is not None:
-        flags = nonzero_rows(grads)
+    early = getattr(step, "early_presence", None)
+    if (losses is None or losses is ctx.global_losses()) and early is not None:
+        flags = early.result()
     else:
-        values = losses if losses is not None else global_losses(ctx)
-        flags = torch.stack([values[t].detach().reshape(()) != 0 for t in names]).tolist()
+        values = losses if losses is not None else ctx.global_losses()
+        flags = EarlyRead(torch.stack([values[t].detach().reshape(()) != 0 for t in names])).result()
     present = [t for t, k in zip(names, flags) if k]
     step.present = present
     return present
@@ -289,19 +277,19 @@ def reported_weights(step: Any) -> dict[str, Any]:
 
 def combine_present(step: Any, ctx: StepContext, G: Tensor, losses: dict[str, Tensor],
                     combine_grads: CombineGrads) -> Tensor | None:
-    """``combine_grads`` over the tasks whose gradient row is not zero (None: no such task).
+    """``combine_grads`` over the tasks that take part (None: no such task).
 
-    Left in, a task with no valid target (a zero row) decides the aggregate: the min-norm
+    Left in, a task with no valid target (a zero loss, a zero row) decides the aggregate: the min-norm
     point of a hull holding 0 is 0 (MGDA), IMTL-G puts all the weight on it; the trunk
     stops. Such tasks (and, with ``domain_order = "mixed"``, tasks without a batch this
     step) are left out (:func:`present_tasks`) and the weighting solves for the others:
     during the call its ``task_names`` lists the present tasks, in order, matching the
-    rows of ``grads`` and the keys of ``losses``. G is global already, so every rank
-    leaves out the same.
+    rows of ``grads`` and the keys of ``losses``. The decision is made on the global
+    losses, so every rank leaves out the same.
     """
     w = step.weighting
     full = list(w.task_names)
-    present = present_tasks(step, ctx, grads=G)
+    present = present_tasks(step, ctx)
     if present == full:
         return combine_grads(G, losses)
     if not present:
@@ -335,7 +323,7 @@ def backward_gradients(step: Any, ctx: StepContext, combine_grads: CombineGrads,
     scale = loss_scale(ctx)
     coefficients = combine_coefficients(step.weighting, ctx.losses, scale)
     G = task_gradients(ctx, target, coefficients, retain_graph=False)
-    combined = combine_present(step, ctx, G, global_losses(ctx), combine_grads)
+    combined = combine_present(step, ctx, G, ctx.global_losses(), combine_grads)
     if len(step.present) < len(ctx.task_names):
         _weighting_grads_over(step, ctx, step.present, scale)
     set_gradient(ctx, combined, target)

@@ -5,7 +5,9 @@ the weighting's ``on_step_end(ctx)``. The gradient-level machinery lives in
 
 Nothing here reads a value back from the device, with one exception: gradient-level
 weightings (and the methods that ask, ``ctx.present_tasks``) need to know which tasks
-take part at all (see ``grad_step.present_tasks``), one K-vector per step. The step's losses and weights go
+take part at all (see ``grad_step.present_tasks``): K flags per step, copied to the host
+right after the forward pass (:mod:`.early_read`), so the host waits for the forward pass
+only, never for the backward passes queued after it. The step's losses and weights go
 back to the caller as tensors, to be read once per log interval (:mod:`.readout`).
 
 Distributed (torchrun)
@@ -112,6 +114,8 @@ class TrainStep:
         self.present: list[str] | None = None
         # the weights of the last step when it left tasks out (grad_step.reported_weights), else None
         self.subset_weights: dict[str, float] | None = None
+        self._global: tuple[StepContext, dict[str, Tensor]] | None = None  # the step's global losses
+        self.early_presence = None  # the step's presence flags on their way to the host
 
     def __call__(self, batch: Any, domain: str | tuple[str, ...] | None, epoch: int = 0,
                  step: int = 0) -> tuple[dict[str, Tensor], dict]:
@@ -138,6 +142,11 @@ class TrainStep:
             self.overflow = None  # fp16: whether this step's per-task gradients overflowed (grad_step)
             self.optimizer.zero_grad(set_to_none=True)
             self.present = self.subset_weights = None
+            self._global = None
+            # which tasks take part, for the methods that may ask: copied to the host now,
+            # collected while the device runs the backward passes (grad_step.present_tasks)
+            asks = self.gradient_level or self.custom or self.weighting.present_only
+            self.early_presence = grad_step.start_presence(ctx) if asks and ctx.task_names else None
             self.weighting.backward(ctx)
             if manual:
                 self._average_rest(ctx)
@@ -218,10 +227,12 @@ class TrainStep:
         return grad_step.task_gradients(ctx, target, private_weights, retain_graph)
 
     def global_losses(self, ctx: StepContext) -> dict[str, Tensor]:
-        return grad_step.global_losses(ctx)
+        if self._global is None or self._global[0] is not ctx:  # one all-reduce per step
+            self._global = (ctx, grad_step.global_losses(ctx))
+        return self._global[1]
 
-    def present_tasks(self, ctx: StepContext, grads: Tensor | None, losses: dict[str, Tensor] | None) -> list[str]:
-        return grad_step.present_tasks(self, ctx, grads, losses)
+    def present_tasks(self, ctx: StepContext, losses: dict[str, Tensor] | None) -> list[str]:
+        return grad_step.present_tasks(self, ctx, losses)
 
     def set_gradient(self, ctx: StepContext, combined: Tensor | None, target: str) -> None:
         grad_step.set_gradient(ctx, combined, target)

@@ -63,7 +63,7 @@ class DBMTL(Weighting):
         losses = ctx.global_losses()
         coef = {t: 1.0 / (losses[t] + self.eps) for t in ctx.task_names}
         grads = ctx.task_gradients(private_weights=coef)
-        present = ctx.present_tasks(grads)
+        present = ctx.present_tasks()
         ctx.set_gradient(self.update(present_rows(grads, ctx.task_names, present), losses, present)
                          if present else None)
 

@@ -56,7 +56,7 @@ class ExcessMTL(Weighting):
 
     def backward(self, ctx):
         grads = ctx.task_gradients(retain_graph=True)
-        present = ctx.present_tasks(grads)
+        present = ctx.present_tasks()
         ctx.set_gradient(self.update(present_rows(grads, ctx.task_names, present), present) if present else None)
         # the task branches: this step's weights, one pass that stops at the representation
         terms = [self.loss_weight[self.all_tasks.index(t)] * ctx.losses[t]

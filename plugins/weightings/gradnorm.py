@@ -81,7 +81,7 @@ class GradNorm(Weighting):
         w = self.task_weights
         if self.grad_target == "features":
             rows = ctx.task_gradients(private_weights={t: w[k] for k, t in enumerate(self.all_tasks)})
-            present = ctx.present_tasks(rows)
+            present = ctx.present_tasks()
             idx = [self.all_tasks.index(t) for t in present]
             ctx.set_gradient(w[idx].to(rows) @ present_rows(rows, self.all_tasks, present) if present else None)
         else:
@@ -91,7 +91,7 @@ class GradNorm(Weighting):
                                 if ctx.losses[t].requires_grad else torch.zeros(layer.numel(), device=layer.device)
                                 for t in self.all_tasks])
             D.all_reduce_mean_(rows, ctx.dist)
-            present = ctx.present_tasks(rows)
+            present = ctx.present_tasks()
             if present:  # none: no gradient at all, the optimiser leaves the trunk alone
                 ctx.backward_loss(self.combine({t: ctx.losses[t] for t in present}))
         if not present:
