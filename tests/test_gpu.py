@@ -238,3 +238,61 @@ def shared_bn_and_stages_run(tmp_path: Path, device: str, precision: str) -> Non
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_shared_bn_statistics_and_stages_on_cuda(tmp_path, precision):
     shared_bn_and_stages_run(tmp_path, "cuda", precision)
+
+
+def device_only_weightings() -> list[str]:
+    """The weightings whose steps read nothing back (Weighting.host_reads_per_step == 0)."""
+    return sorted(c.name for c in get_registry().list() if c.kind == "weighting"
+                  and getattr(c.factory, "host_reads_per_step", 0) == 0)
+
+
+@pytest.mark.parametrize("weighting", device_only_weightings())
+def test_training_steps_never_synchronise_the_device(tmp_path, monkeypatch, weighting):
+    """From the third step on, each training step runs under torch's sync debug mode set to
+    "error": any call that makes the host wait for the device (a value read, a blocking
+    copy, nonzero / boolean indexing) raises. The log read-out, once per interval, is
+    outside the steps. The presence flags' early read (an event wait) is allowed."""
+    from mtlkit.engine.step import TrainStep
+
+    real_call, calls = TrainStep.__call__, [0]
+
+    def strict_step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] <= 2:  # warm-up: cuDNN's first calls, lazy CUDA initialisation
+            return real_call(self, *args, **kwargs)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(TrainStep, "__call__", strict_step)
+    params = {"auto_lambda": {"split": "train"}}.get(weighting, {})
+    overrides = {"training.log_interval": 1000, "training.num_workers": 0, "training.device": "cuda",
+                 **{f"weighting.params.{k}": v for k, v in params.items()}}
+    result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan", weighting)), run_dir=tmp_path / "run",
+                               overrides={**overrides, "training.batch_size": 2})
+    assert calls[0] == 4  # 8 samples in batches of 2: two strict steps
+    finite_run(result)
+
+
+def test_cuda_graph_training_follows_eager(tmp_path):
+    """compile_mode = "reduce-overhead" (the step replayed as CUDA graphs) trains the same
+    network as eager, up to float rounding, and its losses stay finite."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        base = {"training.deterministic": True, "training.epochs": 2, "training.batch_size": 2}
+        runs = {}
+        for name, extra in (("eager", {}), ("graphs", {"training.compile": True,
+                                                         "training.compile_mode": "reduce-overhead"})):
+            torch._dynamo.reset()
+            result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan")), run_dir=tmp_path / name,
+                                       overrides={**base, **extra})
+            finite_run(result)
+            runs[name] = [r["losses"] for r in read_log(result.run_dir) if r["type"] == "step"]
+        assert len(runs["eager"]) == len(runs["graphs"]) > 4
+        for a, b in zip(runs["eager"], runs["graphs"]):
+            assert all(abs(a[t] - b[t]) <= 1e-3 * max(1.0, abs(a[t])) for t in a), (a, b)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True

@@ -108,6 +108,32 @@ def test_compile_matches_eager_and_bad_backend_is_one_line():
     assert "\n" not in str(err.value)
 
 
+def test_compile_mode_reaches_torch_compile_and_marks_each_cuda_graph_step(monkeypatch):
+    """reduce-overhead (CUDA graphs) is handed to torch.compile, and every training step
+    starts with cudagraph_mark_step_begin (the graphs may then reuse the last step's
+    output memory); the default mode passes no mode and marks nothing."""
+    calls, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode, expect in (("default", None), ("reduce-overhead", "reduce-overhead")):
+        calls.clear(), marks.clear()
+        trainer, _ = build(epochs=1, compile=True, compile_mode=mode)
+        trainer.fit()
+        assert calls == [{"backend": "inductor", "mode": expect}]
+        assert len(marks) == (trainer.global_step if expect else 0) and trainer.global_step > 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"compile_mode": "reduce-overhead"}, "needs compile = true"),
+    ({"compile": True, "compile_backend": "eager", "compile_mode": "max-autotune"}, "needs compile_backend"),
+    ({"compile": True, "compile_mode": "fastest"}, "compile_mode"),
+])
+def test_compile_mode_mistakes_are_one_line(bad, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        build(**bad)
+    assert "\n" not in str(err.value)
+
+
 def test_channels_last_keeps_the_function():
     ref, ref_model = build(epochs=1)
     ref.fit()

@@ -118,11 +118,13 @@ def prepare_model(raw_model: nn.Module, cfg: TrainingConfig, device: torch.devic
 
 
 def compiled(model: nn.Module, cfg: TrainingConfig) -> nn.Module:
-    """``torch.compile(model)`` when ``training.compile`` is on (else ``model``)."""
+    """``torch.compile(model)`` when ``training.compile`` is on (else ``model``), in
+    ``training.compile_mode``."""
     if not cfg.compile:
         return model
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     try:
-        return torch.compile(model, backend=cfg.compile_backend)
+        return torch.compile(model, backend=cfg.compile_backend, mode=mode)
     except Exception as exc:  # an unknown backend, a platform without a compiler
         raise ConfigError(f"training.compile: torch.compile failed: {str(exc).splitlines()[0]}") from None
 

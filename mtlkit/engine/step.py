@@ -69,6 +69,10 @@ def forward(model: nn.Module, batch: dict, domain: str | None, tasks: Mapping[st
     return out
 
 
+# torch.compile modes that replay the compiled network as CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 class _Cut:
     """A representation hook: keeps the trunk's tensors, hands the branches leaves that
     require grad (the per-task passes stop there)."""
@@ -120,6 +124,9 @@ class TrainStep:
     def __call__(self, batch: Any, domain: str | tuple[str, ...] | None, epoch: int = 0,
                  step: int = 0) -> tuple[dict[str, Tensor], dict]:
         mixed = isinstance(domain, tuple)
+        if self.cfg.compile and self.cfg.compile_mode in CUDA_GRAPH_MODES:
+            # a new step: the CUDA graphs may overwrite the last step's outputs (copied by now)
+            torch.compiler.cudagraph_mark_step_begin()
         manual = self.ctx.enabled and (self.gradient_level or self.custom or mixed)
         with self.model.no_sync() if manual else contextlib.nullcontext():
             cut = _Cut() if self.target == "features" else None
