@@ -79,6 +79,26 @@ def test_gradvac_state_resumes_the_order_and_the_targets():
     assert all(torch.equal(a.combine_grads(g, ones("abc")), b.combine_grads(g, ones("abc"))) for _ in range(3))
 
 
+def test_gradvac_with_a_task_left_out_moves_only_the_present_pairs():
+    """A step over the present tasks (the engine's task_names, rows in that order) follows
+    the vector algorithm with their targets; every pair involving the absent task keeps its."""
+    rng = np.random.default_rng(3)
+    w = build("gradvac", {"beta": 0.4, "seed": 2}, "abc")
+    start = {"a": {"b": 0.3, "c": -0.2}, "b": {"a": 0.1, "c": 0.6}, "c": {"a": 0.5, "b": -0.4}}
+    w.set_state({"targets": start})
+    g = rng.normal(size=(2, 6))
+    orders = {0: [1], 1: [0]}
+    targets = {0: {1: start["a"]["c"]}, 1: {0: start["c"]["a"]}}
+    w.task_names = ["a", "c"]
+    w.order = lambda i: orders[i]
+    d = w.combine_grads(torch.from_numpy(g), ones("ac")).numpy()
+    assert np.allclose(d, gradvac_reference(g, orders, targets, 0.4), atol=1e-12)
+    w.task_names = ["a", "b", "c"]
+    after = w.targets
+    assert after["a"]["c"] == pytest.approx(targets[0][1]) and after["c"]["a"] == pytest.approx(targets[1][0])
+    assert (after["a"]["b"], after["b"]["a"], after["b"]["c"], after["c"]["b"]) == (0.3, 0.1, 0.6, -0.4)
+
+
 # -- IMTL ---------------------------------------------------------------------------------
 
 def test_imtl_l_learns_scales_that_equalise_the_scaled_losses():

@@ -50,13 +50,19 @@ class MoCoParams(Params):
     normalize: Literal["loss", "none"] = "loss"  # h_k = g_k L_k / |g_k| (authors' code) or g_k
 
 
-def simplex_projection(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto {x >= 0, sum x = 1} (sort-based; Held, Wolfe & Crowder 1974)."""
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1.0
-    idx = np.arange(1, len(v) + 1)
-    r = int(np.max(np.flatnonzero(u - css / idx > 0))) + 1
-    return np.maximum(v - css[r - 1] / r, 0.0)
+def simplex_projection(v: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Euclidean projection onto {x >= 0, sum x = 1} (sort-based; Held, Wolfe & Crowder 1974).
+
+    A tensor stays a tensor on its device: the number r of positive entries is found by a
+    reduction, never read back."""
+    if not isinstance(v, torch.Tensor):
+        return simplex_projection(torch.from_numpy(np.asarray(v, dtype=np.float64))).numpy()
+    u = torch.sort(v, descending=True).values
+    css = torch.cumsum(u, 0) - 1.0
+    idx = torch.arange(1, len(v) + 1, device=v.device)
+    # the largest r with u_r - css_r / r > 0 (r = 1 always qualifies for finite v)
+    r = torch.where(u - css / idx > 0, idx, 1).max().reshape(1)
+    return torch.clamp(v - css.gather(0, r - 1) / r, min=0.0)
 
 
 class MoCo(Weighting):
@@ -68,9 +74,11 @@ class MoCo(Weighting):
         self.all_tasks = list(self.task_names)
         self.p = params
         self.step = 0
-        self.lam = [1.0 / len(self.all_tasks)] * len(self.all_tasks)
+        # the weights lambda (float64, on the estimates' device; JSON state) and, after a step
+        # that left tasks out, the ones it used: tensors, read with the losses once per log interval
+        self.lam = torch.full((len(self.all_tasks),), 1.0 / len(self.all_tasks), dtype=torch.float64)
         self.register_buffer("y", torch.zeros(len(self.all_tasks), 0))
-        self._step_lam: dict[str, float] = {}
+        self._step_lam: dict[str, torch.Tensor] = {}
 
     def combine_grads(self, grads, losses):
         check_grads("moco", grads, self.task_names)
@@ -89,17 +97,22 @@ class MoCo(Weighting):
         else:
             y[rows] = y[rows].lerp_(h, beta_t)
             ys = y[rows]
-        yy = gram(ys).cpu().numpy()  # K x K in float64 (chunked): the step's one read-back
-        full = np.array(self.lam)
-        lam, mass = full[rows], 1.0
+        yy = gram(ys, host=False)  # K x K in float64 (chunked), on the device: nothing is read back
+        full = self.lam.to(yy.device, copy=True)
+        index = torch.tensor(rows, dtype=torch.long).to(yy.device)
+        lam = full[index]
         if len(rows) < len(self.all_tasks):  # the present tasks' face: their lambdas, summing to 1
-            mass = float(lam.sum())
-            lam = lam / mass if mass > 0 else np.full(len(rows), 1.0 / len(rows))
+            mass = lam.sum()
+            lam = torch.where(mass > 0, lam / torch.where(mass > 0, mass, 1.0), 1.0 / len(rows))
         gamma_t = p.gamma / self.step ** p.gamma_sigma
-        lam = simplex_projection(lam - gamma_t * (yy + p.rho * np.eye(len(lam))) @ lam)
-        full[rows] = lam * mass
-        self.lam, self._step_lam = full.tolist(), dict(zip(self.task_names, lam.tolist()))
-        return torch.tensor(lam, dtype=y.dtype, device=y.device) @ ys
+        eye = torch.eye(len(rows), dtype=torch.float64, device=yy.device)
+        lam = simplex_projection(lam - gamma_t * (yy + p.rho * eye) @ lam)
+        if len(rows) < len(self.all_tasks):
+            full[index] = lam * mass
+        else:
+            full = lam
+        self.lam, self._step_lam = full, dict(zip(self.task_names, lam))
+        return lam.to(y.dtype) @ ys
 
     def combine(self, losses):
         # task-specific parameters: each head its own loss
@@ -112,7 +125,7 @@ class MoCo(Weighting):
         return {t: self._step_lam.get(t, 0.0) for t in self.task_names}
 
     def get_state(self):
-        return {"step": self.step, "lambda": list(self.lam)}
+        return {"step": self.step, "lambda": self.lam.tolist()}
 
     def set_state(self, state):
         self.step = int(state.get("step", 0))
@@ -120,7 +133,7 @@ class MoCo(Weighting):
         if lam is not None:
             if len(lam) != len(self.all_tasks):
                 raise ValueError(f"weighting 'moco': state has {len(lam)} weights for {len(self.all_tasks)} tasks")
-            self.lam = [float(x) for x in lam]
+            self.lam = torch.tensor([float(x) for x in lam], dtype=torch.float64, device=self.lam.device)
 
 
 @hookimpl

@@ -6,6 +6,10 @@ g_i -= (g_i . g_j) / |g_j|^2 g_j. The update is the sum (or mean) of the project
 
 Every projected g_i stays a combination of the original gradients, so the projections run
 on K coefficients against the Gram matrix; the P-long vectors are touched only at the end.
+The K tasks' projections are independent (each is against the original g_j), so they run
+side by side: K x K coefficients, one visit of every task per round, on the Gram's device
+with the conflict test as a mask (no value is read back during the step). The orders are
+drawn on the host, from the seeded generator, and only used as an index.
 """
 
 from __future__ import annotations
@@ -36,35 +40,41 @@ class PCGrad(Weighting):
         require_tasks("pcgrad", self.task_names, 2)
         self.reduction = params.reduction
         self.generator = torch.Generator().manual_seed(int(params.seed))
-        self._coefs: list[float] = [1.0] * len(self.task_names)
+        # the last step's coefficients: a device tensor, read with the losses once per log interval
+        self._coefs: torch.Tensor | list[float] = [1.0] * len(self.task_names)
 
-    def projection_order(self, i: int) -> list[int]:
-        """The order in which task i is projected against the others (draws from the generator)."""
-        others = [j for j in range(len(self.task_names)) if j != i]
-        perm = torch.randperm(len(others), generator=self.generator).tolist()
-        return [others[p] for p in perm]
+    def projection_order(self, i: int) -> torch.Tensor:
+        """The order in which task i is projected against the others (draws from the
+        generator): a CPU tensor of task indices, never read as Python values."""
+        k = len(self.task_names)
+        others = torch.tensor([j for j in range(k) if j != i], dtype=torch.long)
+        return others[torch.randperm(k - 1, generator=self.generator)]
 
-    def coefficients(self, m: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
-        """Weights c with sum_i projected g_i = c @ grads, given the Gram matrix and orders."""
+    def coefficients(self, m: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+        """Weights c with sum_i projected g_i = c @ grads, given the Gram matrix and the
+        K x (K - 1) orders (row i: the tasks g_i is projected against, in turn)."""
         k = m.shape[0]
-        total = torch.zeros(k, dtype=torch.float64)
-        for i in range(k):
-            c = torch.zeros(k, dtype=torch.float64)
-            c[i] = 1.0
-            for j in orders[i]:
-                dot = float(c @ m[:, j])  # (current g_i) . (original g_j)
-                if dot < 0 and m[j, j] > 0:
-                    c[j] -= dot / float(m[j, j])
-            total += c
+        orders = orders.to(device=m.device, dtype=torch.long)
+        diag = torch.diagonal(m)
+        c = torch.eye(k, dtype=torch.float64, device=m.device)  # row i: the running g_i
+        for s in range(orders.shape[1]):
+            j = orders[:, s:s + 1]  # K x 1: the task each g_i meets in round s
+            dot = (c @ m).gather(1, j)  # (current g_i) . (original g_j)
+            mjj = diag[j]
+            conflict = (dot < 0) & (mjj > 0)
+            c.scatter_add_(1, j, torch.where(conflict, -dot / torch.where(conflict, mjj, 1.0), 0.0))
+        total = c.sum(0)
         if self.reduction == "mean":
             total /= k
         return total
 
     def combine_grads(self, grads, losses):
         check_grads("pcgrad", grads, self.task_names)
-        orders = [self.projection_order(i) for i in range(len(self.task_names))]
-        coefs = self.coefficients(gram(grads), orders)
-        self._coefs = coefs.tolist()
+        k = len(self.task_names)
+        orders = torch.stack([torch.as_tensor(self.projection_order(i), dtype=torch.long).reshape(k - 1)
+                              for i in range(k)])
+        coefs = self.coefficients(gram(grads, host=False), orders)
+        self._coefs = coefs
         return weighted_sum(coefs, grads)
 
     def combine(self, losses):
@@ -73,7 +83,7 @@ class PCGrad(Weighting):
         return total / len(self.task_names) if self.reduction == "mean" else total
 
     def weights(self):
-        # the effective coefficient of each original gradient in the last update
+        # the effective coefficient of each original gradient in the last update (0-dim tensors)
         return dict(zip(self.task_names, self._coefs))
 
     def get_state(self):
