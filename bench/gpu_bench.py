@@ -5,9 +5,9 @@
 Rows (training steps: forward, loss, backward, Adam step):
 - MTAN on SegNet, NYUv2 shapes (13-class segmentation, depth, normals), 288x384, batch 2:
   the plain per-task loop (the authors' computation: fp32, NCHW), ``fast`` (batched
-  branches), ``memory_efficient`` (recomputed levels), each in fp32 and bf16 autocast, with
-  and without torch.compile; and the shipped recipe's CUDA choice (``fast`` + channels-last
-  + bf16, what ``fast="auto"``, ``channels_last="auto"`` and ``precision="auto"`` resolve to).
+  branches), ``memory_efficient`` (recomputed levels), each in fp32 and bf16 autocast,
+  eager and under torch.compile (default mode, and reduce-overhead: the step replayed as
+  CUDA graphs), and fast + channels-last + bf16.
 - Split, Wide on SegNet at the same shapes, fp32 / bf16, eager / compiled.
 - Visual Decathlon: WRN-28-4 + MTAN, 10 domains, 72x72, batch 128, one domain per step:
   training images/s in fp32 and in bf16 + channels-last.
@@ -20,9 +20,9 @@ Step time is the median of ``--steps`` steps timed with CUDA events after 3 warm
 activations); the warm-up's peak, which holds the autotuner's trial workspaces, is kept apart.
 TFLOP/s counts the useful FLOPs of the plain network (torch.utils.flop_counter on the meta
 device; the same function for every variant), against the card's bf16 dense GEMM peak
-measured in the same run (8192^3 torch.mm). Eager rows run first, compiled rows last, and a
-row that would start after ``--budget`` seconds is skipped (and listed as skipped), so the
-script ends in time. Results: DIR/gpu_bench.json and DIR/gpu_bench.md, written after every row.
+measured in the same run (8192^3 torch.mm). Rows run in the order of ``PLAN`` (the most
+telling first), and a row that would start after ``--budget`` seconds is skipped (and listed
+as skipped), so the script ends in time. Results: DIR/gpu_bench.json and DIR/gpu_bench.md, written after every row.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ H, W, BATCH = 288, 384, 2
 
 
 def time_steps(net, make_batch, loss_fn, precision: str, steps: int, warmup: int = 3,
-               channels_last: bool = False, domains: list[str] | None = None) -> dict:
+               channels_last: bool = False, domains: list[str] | None = None, graphs: bool = False) -> dict:
     """Median step time (ms) and peak memory (GB) of ``steps`` training steps."""
     dev = torch.device("cuda")
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -63,6 +63,8 @@ def time_steps(net, make_batch, loss_fn, precision: str, steps: int, warmup: int
         domain = domains[i % len(domains)] if domains else None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        if graphs:  # CUDA graphs (reduce-overhead): a new step may reuse the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         with autocast:
             out = net(x, tasks=[domain]) if domain else net(x)
@@ -87,15 +89,41 @@ def dense_loss(out, target, domain):
     return sum(o.float().mean() for o in out.values())
 
 
-def segnet_row(arch: str, precision: str, compiled: bool, steps: int, channels_last: bool = False) -> dict:
+# (model, arch, variant, precision, compile mode or None, channels_last), most telling first:
+# rows that would start after --budget are skipped, so a short session measures these first
+PLAN = [
+    ("MTAN SegNet", "mtan", "plain", "fp32", None, False),  # the authors' computation: the baseline
+    ("MTAN SegNet", "mtan", "plain", "bf16", None, False),
+    ("MTAN SegNet", "_fast", "fast", "bf16", None, False),
+    ("MTAN SegNet", "mtan", "plain", "bf16", "reduce-overhead", False),  # CUDA graphs: the launch-bound step
+    ("MTAN SegNet", "_fast", "fast", "bf16", "reduce-overhead", False),
+    ("Split Wide SegNet", "split-wide", "plain", "fp32", None, False),
+    ("Split Wide SegNet", "split-wide", "plain", "bf16", None, False),  # then the Decathlon and loading rows
+    ("MTAN SegNet", "_lean", "memory_efficient", "fp32", None, False),
+    ("MTAN SegNet", "_lean", "memory_efficient", "bf16", None, False),
+    ("MTAN SegNet", "_fast", "fast", "fp32", None, False),
+    ("MTAN SegNet", "_fast", "fast + channels-last", "bf16", None, True),
+    ("MTAN SegNet", "mtan", "plain", "fp32", "reduce-overhead", False),
+    ("Split Wide SegNet", "split-wide", "plain", "bf16", "reduce-overhead", False),
+    ("MTAN SegNet", "mtan", "plain", "bf16", "default", False),
+    ("MTAN SegNet", "_fast", "fast", "bf16", "default", False),
+    ("MTAN SegNet", "_lean", "memory_efficient", "bf16", "reduce-overhead", False),
+    ("Split Wide SegNet", "split-wide", "plain", "fp32", "reduce-overhead", False),
+]
+CORE = 7  # --core: the first rows of PLAN
+
+
+def segnet_row(arch: str, precision: str, compiled: str | None, steps: int, channels_last: bool = False) -> dict:
+    """``compiled``: None (eager), "default" or "reduce-overhead" (torch.compile mode)."""
     torch.manual_seed(0)
     net = build_segnet_zoo(arch, H, 1.0).train().cuda()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if compiled:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=None if compiled == "default" else compiled)
     batch = lambda: (torch.randn(BATCH, 3, H, W, device="cuda"), None)  # noqa: E731
-    return time_steps(net, batch, dense_loss, precision, steps, channels_last=channels_last)
+    return time_steps(net, batch, dense_loss, precision, steps, channels_last=channels_last,
+                      graphs=compiled == "reduce-overhead")
 
 
 def decathlon_row(precision: str, channels_last: bool, steps: int) -> dict:
@@ -169,13 +197,13 @@ def markdown(res: dict) -> str:
     base = {r["model"]: r for r in res["rows"] if r.get("baseline")}
     for r in res["rows"]:
         if "ms" not in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile']} | "
+            lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile'] or 'eager'} | "
                          f"{r.get('error', 'skipped')} | | | | |")
             continue
         b = base.get(r["model"])
         ratio = f"{b['ms'] / r['ms']:.2f}x" if b else ""
         tflops = r["tflop_per_step"] / (r["ms"] / 1e3)
-        lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile']} | {r['ms']:.1f} "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile'] or 'eager'} | {r['ms']:.1f} "
                      f"({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {ratio} | {r['peak_gb']:.2f} | {tflops:.1f} | "
                      f"{tflops / peak:.3f} |")
     for d in res.get("decathlon", []):
@@ -222,17 +250,9 @@ def main(argv=None) -> int:
         (out / "gpu_bench.md").write_text(markdown(res))
 
     flops = {m: sum(count_flops(m, H, W, BATCH, 1.0)) / 1e12 for m in ("mtan", "split-wide")}
-    plan = []  # (model, arch, variant, precision, compile, channels_last)
-    for comp in {"eager": (False,), "compiled": (True,), "all": (False, True)}[args.rows]:
-        for variant, arch in (("plain", "mtan"), ("fast", "_fast"), ("memory_efficient", "_lean")):
-            for prec in ("fp32", "bf16"):
-                plan.append(("MTAN SegNet", arch, variant, prec, comp, False))
-        plan.append(("MTAN SegNet", "_fast", "fast + channels-last (shipped on CUDA)", "bf16", comp, True))
-        for prec in ("fp32", "bf16"):
-            plan.append(("Split Wide SegNet", "split-wide", "plain", prec, comp, False))
+    plan = [p for p in PLAN if args.rows == "all" or (p[4] is None) == (args.rows == "eager")]
     if args.core:
-        plan = [p for p in plan if p[0].startswith("Split") or (p[2], p[3], p[5]) in
-                (("plain", "fp32", False), ("plain", "bf16", False), ("fast", "bf16", False))]
+        plan = [p for p in plan if p in PLAN[:CORE]]
     from step_time import ARCHS
 
     ARCHS["_fast"] = ("mtan", {"fast": True}, {})
@@ -240,7 +260,7 @@ def main(argv=None) -> int:
     for model, arch, variant, prec, comp, cl in plan:
         row = {"model": model, "variant": variant, "precision": prec, "compile": comp, "channels_last": cl,
                "tflop_per_step": flops["mtan" if model.startswith("MTAN") else "split-wide"],
-               "baseline": variant == "plain" and prec == "fp32" and not comp}
+               "baseline": variant == "plain" and prec == "fp32" and comp is None}
         if time.perf_counter() - t0 > args.budget:
             row["error"] = "skipped (time budget)"
         else:
@@ -253,7 +273,7 @@ def main(argv=None) -> int:
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()
-        if not args.core and comp is False and (model, variant, prec) == ("Split Wide SegNet", "plain", "bf16"):
+        if not args.core and comp is None and (model, variant, prec) == ("Split Wide SegNet", "plain", "bf16"):
             res["decathlon"] = []
             for prec2, cl2, name in (("fp32", False, "fp32 NCHW"), ("bf16", True, "bf16 + channels-last")):
                 try:

@@ -1,0 +1,39 @@
+"""bench/gpu_bench.py's plan and report, checked on the CPU (the bench itself needs CUDA)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+import gpu_bench  # noqa: E402
+
+
+def test_the_plan_measures_the_baseline_first_and_the_cuda_graph_rows_early():
+    plan = gpu_bench.PLAN
+    assert plan[0][2:5] == ("plain", "fp32", None)  # the authors' computation: every ratio's base
+    assert len(set(plan)) == len(plan)
+    graphs = [i for i, p in enumerate(plan) if p[4] == "reduce-overhead"]
+    assert graphs and graphs[0] < gpu_bench.CORE  # a short session still measures a CUDA-graph row
+    assert {p[4] for p in plan} == {None, "default", "reduce-overhead"}
+
+
+def test_the_report_gives_ratios_against_the_baseline_and_lists_skipped_rows():
+    rows = [{"model": "MTAN SegNet", "variant": "plain", "precision": "fp32", "compile": None, "ms": 60.0,
+             "ms_min": 59.0, "ms_max": 62.0, "peak_gb": 8.0, "tflop_per_step": 3.0, "baseline": True},
+            {"model": "MTAN SegNet", "variant": "plain", "precision": "bf16", "compile": "reduce-overhead",
+             "ms": 24.0, "ms_min": 23.0, "ms_max": 25.0, "peak_gb": 5.0, "tflop_per_step": 3.0, "baseline": False},
+            {"model": "MTAN SegNet", "variant": "fast", "precision": "bf16", "compile": "default",
+             "error": "skipped (time budget)"}]
+    res = {"gpu": "G", "torch": "T", "cpu": "C", "bf16_gemm_tflops": 500.0, "fp32_gemm_tflops": 50.0, "rows": rows,
+           "tests": {"passed": 3, "failed": 1, "skipped": 0, "failed_tests": ["t::x"]}}
+    lines = gpu_bench.markdown(res).splitlines()
+    graph_row = next(line for line in lines if "reduce-overhead" in line)
+    cells = [c.strip() for c in graph_row.split("|")]
+    assert cells[6] == f"{60.0 / 24.0:.2f}x"  # side by side with the eager fp32 row
+    assert math.isclose(float(cells[8]), 3.0 / 0.024, rel_tol=1e-3)
+    assert any("eager" in line and "| 60.0" in line for line in lines)
+    assert any("skipped (time budget)" in line for line in lines)
+    assert any("1 failed" in line and "t::x" in line for line in lines)
