@@ -181,8 +181,16 @@ class StepContext:
         self.engine.backward_gradients(self, combine_grads, target or self.grad_target)
 
 
+def to_device(values: Any, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Host values (a list, or a CPU tensor such as an index drawn from a CPU generator) on
+    ``device`` without making the host wait: a non-blocking copy (the driver stages a
+    pageable source at once), where a blocking one first waits for every queued kernel."""
+    t = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
+
+
 def present_rows(grads: Tensor, names: list[str], present: list[str]) -> Tensor:
     """The rows of ``grads`` (one per task of ``names``) of the ``present`` tasks, in order."""
     if list(present) == list(names):
         return grads
-    return grads[torch.tensor([names.index(t) for t in present], dtype=torch.long, device=grads.device)]
+    return grads[to_device([names.index(t) for t in present], grads.device, torch.long)]

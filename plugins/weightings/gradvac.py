@@ -26,6 +26,7 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.step_context import to_device
 
 from ._common import GradTargetParams, check_grads, generator_state, gram, require_tasks, set_generator_state, weighted_sum
 
@@ -76,8 +77,8 @@ class GradVac(Weighting):
         k, dev = m.shape[0], m.device
         if self.phi.device != dev:
             self.phi = self.phi.to(dev)
-        index = torch.tensor([self.all_tasks.index(t) for t in self.task_names], dtype=torch.long).to(dev)
-        orders = orders.to(device=dev, dtype=torch.long)
+        index = to_device([self.all_tasks.index(t) for t in self.task_names], dev, torch.long)
+        orders = to_device(orders, dev, torch.long)
         phi = self.phi.view(-1)  # row-major: entry (a, b) of the full K x K targets at a * K + b
         diag = torch.diagonal(m)
         c = torch.eye(k, dtype=torch.float64, device=dev)  # row i: the running g_i

@@ -36,6 +36,7 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
+from mtlkit.step_context import to_device
 from mtlkit.registry import Params
 
 from ._common import check_grads, gram, require_tasks, sized_buffer
@@ -99,7 +100,7 @@ class MoCo(Weighting):
             ys = y[rows]
         yy = gram(ys, host=False)  # K x K in float64 (chunked), on the device: nothing is read back
         full = self.lam.to(yy.device, copy=True)
-        index = torch.tensor(rows, dtype=torch.long).to(yy.device)
+        index = to_device(rows, yy.device, torch.long)
         lam = full[index]
         if len(rows) < len(self.all_tasks):  # the present tasks' face: their lambdas, summing to 1
             mass = lam.sum()

@@ -20,7 +20,7 @@ import torch
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
-from mtlkit.registry import Params
+from mtlkit.step_context import to_device
 
 from ._common import GradTargetParams, check_grads, generator_state, gram, require_tasks, set_generator_state, weighted_sum
 
@@ -54,7 +54,7 @@ class PCGrad(Weighting):
         """Weights c with sum_i projected g_i = c @ grads, given the Gram matrix and the
         K x (K - 1) orders (row i: the tasks g_i is projected against, in turn)."""
         k = m.shape[0]
-        orders = orders.to(device=m.device, dtype=torch.long)
+        orders = to_device(orders, m.device, torch.long)
         diag = torch.diagonal(m)
         c = torch.eye(k, dtype=torch.float64, device=m.device)  # row i: the running g_i
         for s in range(orders.shape[1]):
