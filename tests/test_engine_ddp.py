@@ -98,3 +98,28 @@ def test_ddp_two_ranks(tmp_path, kind):
         # counts are exact; the summed NLL differs only by float summation order
         assert single[t]["accuracy"] == r0["metrics"][t]["accuracy"]
         assert single[t]["loss"] == pytest.approx(r0["metrics"][t]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("device, backend, index", [("auto", "nccl", 1), ("cuda", "nccl", 1), ("cpu", "gloo", None)])
+def test_torchrun_joins_nccl_on_its_local_gpu_and_gloo_on_cpus(monkeypatch, device, backend, index):
+    """Under torchrun the one setup path picks the backend by device (nccl for CUDA), and
+    local rank r trains on GPU r (mod the node's GPUs). The process group and the GPUs are
+    stood in for: their calls are recorded."""
+    import torch.distributed as dist
+
+    from mtlkit.engine import distributed as D
+
+    calls, joined = {}, []
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    ctx = D.setup(device)
+    assert joined == [backend]
+    assert (ctx.rank, ctx.world_size, ctx.local_rank) == (3, 4, 3)
+    assert ctx.device == (torch.device("cuda", index) if index is not None else torch.device("cpu"))
+    assert calls.get("set_device") == index
