@@ -275,8 +275,7 @@ def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int | list[int] 
     """One step of Adam (Kingma & Ba 2015; L2 weight decay added to the gradient, as
     ``torch.optim.Adam``) on the tensor ``x`` in place, with the moment buffers ``m`` and
     ``v``; ``t`` counts this step from 1 (or one count per entry stepped: a list, or a
-    tensor of counts kept on the device, whose bias corrections are rounded to ``m``'s dtype
-    as a Python number's would be; nothing is read back). For the small
+    device tensor, read by nothing). For the small
     vectors a weighting learns with its own optimiser (FAMO's logits, GradNorm's and
     Auto-Lambda's weights): buffers, so the checkpoint carries them.
 
@@ -288,9 +287,8 @@ def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int | list[int] 
         adam_step(xs, grad, ms, vs, t, lr, betas, eps, weight_decay)
         x[index], m[index], v[index] = xs, ms, vs
         return
-    if isinstance(t, Tensor):
-        t64 = t.to(torch.float64)
-        c1, c2 = (1 - betas[0] ** t64).to(m.dtype), (1 - betas[1] ** t64).to(v.dtype)
+    if isinstance(t, Tensor):  # the corrections rounded to m's dtype, as a Python number's are
+        c1, c2 = ((1 - b ** t.to(torch.float64)).to(m.dtype) for b in betas)
     else:
         if not isinstance(t, int):
             t = t[0] if len(set(t)) == 1 else torch.tensor(t, dtype=torch.float64, device=x.device)

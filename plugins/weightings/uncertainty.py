@@ -36,11 +36,13 @@ class Uncertainty(Weighting):
                 continue
             s = self.log_vars[k]
             # 1 where the task has a loss, 0 on a zero loss (no valid target): a device-side
-            # mask, no read. Under torchrun it is this rank's own loss: the engine averages
-            # d/ds_k over the R ranks, which gives (R_k / R) (1/2 - e^-s_k mean_k L / 2) with
-            # R_k the ranks that had a target for task k and mean_k L their mean loss (the
-            # others' L_k is 0): s_k moves towards log of the loss where the task has
-            # targets, scaled, like the trunk's gradient from that task, by R_k / R.
+            # mask, no read. Under torchrun it is this rank's own loss (combine sees no
+            # other): the engine averages d/ds_k over the R ranks, giving
+            # (R_k / R) (1/2 - e^-s_k mean_k L / 2), R_k the ranks with a target for task k
+            # and mean_k L their mean loss (the others' L_k is 0). So s_k still tends to the
+            # log of the loss where the task has targets (a mask of the global loss would
+            # pull it to log((R_k / R) mean_k L)), its step scaled by R_k / R like the
+            # trunk's gradient from that task; with R_k = 0 or R it is the one-process step.
             present = (losses[t].detach() != 0).to(s.dtype)
             term = 0.5 * torch.exp(-s) * losses[t] + 0.5 * s * present
             total = term if total is None else total + term
