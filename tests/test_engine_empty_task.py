@@ -209,3 +209,17 @@ def test_an_empty_task_keeps_its_per_task_state(name, params, blank):
             assert torch.equal(new, ref), f"{name}: {key} of the empty task '{t}' changed"
     for n, v in list(weighting.named_buffers()) + list(weighting.named_parameters()):
         assert torch.isfinite(v).all(), f"{name}: {n} is not finite"
+
+
+def test_uncertainty_log_variance_of_an_empty_task_stays():
+    """Loss-level uncertainty weighting through the engine: two steps without a ``size``
+    label leave its log-variance as it was (its regulariser is masked on the device: the
+    step reads nothing), while the other tasks' move."""
+    all3 = ("shape", "colour", "size")
+    weighting = build("uncertainty", {}, all3)
+    before = weighting.log_vars.detach().clone()
+    fit(make_model(make_tasks(all3), seed=0), all3, weighting, blank=["size"], steps=2,
+        optimizer=dict(name="sgd", lr=0.2, momentum=0.9))
+    after = weighting.log_vars.detach()
+    assert torch.equal(after[2], before[2])
+    assert (after[:2] - before[:2]).abs().min() > 1e-3

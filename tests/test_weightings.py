@@ -105,6 +105,23 @@ def test_uncertainty_only_counts_present_tasks():
     assert w.log_vars.grad[0].item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uncertainty_zero_loss_gives_its_log_variance_no_gradient(dtype):
+    """A task with no valid target (its loss exactly 0) leaves its s_k alone: the regulariser
+    s_k / 2 would otherwise pull it down by 1/2 a step. The other task's d/ds_k is the closed
+    form 1/2 - L_k / (2 e^s_k)."""
+    w = build("uncertainty")
+    with torch.no_grad():
+        w.log_vars.copy_(torch.tensor([0.2, -0.4]))
+    losses = {t: torch.tensor(v, dtype=dtype, requires_grad=True) for t, v in (("a", 0.0), ("b", 3.0))}
+    out = w.combine(losses)
+    assert out.item() == pytest.approx(1.5 * math.exp(0.4) - 0.2, rel=1e-6)  # no s_a / 2 term
+    out.backward()
+    assert w.log_vars.grad[0].item() == 0.0
+    assert w.log_vars.grad[1].item() == pytest.approx(0.5 - 1.5 * math.exp(0.4), rel=1e-6)
+    assert losses["a"].grad.item() == pytest.approx(0.5 * math.exp(-0.2), rel=1e-6)  # the factor is unchanged
+
+
 # -- DWA -----------------------------------------------------------------------------
 
 HISTORY = [

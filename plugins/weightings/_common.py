@@ -269,12 +269,13 @@ def sized_buffer(module: torch.nn.Module, name: str, rows: int, like: Tensor) ->
     return buf
 
 
-def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int | list[int], lr: float,
+def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int | list[int] | Tensor, lr: float,
               betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
               rows: list[int] | None = None) -> None:
     """One step of Adam (Kingma & Ba 2015; L2 weight decay added to the gradient, as
     ``torch.optim.Adam``) on the tensor ``x`` in place, with the moment buffers ``m`` and
-    ``v``; ``t`` counts this step from 1 (or one count per entry stepped). For the small
+    ``v``; ``t`` counts this step from 1 (or one count per entry stepped: a list, or a
+    device tensor, read by nothing). For the small
     vectors a weighting learns with its own optimiser (FAMO's logits, GradNorm's and
     Auto-Lambda's weights): buffers, so the checkpoint carries them.
 
@@ -286,13 +287,17 @@ def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int | list[int],
         adam_step(xs, grad, ms, vs, t, lr, betas, eps, weight_decay)
         x[index], m[index], v[index] = xs, ms, vs
         return
-    if not isinstance(t, int):
-        t = t[0] if len(set(t)) == 1 else torch.tensor(t, dtype=torch.float64, device=x.device)
+    if isinstance(t, Tensor):  # the corrections rounded to m's dtype, as a Python number's are
+        c1, c2 = ((1 - b ** t.to(torch.float64)).to(m.dtype) for b in betas)
+    else:
+        if not isinstance(t, int):
+            t = t[0] if len(set(t)) == 1 else torch.tensor(t, dtype=torch.float64, device=x.device)
+        c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
     g = grad + weight_decay * x if weight_decay else grad
     m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
     v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
-    m_hat = m / (1 - betas[0] ** t)
-    v_hat = v / (1 - betas[1] ** t)
+    m_hat = m / c1
+    v_hat = v / c2
     x.sub_((lr * m_hat / (v_hat.sqrt() + eps)).to(x))
 
 

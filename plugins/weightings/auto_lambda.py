@@ -19,6 +19,12 @@ step's own forward graph stays valid. Under torchrun g, d and the finite-differe
 are averaged over ranks (every rank draws its own validation samples), so every rank moves
 lambda alike. lambda and Adam's moments are buffers (checkpointed with the weighting).
 
+Nothing is read back from the device during the step: where d = 0 (no primary target in
+the validation batch) or is not finite, e is undefined and lambda takes no step; that is
+decided on the device (the two finite-difference passes then run at theta itself and the
+Adam step is masked out), so the per-task Adam step counts stay on the device too (a
+buffer outside the state dict; the JSON state carries them).
+
 A task with no valid target in the training batch (a zero loss) takes no part in the step
 (``ctx.present_tasks``): the training loss and the virtual step sum over the present
 tasks, only their lambdas take the Adam step (each task's step count counts the steps it
@@ -40,7 +46,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from ._common import adam_step, step_counts, task_steps
+from ._common import adam_step, step_counts
 
 
 class AutoLambdaParams(Params):
@@ -79,7 +85,9 @@ class AutoLambda(Weighting):
         self.register_buffer("lambdas", torch.full((k,), float(params.init)))
         self.register_buffer("adam_m", torch.zeros(k))
         self.register_buffer("adam_v", torch.zeros(k))
-        self.updates = [0] * k  # Adam steps each task's lambda took
+        # Adam steps each task's lambda took: counted on the device (a step with d = 0 takes
+        # none, known only there); not in the state dict, get_state carries it (old format)
+        self.register_buffer("updates", torch.zeros(k, dtype=torch.long), persistent=False)
 
     def combine(self, losses):
         terms = [self.lambdas[k] * losses[t] for k, t in enumerate(self.all_tasks) if t in losses]
@@ -91,16 +99,30 @@ class AutoLambda(Weighting):
         present = ctx.present_tasks()
         if not present:  # no task to learn from: no gradient, no meta step
             return
-        grad = self.meta_gradient(ctx, present)
-        if grad is not None:
-            rows = [self.all_tasks.index(t) for t in present]
-            adam_step(self.lambdas, grad.to(self.lambdas), self.adam_m, self.adam_v,
-                      task_steps(self.updates, rows), self.lr, rows=rows)
+        meta = self._hypergradient(ctx, present)
+        if meta is not None:
+            self._adam_step(*meta, [self.all_tasks.index(t) for t in present])
         ctx.backward_loss(self.combine({t: ctx.losses[t] for t in present}))
+
+    def _adam_step(self, grad: torch.Tensor, ok: torch.Tensor, rows: list[int]) -> None:
+        """One Adam step of the lambdas ``rows`` where ``ok`` (a device bool), none elsewhere."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.lambdas.device)
+        lam, m, v = self.lambdas[index], self.adam_m[index], self.adam_v[index]  # copies
+        adam_step(lam, grad.to(lam), m, v, self.updates[index] + 1, self.lr)
+        self.lambdas[index] = torch.where(ok, lam, self.lambdas[index])
+        self.adam_m[index] = torch.where(ok, m, self.adam_m[index])
+        self.adam_v[index] = torch.where(ok, v, self.adam_v[index])
+        self.updates[index] += ok.long()
 
     def meta_gradient(self, ctx, present: list[str] | None = None) -> torch.Tensor | None:
         """d L_val(theta') / d lambda_k for the tasks ``present`` (every task with a loss by
-        default), by the authors' finite differences (None: d = 0)."""
+        default), by the authors' finite differences (None: this step's domain is not a
+        primary task; NaN: d = 0 or not finite, no direction to differentiate along)."""
+        meta = self._hypergradient(ctx, present)
+        return None if meta is None else torch.where(meta[1], meta[0], float("nan"))
+
+    def _hypergradient(self, ctx, present: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the hypergradient, whether it is defined: a device bool, d > 0 and finite), or None."""
         params = [p for p in ctx.raw_model.parameters() if p.requires_grad]
         group = ctx.optimizer.param_groups[0]
         a, wd = float(group["lr"]), float(group.get("weight_decay", 0.0) or 0.0)
@@ -130,10 +152,13 @@ class AutoLambda(Weighting):
                 return None
             objective = sum(terms[1:], terms[0])
             d = _flat(torch.autograd.grad(objective, params, allow_unused=True), params, ctx.dist)
-            norm = float(torch.linalg.vector_norm(d))
-            if not norm > 0:
-                return None
-            e = 0.01 / norm
+            norm = torch.linalg.vector_norm(d)
+            ok = norm > 0  # False for d = 0 or NaN (an inf norm gives e = 0: no step either)
+            # no read to skip the passes: with ok False they run at theta (d := 0), and the
+            # step is masked out; e in float64, as the Python float it replaces
+            e = 0.01 / torch.where(ok, norm, 1.0).double()
+            ok = ok & (e > 0)
+            d = torch.where(ok, d, 0.0)
             sides = []
             with torch.no_grad():
                 for sign in (1.0, -1.0):  # theta +- e d
@@ -144,18 +169,20 @@ class AutoLambda(Weighting):
         finally:
             for p, data in zip(params, original):
                 p.data = data
-        return -a * (sides[0] - sides[1]) / (2 * e)
+        return -a * (sides[0] - sides[1]) / (2 * e), ok
 
     def weights(self):
-        # over task_names: the present tasks after a step that left some out
-        lam = dict(zip(self.all_tasks, self.lambdas.tolist()))
+        # over task_names: the present tasks after a step that left some out; 0-dim device
+        # tensors of a copy (the next step updates lambdas in place)
+        lam = dict(zip(self.all_tasks, self.lambdas.detach().clone().unbind()))
         return {t: lam[t] for t in self.task_names}
 
     def get_state(self):
-        return {"updates": list(self.updates)}
+        return {"updates": [int(n) for n in self.updates.tolist()]}  # at checkpoint time, not per step
 
     def set_state(self, state):
-        self.updates = step_counts("auto_lambda", state.get("updates", 0), len(self.all_tasks))
+        counts = step_counts("auto_lambda", state.get("updates", 0), len(self.all_tasks))
+        self.updates.copy_(torch.tensor(counts, dtype=torch.long))
 
 
 @hookimpl

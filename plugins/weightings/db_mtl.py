@@ -90,7 +90,8 @@ class DBMTL(Weighting):
         # alpha of the last step's tasks (task_names: the present ones after a step that left some out)
         if self._alpha is None:
             return {t: 1.0 for t in self.task_names}
-        alpha = dict(zip(self._alpha_tasks, self._alpha.tolist()))
+        # 0-dim device tensors (alpha is a new tensor each step)
+        alpha = dict(zip(self._alpha_tasks, self._alpha.unbind()))
         return {t: alpha.get(t, 0.0) for t in self.task_names}
 
     def get_state(self):

@@ -98,8 +98,9 @@ class ExcessMTL(Weighting):
         return sum(terms[1:], terms[0])
 
     def weights(self):
-        # over task_names: the present tasks after a step that left some out
-        w = dict(zip(self.all_tasks, self.loss_weight.tolist()))
+        # over task_names: the present tasks after a step that left some out; 0-dim device
+        # tensors of a copy (the next step updates loss_weight in place)
+        w = dict(zip(self.all_tasks, self.loss_weight.detach().clone().unbind()))
         return {t: w[t] for t in self.task_names}
 
 

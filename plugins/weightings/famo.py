@@ -115,8 +115,9 @@ class FAMO(Weighting):
                   weight_decay=self.gamma, rows=rows)
 
     def weights(self):
-        # the weights z of the tasks in task_names (the present ones after a step that left some out)
-        return dict(zip(self.task_names, torch.softmax(self.logits[self._rows(self.task_names)], 0).tolist()))
+        # the weights z of the tasks in task_names (the present ones after a step that left some
+        # out), as 0-dim device tensors (a new tensor: the logits' later steps do not change it)
+        return dict(zip(self.task_names, torch.softmax(self.logits[self._rows(self.task_names)], 0).unbind()))
 
     def get_state(self):
         return {"updates": list(self.updates)}

@@ -41,8 +41,10 @@ class GLS(Weighting):
         # the effective weight dGLS/dL_k at the last step
         if self._last_value is None:
             return {t: 1.0 / len(self.task_names) for t in self.task_names}
-        value, n = float(self._last_value), len(self._last)
-        return {t: value / (n * max(float(self._last[t]), self.eps)) if t in self._last else 0.0 for t in self.task_names}
+        # 0-dim device tensors in float64 (the arithmetic of Python floats), read when logged
+        value, n = self._last_value.double(), len(self._last)
+        return {t: value / (n * self._last[t].double().clamp_min(self.eps)) if t in self._last else 0.0
+                for t in self.task_names}
 
 
 @hookimpl

@@ -124,8 +124,9 @@ class GradNorm(Weighting):
         w[idx] = mine * (share / mine.sum())
 
     def weights(self):
-        # over task_names: the present tasks after a step that left some out
-        w = dict(zip(self.all_tasks, self.task_weights.tolist()))
+        # over task_names: the present tasks after a step that left some out; 0-dim device
+        # tensors of a copy (the next step updates task_weights in place)
+        w = dict(zip(self.all_tasks, self.task_weights.detach().clone().unbind()))
         return {t: w[t] for t in self.task_names}
 
     def get_state(self):

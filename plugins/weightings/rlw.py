@@ -3,6 +3,10 @@
 Each step draws K standard normal samples and uses their softmax as the task weights
 (they sum to 1). The draws come from a seeded generator whose state is JSON state, so a
 resumed run draws the same weights, and every DDP rank draws the same ones.
+
+The generator is a CPU one (its state is the same on any machine); the drawn weights go to
+the losses' device with a non-blocking copy and are never read back: each step's weights
+stay tensors (the log reads them with the losses, once per interval).
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ from mtlkit.registry import Params
 from ._common import generator_state, set_generator_state
 
 
+def scalar_times(weight: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``weight * loss`` in the loss's dtype, with the rounding of a Python float times the
+    loss (the float64 weight rounded to the loss's compute type, float32 for half types)."""
+    compute = torch.promote_types(loss.dtype, torch.float32)
+    return (weight.to(compute) * loss.to(compute)).to(loss.dtype)
+
+
 class RLWParams(Params):
     seed: int = 0
 
@@ -24,17 +35,19 @@ class RLW(Weighting):
     def __init__(self, params: RLWParams, task_names: list[str]) -> None:
         super().__init__(task_names)
         self.generator = torch.Generator().manual_seed(int(params.seed))
-        self._last = [1.0 / len(self.task_names)] * len(self.task_names)
+        self._last: list = [1.0 / len(self.task_names)] * len(self.task_names)
 
     def sample_weights(self) -> torch.Tensor:
         return torch.softmax(torch.randn(len(self.task_names), generator=self.generator, dtype=torch.float64), 0)
 
     def combine(self, losses):
-        w = self.sample_weights()
-        self._last = w.tolist()
-        terms = [float(w[k]) * losses[t] for k, t in enumerate(self.task_names) if t in losses]
-        if not terms:
+        w = self.sample_weights()  # drawn every step, present tasks or not: the stream stays in step
+        if not any(t in losses for t in self.task_names):
             raise ValueError("weighting 'rlw': none of the tasks has a loss")
+        first = next(iter(losses.values()))
+        w = w.to(first.device, non_blocking=True)  # host to device: no wait for the queued kernels
+        self._last = list(w.unbind())
+        terms = [scalar_times(w[k], losses[t]) for k, t in enumerate(self.task_names) if t in losses]
         return sum(terms[1:], terms[0])
 
     def weights(self):

@@ -37,8 +37,10 @@ class ScaleInvariant(Weighting):
         return sum(terms[1:], terms[0])
 
     def weights(self):
-        # the effective weight 1 / L_k of each task's gradient at the last step
-        return {t: 1.0 / max(float(self._last[t]), self.eps) if t in self._last else 1.0 for t in self.task_names}
+        # the effective weight 1 / L_k of each task's gradient at the last step: 0-dim device
+        # tensors (float64, as the float arithmetic this replaces), read when the step is logged
+        return {t: 1.0 / self._last[t].double().clamp_min(self.eps) if t in self._last else 1.0
+                for t in self.task_names}
 
 
 @hookimpl

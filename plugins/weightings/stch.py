@@ -70,7 +70,8 @@ class STCH(Weighting):
         return len(self.task_names) * smooth_tchebycheff(f, self.mu)
 
     def weights(self):
-        return {t: float(self._last[t]) if t in self._last else 1.0 for t in self.task_names}
+        # 0-dim device tensors (new each step), read when the step is logged
+        return {t: self._last[t] if t in self._last else 1.0 for t in self.task_names}
 
     def get_state(self):
         # the epoch too: a resume in mid-epoch does not call on_epoch_start again
