@@ -45,6 +45,7 @@ from mtlkit.engine import distributed as D
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
+from mtlkit.step_context import to_device
 
 from ._common import adam_step, step_counts
 
@@ -106,7 +107,7 @@ class AutoLambda(Weighting):
 
     def _adam_step(self, grad: torch.Tensor, ok: torch.Tensor, rows: list[int]) -> None:
         """One Adam step of the lambdas ``rows`` where ``ok`` (a device bool), none elsewhere."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.lambdas.device)
+        index = to_device(rows, self.lambdas.device, torch.long)
         lam, m, v = self.lambdas[index], self.adam_m[index], self.adam_v[index]  # copies
         adam_step(lam, grad.to(lam), m, v, self.updates[index] + 1, self.lr)
         self.lambdas[index] = torch.where(ok, lam, self.lambdas[index])
