@@ -98,9 +98,13 @@ def host_gram(grads: Tensor, extra: Tensor | None = None) -> tuple[np.ndarray, n
 
 
 def weighted_sum(weights: Tensor | np.ndarray, grads: Tensor) -> Tensor:
-    """sum_k weights[k] * grads[k], in the gradients' dtype and device."""
+    """sum_k weights[k] * grads[k], in the gradients' dtype and device.
+
+    Numpy weights (a host solver's) go to the device with ``non_blocking``: a blocking copy
+    would wait for every kernel queued there, as a read does (the array must not be
+    written afterwards: ``GramWeighting`` keeps its own copy)."""
     if isinstance(weights, np.ndarray):
-        weights = torch.from_numpy(weights)
+        weights = torch.from_numpy(weights).to(grads.device, non_blocking=True)
     return weights.to(device=grads.device, dtype=grads.dtype) @ grads
 
 
@@ -189,8 +193,8 @@ class GramWeighting(Weighting):
     grad_targets = ("params", "features")
     # One read per step: the K x K Gram matrix (with ``host_extra`` packed into the same
     # transfer, ``host_gram``), for a solver that runs in numpy on the host; the
-    # coefficients then go back to the device with the weighted sum (a copy to the device
-    # waits for nothing queued there), and ``weights()`` reports them from numpy.
+    # coefficients go back to the device with the weighted sum (``weighted_sum``: no
+    # wait), and ``weights()`` reports them from numpy (python floats).
     host_reads_per_step = 1
     method = "?"
     initial_coefficient: float | None = None
@@ -216,7 +220,7 @@ class GramWeighting(Weighting):
 
     def apply_coefficients(self, coef: np.ndarray, grads: Tensor) -> Tensor:
         """Keep ``coef`` (numpy, float64) for ``weights()``; the weighted sum of ``grads``."""
-        self._coefs = np.asarray(coef, dtype=np.float64)
+        self._coefs = np.array(coef, dtype=np.float64)  # a copy: nothing writes it while it travels
         return weighted_sum(self._coefs, grads)
 
     def weights(self):

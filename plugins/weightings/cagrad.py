@@ -131,9 +131,8 @@ class CAGrad(GramWeighting):
         self.max_iter = params.max_iter
         self.tol = params.tol
 
-    def coefficients(self, m: np.ndarray, extra=None) -> np.ndarray:
+    def coefficients(self, mm: np.ndarray, extra=None) -> np.ndarray:
         """Coefficients of the update d = coef @ grads, from the Gram matrix."""
-        mm = m
         k = mm.shape[0]
         b = np.full(k, 1.0 / k)
         coef = b.copy()
