@@ -1,9 +1,10 @@
 """Helpers shared by the weighting plugins (not a plugin itself: it registers nothing).
 
 Gradient-level methods only ever need the K x K Gram matrix of the task gradients to find
-their K weights, so they solve in that small space (float64, on the CPU, where a
-solver's scalar loop does not pay a device sync per step) and touch the K x P gradient
-matrix twice: once for the Gram matrix and once for the weighted sum.
+their K weights, so they solve in that small space (float64, in numpy on the host, where a
+solver's scalar loop does not pay a device sync per branch: ``host_gram`` is the step's
+one read) and touch the K x P gradient matrix twice: once for the Gram matrix and once
+for the weighted sum.
 
 The Gram matrix is accumulated in float64 whatever the gradients' dtype (``gram``), and the
 solvers work with norm-free quantities (correlations, cosines) wherever the gradient norms
@@ -82,174 +83,29 @@ def gram(grads: Tensor, host: bool = True) -> Tensor:
     return out.cpu() if host else out
 
 
-def weighted_sum(weights: Tensor, grads: Tensor) -> Tensor:
-    """sum_k weights[k] * grads[k], in the gradients' dtype and device."""
+def host_gram(grads: Tensor, extra: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The step's one read for a host-side solver: the K x K float64 Gram matrix of
+    ``grads`` (see ``gram``) as a numpy array, and ``extra`` (values the solver also needs,
+    such as the losses; any shape, flattened, as float64: exact for float32 and half
+    values) as a 1-D numpy array (empty when None), both from one transfer."""
+    m = gram(grads, host=False)
+    k = m.shape[0]
+    flat = m.reshape(-1)
+    if extra is not None:
+        flat = torch.cat([flat, extra.detach().reshape(-1).to(flat.device, torch.float64)])
+    values = np.array(flat.tolist(), dtype=np.float64)  # the one read (float64 -> float: exact)
+    return values[:k * k].reshape(k, k), values[k * k:]
+
+
+def weighted_sum(weights: Tensor | np.ndarray, grads: Tensor) -> Tensor:
+    """sum_k weights[k] * grads[k], in the gradients' dtype and device.
+
+    Numpy weights (a host solver's) go to the device with ``non_blocking``: a blocking copy
+    would wait for every kernel queued there, as a read does (the array must not be
+    written afterwards: ``GramWeighting`` keeps its own copy)."""
+    if isinstance(weights, np.ndarray):
+        weights = torch.from_numpy(weights).to(grads.device, non_blocking=True)
     return weights.to(device=grads.device, dtype=grads.dtype) @ grads
-
-
-def _affine_min(m: np.ndarray, n: np.ndarray, idx: list[int]) -> np.ndarray:
-    """Coefficients v (sum 1) of the least-norm point of the affine hull of the points idx.
-
-    Stationarity reads M_SS v = mu 1. It is solved for y = n * v against the correlation
-    block C = M_SS / (n n^T), whose entries lie in [-1, 1] whatever the norms: M_SS itself
-    mixes entries 1e12 apart at a 1e6 norm spread. The bordered system [[C, c], [c^T, 0]]
-    (c = 1 / n, rescaled to max 1) stays regular when C is singular, as long as the points
-    are affinely independent, which the active-set method below maintains.
-    """
-    ns = n[idx]
-    c = ns.min() / ns
-    s = len(idx)
-    kkt = np.zeros((s + 1, s + 1))
-    kkt[:s, :s] = m[np.ix_(idx, idx)] / np.outer(ns, ns)
-    kkt[:s, s] = kkt[s, :s] = c
-    rhs = np.zeros(s + 1)
-    rhs[s] = 1.0
-    try:
-        y = np.linalg.solve(kkt, rhs)[:s]
-    except np.linalg.LinAlgError:  # numerically dependent points: a least-squares solution
-        y = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:s]
-    v = y / ns
-    return v / v.sum()
-
-
-def kkt_violation(m: np.ndarray, n: np.ndarray, a: np.ndarray, tol: float) -> np.ndarray:
-    """Per vertex j, how far |x|^2 - p_j . x exceeds what optimality allows (> 0: violated).
-
-    Allowed: tol |x| |p_j - x| (a cosine of tol between x and x - p_j: scale-free) plus the
-    float64 rounding of the Gram products, about eps (sum_i a_i n_i) (n_j + sum_i a_i n_i).
-    n holds the points' norms.
-    """
-    ma = m @ a
-    xx = max(float(a @ ma), 0.0)
-    dist = np.sqrt(np.maximum(n * n - 2.0 * ma + xx, 0.0))  # |p_j - x|
-    span = float(a @ n)
-    noise = 8 * m.shape[0] * np.finfo(np.float64).eps * span * (n + span)
-    return (xx - ma) - tol * np.sqrt(xx) * dist - noise
-
-
-def min_norm_weights(m: Tensor | np.ndarray, max_iter: int = 1000, tol: float = 1e-10) -> Tensor:
-    """Weights a on the simplex minimising a^T M a: the min-norm point x = sum_k a_k p_k of
-    the convex hull of points p_k with Gram matrix M (MGDA's subproblem, Sener & Koltun 2018).
-
-    Wolfe's minimum-norm-point algorithm (Wolfe, Math. Programming 11, 1976), an active-set
-    method: keep affinely independent vertices S and x = the least-norm point of their
-    affine hull; while a vertex p_j has p_j . x < |x|^2 (moving to it shortens x), add it;
-    whenever the affine minimiser leaves the simplex, walk towards it up to the simplex's
-    boundary and drop the vertices that reach zero weight. |x| falls strictly and no set
-    repeats, so it ends after finitely many steps at the exact optimum; unlike Frank-Wolfe
-    it does not crawl when the hull is flat or the norms differ by 1e6.
-
-    It stops at the KKT conditions (``kkt_violation`` <= 0 for every vertex); the vertices
-    in S hold p_j . x = |x|^2 to rounding, as x is S's affine minimiser. ``max_iter``
-    (major plus minor steps) only guards against a numerically degenerate loop.
-    """
-    mm = m.detach().cpu().double().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float64)
-    k = mm.shape[0]
-    n = np.sqrt(np.maximum(np.diag(mm), 0.0))
-    if not n.max() > 0:  # every point is 0: all weights give the same (zero) point
-        return torch.full((k,), 1.0 / k, dtype=torch.float64)
-    a = np.zeros(k)
-    j = int(np.argmin(n))
-    a[j] = 1.0
-    if n[j] == 0:  # a zero point is the min-norm point
-        return torch.from_numpy(a)
-    act = [j]
-    steps = 0
-    done = False
-    while not done and steps < max_iter:
-        steps += 1
-        viol = kkt_violation(mm, n, a, tol)
-        if viol.max() <= 0:
-            break
-        # enter the vertex whose edge from x descends most steeply (a scale-free choice)
-        ma = mm @ a
-        xx = float(a @ ma)
-        dist = np.sqrt(np.maximum(n * n - 2.0 * ma + xx, 1e-300))
-        j = int(np.argmax(np.where(viol > 0, (xx - ma) / dist, -np.inf)))
-        if j in act:  # x is not quite S's affine minimiser: rounding, nothing left to gain
-            break
-        act.append(j)
-        while steps < max_iter:  # minor cycle: until S's affine minimiser is inside the simplex
-            steps += 1
-            v = _affine_min(mm, n, act)
-            if np.all(v > 0):
-                a[:] = 0.0
-                a[act] = v
-                break
-            cur = a[act]
-            out = np.flatnonzero(v <= 0)
-            # the step from a towards v at which each of those weights reaches 0
-            ratios = cur[out] / np.maximum(cur[out] - v[out], 1e-300)
-            theta = float(ratios.min())
-            new = np.maximum(cur + theta * (v - cur), 0.0)
-            drop = {act[i] for i in out[ratios <= theta]} | {act[i] for i in np.flatnonzero(new <= 0)}
-            a[act] = new
-            a[list(drop)] = 0.0
-            a /= a.sum()
-            act = [i for i in act if i not in drop]
-            if theta == 0.0 and j in drop:  # the entering vertex cannot take weight: optimal to rounding
-                done = True
-                break
-    return torch.from_numpy(a)
-
-
-def cone_projection(m: Tensor | np.ndarray, u: np.ndarray, max_iter: int = 1000) -> np.ndarray:
-    """Coefficients v of the projection of x = sum_k u_k g_k onto the dual cone of the task
-    gradients {d : g_k . d >= 0 for every k}, given their Gram matrix M: the projection is
-    sum_k v_k g_k with v = argmin_{v >= u} v^T M v (Quinton & Rey 2024, Prop. 1; the dual of
-    the projection problem of GEM, Lopez-Paz & Ranzato 2017).
-
-    Solved in the normalised space (y = n v, C = M / (n n^T), unit diagonal whatever the
-    norms) as the non-negative least-squares problem min_{z >= 0} |A (l + z)|^2 in Gram form
-    (A^T A = C, l = n u) by the active-set method of Lawson & Hanson (Solving Least Squares
-    Problems, 1974, ch. 23): free a variable whose gradient descends, solve the free block
-    (least squares: a singular block has the right-hand side in its range), step back to the
-    bound where that solution leaves z >= 0. Each free block's solution is exact; the loop
-    ends at the KKT point (z >= 0, C (l + z) >= 0 on the bound, = 0 off it).
-    A zero gradient takes no part (its constraint is void): it keeps v_k = u_k.
-    """
-    mm = m.detach().cpu().double().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float64)
-    u = np.asarray(u, dtype=np.float64)
-    v = u.copy()
-    n = np.sqrt(np.maximum(np.diag(mm), 0.0))
-    live = np.flatnonzero(n > 0)
-    if live.size == 0:
-        return v
-    nl = n[live]
-    c = mm[np.ix_(live, live)] / np.outer(nl, nl)
-    l = nl * u[live]
-    k = len(live)
-    q = c @ l  # the gradient of 1/2 |A (l + z)|^2 at z = 0
-    tol = 64 * k * np.finfo(np.float64).eps * max(1.0, float(np.abs(l).sum()))
-    z = np.zeros(k)
-    free: list[int] = []
-    steps = 0
-    while steps < max_iter:
-        steps += 1
-        grad = c @ z + q
-        bound = [j for j in range(k) if j not in free]
-        if not bound:
-            break
-        j = min(bound, key=lambda i: grad[i])
-        if not grad[j] < -tol:  # KKT: no variable on its bound can descend
-            break
-        free.append(j)
-        while steps < max_iter:  # until the free block's least-squares solution is feasible
-            steps += 1
-            s = np.zeros(k)
-            s[free] = np.linalg.lstsq(c[np.ix_(free, free)], -q[free], rcond=None)[0]
-            if np.all(s[free] > 0):
-                z = s
-                break
-            out = [i for i in free if s[i] <= 0]
-            theta = min(z[i] / max(z[i] - s[i], 1e-300) for i in out)
-            z = z + theta * (s - z)
-            free = [i for i in free if z[i] > 0 and not (i in out and z[i] <= tol)]
-            z[[i for i in range(k) if i not in free]] = 0.0
-            if j not in free and theta == 0.0:  # the entering variable cannot move: optimal to rounding
-                steps = max_iter
-        v[live] = (l + z) / nl
-    return v
 
 
 def sized_buffer(module: torch.nn.Module, name: str, rows: int, like: Tensor) -> Tensor:
@@ -333,12 +189,18 @@ class GramWeighting(Weighting):
     gradients.
 
     Subclasses set ``method`` (its registered name, for errors) and implement
-    ``coefficients(gram, losses)``; ``initial_coefficient`` (None: 1/K) is what ``weights()``
-    reports before the first step.
+    ``coefficients(m, extra)`` on numpy arrays: ``m`` the Gram matrix, ``extra`` the values
+    of ``host_extra(losses)`` read in the same transfer (empty by default);
+    ``initial_coefficient`` (None: 1/K) is what ``weights()`` reports before the first step.
     """
 
     requires_grads = "shared"
     grad_targets = ("params", "features")
+    # One read per step: the K x K Gram matrix (with ``host_extra`` packed into the same
+    # transfer, ``host_gram``), for a solver that runs in numpy on the host; the
+    # coefficients go back to the device with the weighted sum (``weighted_sum``: no
+    # wait), and ``weights()`` reports them from numpy (python floats).
+    host_reads_per_step = 1
     method = "?"
     initial_coefficient: float | None = None
 
@@ -347,16 +209,24 @@ class GramWeighting(Weighting):
         self.grad_target = grad_target
         require_tasks(self.method, self.task_names, 2)
         k = len(self.task_names)
-        self._coefs = [1.0 / k if self.initial_coefficient is None else self.initial_coefficient] * k
+        self._coefs = np.full(k, 1.0 / k if self.initial_coefficient is None else self.initial_coefficient)
 
-    def coefficients(self, m: Tensor, losses) -> Tensor:  # pragma: no cover - interface
+    def host_extra(self, losses) -> Tensor | None:
+        """Values (on the device) the solver needs besides the Gram matrix: read with it."""
+        return None
+
+    def coefficients(self, m: np.ndarray, extra: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
     def combine_grads(self, grads: Tensor, losses) -> Tensor:
         check_grads(self.method, grads, self.task_names)
-        coef = self.coefficients(gram(grads), losses)
-        self._coefs = coef.tolist()
-        return weighted_sum(coef, grads)
+        m, extra = host_gram(grads, self.host_extra(losses))
+        return self.apply_coefficients(self.coefficients(m, extra), grads)
+
+    def apply_coefficients(self, coef: np.ndarray, grads: Tensor) -> Tensor:
+        """Keep ``coef`` (numpy, float64) for ``weights()``; the weighted sum of ``grads``."""
+        self._coefs = np.array(coef, dtype=np.float64)  # a copy: nothing writes it while it travels
+        return weighted_sum(self._coefs, grads)
 
     def weights(self):
-        return dict(zip(self.task_names, self._coefs))
+        return {t: float(c) for t, c in zip(self.task_names, self._coefs)}

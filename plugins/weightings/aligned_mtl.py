@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 
 from mtlkit.hookspecs import hookimpl
 
@@ -49,13 +48,17 @@ def alignment_matrix(m: np.ndarray, scale: str = "min") -> np.ndarray:
 class AlignedMTL(GramWeighting):
     method = "aligned_mtl"
     initial_coefficient = 1.0
+    # host_reads_per_step = 1 (GramWeighting's): the eigendecomposition. On CUDA
+    # torch.linalg.eigh synchronises with the host (it reads LAPACK's error flag; there is
+    # no eigh_ex), so a device version would wait as long as this one read of the Gram
+    # matrix, and the rank cut and the scale choice then run in numpy as before.
 
     def __init__(self, params: AlignedMTLParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
         self.scale = params.scale
 
-    def coefficients(self, m, losses=None):
-        return torch.from_numpy(alignment_matrix(m.numpy(), self.scale).sum(0))
+    def coefficients(self, m, extra=None):
+        return alignment_matrix(m, self.scale).sum(0)
 
 
 @hookimpl

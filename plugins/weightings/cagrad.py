@@ -31,12 +31,12 @@ import math
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GradTargetParams, GramWeighting, min_norm_weights
+from ._active_set import min_norm_weights
+from ._common import GradTargetParams, GramWeighting
 
 
 class CAGradParams(GradTargetParams):
@@ -71,7 +71,7 @@ def solve_dual(m: np.ndarray, c: float, max_iter: int = 100, tol: float = 1e-12)
         """At s = e^t: weights of the projection of -s g0 onto the hull, and h = log(|g_w| / (r s))."""
         s = math.exp(t)
         shifted = m + s * (mb[:, None] + mb[None, :]) + (s * s * g0_sq)  # Gram of g_i + s g0
-        w = min_norm_weights(shifted).numpy()
+        w = min_norm_weights(shifted)
         gw = resolved_norm(m, w)
         return w, (math.log(gw) if gw > 0 else -math.inf) - math.log(r * s)
 
@@ -79,7 +79,7 @@ def solve_dual(m: np.ndarray, c: float, max_iter: int = 100, tol: float = 1e-12)
     # s = delta / r, delta = the hull's min norm (as |g_w| >= delta). A hull holding 0 gives
     # no lower bound: walk down until h > 0, or until g_w is 0 to rounding, which means the
     # optimum is g_w = 0 (no direction improves every task; the caller keeps g0).
-    w0 = min_norm_weights(m).numpy()
+    w0 = min_norm_weights(m)
     delta = resolved_norm(m, w0)
     floor = math.log(delta / r) if delta > 0 else -math.inf
     hi = math.log(math.sqrt(float(np.max(np.diag(m)))) / r)
@@ -131,9 +131,8 @@ class CAGrad(GramWeighting):
         self.max_iter = params.max_iter
         self.tol = params.tol
 
-    def coefficients(self, m: torch.Tensor, losses=None) -> torch.Tensor:
+    def coefficients(self, mm: np.ndarray, extra=None) -> np.ndarray:
         """Coefficients of the update d = coef @ grads, from the Gram matrix."""
-        mm = m.numpy()
         k = mm.shape[0]
         b = np.full(k, 1.0 / k)
         coef = b.copy()
@@ -147,7 +146,7 @@ class CAGrad(GramWeighting):
             coef = coef / (1.0 + self.c**2)
         elif self.rescale == "1+c":
             coef = coef / (1.0 + self.c)
-        return torch.from_numpy(coef)
+        return coef
 
 
 @hookimpl

@@ -15,7 +15,6 @@ sum_k z_k u_k for z = C^+ w (least squares, minimum norm: duplicated gradients s
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from mtlkit.hookspecs import hookimpl
 
@@ -47,6 +46,11 @@ def config_coefficients(m: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 class ConFIG(GramWeighting):
     method = "config"
+    # host_reads_per_step = 1 (GramWeighting's): C^+ w is a minimum-norm least-squares
+    # solve that must hold for a singular C (duplicated gradients share). On CUDA torch
+    # offers only lstsq's "gels" (full rank assumed), and pinv / svd / eigh synchronise
+    # with the host to check LAPACK's error flag: a device version would wait as long
+    # and change the singular case, so it solves in numpy (gelsd, as before).
 
     def __init__(self, params: ConFIGParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
@@ -55,10 +59,10 @@ class ConFIG(GramWeighting):
         if self.pref is not None:
             preference(self.method, self.pref, self.all_tasks, self.all_tasks)
 
-    def coefficients(self, m, losses=None):
+    def coefficients(self, m, extra=None):
         w = (np.ones(len(self.task_names)) if self.pref is None
              else preference(self.method, self.pref, self.task_names, self.all_tasks))
-        return torch.from_numpy(config_coefficients(m.numpy(), w))
+        return config_coefficients(m, w)
 
 
 @hookimpl

@@ -8,16 +8,14 @@ preference weights, default 1/K, i.e. the mean gradient). It has a non-negative 
 product with every task gradient and equals the mean wherever the mean conflicts with none.
 
 Solved exactly on the K x K Gram matrix: the projection is sum_k v_k g_k with
-v = argmin_{v >= w} v^T M v (``_common.cone_projection``).
+v = argmin_{v >= w} v^T M v (``_active_set.cone_projection``).
 """
 
 from __future__ import annotations
 
-import torch
-
 from mtlkit.hookspecs import hookimpl
 
-from ._common import cone_projection
+from ._active_set import cone_projection
 from .upgrad import UPGrad, UPGradParams, preference
 
 
@@ -28,10 +26,9 @@ class DualProjParams(UPGradParams):
 class DualProj(UPGrad):
     method = "dualproj"
 
-    def coefficients(self, m, losses=None):
+    def coefficients(self, m, extra=None):
         w = preference(self.method, self.pref, self.task_names, self.all_tasks)
-        return torch.from_numpy(cone_projection(m, w, self.max_iter))
-
+        return cone_projection(m, w, self.max_iter)
 
 
 @hookimpl

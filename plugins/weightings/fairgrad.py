@@ -16,7 +16,6 @@ when 0 lies in the gradients' convex hull (see nash_mtl).
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from mtlkit.hookspecs import hookimpl
@@ -43,9 +42,8 @@ class FairGrad(GramWeighting):
         self.max_iter = params.max_iter
         self.tol = params.tol
 
-    def coefficients(self, m, losses=None):
-        w = nash_weights(m.numpy(), self.ridge, self.max_iter, self.tol, power=1.0 / self.alpha)
-        return torch.from_numpy(w)
+    def coefficients(self, m, extra=None):
+        return nash_weights(m, self.ridge, self.max_iter, self.tol, power=1.0 / self.alpha)
 
 
 @hookimpl

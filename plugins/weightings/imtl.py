@@ -26,13 +26,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GradTargetParams, GramWeighting, check_grads, gram, weighted_sum
+from ._common import GradTargetParams, GramWeighting
 from .imtl_g import imtl_g_weights
 
 
@@ -43,6 +44,8 @@ class IMTLParams(GradTargetParams):
 class IMTL(GramWeighting):
     method = "imtl"
     present_only = True  # mode "loss": leave a task with a zero loss out of combine
+    # hybrid: one read per step, IMTL-G's (see imtl_g), the scales packed into the same
+    # transfer as the Gram matrix; "loss" reads nothing (its weights stay on the device)
 
     def __init__(self, params: IMTLParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
@@ -52,12 +55,8 @@ class IMTL(GramWeighting):
             if params.grad_target != "params":
                 raise ConfigError("weighting 'imtl': grad_target applies to mode = \"hybrid\" (IMTL-L alone is loss-level)")
             self.requires_grads = None  # loss-level: one backward of combine
+            self.host_reads_per_step = 0
         self.log_scales = nn.Parameter(torch.zeros(len(self.task_names)))
-
-    def scales(self) -> torch.Tensor:
-        """e^{s_k} of the tasks in ``task_names`` (float64, on the CPU)."""
-        s = self.log_scales.detach().to("cpu", torch.float64).exp()
-        return s[[self.all_tasks.index(t) for t in self.task_names]]
 
     def combine(self, losses):
         terms = []
@@ -69,19 +68,21 @@ class IMTL(GramWeighting):
             raise ValueError("weighting 'imtl': none of the tasks has a loss")
         return sum(terms[1:], terms[0])
 
-    def combine_grads(self, grads, losses):
-        check_grads(self.method, grads, self.task_names)
-        e = self.scales()
-        alpha = imtl_g_weights(gram(grads) * torch.outer(e, e))  # IMTL-G on h_k = e^{s_k} g_k
-        coef = alpha * e
-        self._coefs = coef.tolist()
-        return weighted_sum(coef, grads)
+    def host_extra(self, losses):
+        """The log scales s_k (every task's): read with the Gram matrix."""
+        return self.log_scales
+
+    def coefficients(self, m, extra):
+        # e^{s_k} of the tasks in task_names (the present ones during a step that leaves some out)
+        e = np.exp(extra[[self.all_tasks.index(t) for t in self.task_names]])
+        alpha = imtl_g_weights(m * np.outer(e, e))  # IMTL-G on h_k = e^{s_k} g_k
+        return alpha * e
 
     def weights(self):
         if self.mode == "loss":  # over task_names: the present tasks after a step that left some out
-            e = dict(zip(self.all_tasks, self.log_scales.detach().exp().tolist()))
-            return {t: e[t] for t in self.task_names}
-        return dict(zip(self.task_names, self._coefs))
+            e = self.log_scales.detach().exp()  # a new tensor: the optimiser's in-place steps leave it be
+            return {t: e[self.all_tasks.index(t)] for t in self.task_names}
+        return super().weights()
 
 
 @hookimpl

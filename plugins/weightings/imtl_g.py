@@ -13,7 +13,7 @@ rescaled to sum 1. C has a unit diagonal whatever the norms.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from mtlkit.hookspecs import hookimpl
 
@@ -24,35 +24,39 @@ class IMTLGParams(GradTargetParams):
     """No settings of its own (the gradient target only)."""
 
 
-def imtl_g_weights(m: torch.Tensor) -> torch.Tensor:
+def imtl_g_weights(m: np.ndarray) -> np.ndarray:
     """IMTL-G's alpha from the Gram matrix M (float64)."""
     k = m.shape[0]
-    norms = torch.sqrt(torch.diagonal(m).clamp_min(0.0))
+    norms = np.sqrt(np.maximum(np.diag(m), 0.0))
     live = norms > 0
     if not live.any():  # all gradients are zero: any weights give the same (zero) update
-        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+        return np.full(k, 1.0 / k)
     # a zero gradient has no direction to be impartial to: it gets no weight
     nl = norms[live]
-    corr = m[live][:, live] / torch.outer(nl, nl)
-    ones = torch.ones(len(nl), 1, dtype=torch.float64)
-    # least squares (minimum norm) instead of an inverse: equal or parallel gradients make
-    # C singular, and then the shortest z shares the weight equally among them
-    z = torch.linalg.lstsq(corr, ones, driver="gelsd").solution[:, 0]
+    corr = m[np.ix_(live, live)] / np.outer(nl, nl)
+    # least squares (minimum norm, LAPACK's gelsd) instead of an inverse: equal or parallel
+    # gradients make C singular, and then the shortest z shares the weight equally among them
+    z = np.linalg.lstsq(corr, np.ones(len(nl)), rcond=None)[0]
     a = z / nl
     if not abs(float(a.sum())) > 0:  # no normalisable solution: fall back to the mean
-        return torch.full((k,), 1.0 / k, dtype=torch.float64)
-    alpha = torch.zeros(k, dtype=torch.float64)
+        return np.full(k, 1.0 / k)
+    alpha = np.zeros(k)
     alpha[live] = a / a.sum()
     return alpha
 
 
 class IMTLG(GramWeighting):
     method = "imtl_g"
+    # host_reads_per_step = 1 (GramWeighting's): the minimum-norm least-squares solve must
+    # hold for a singular C (identical gradients share the weight). On CUDA torch.linalg.lstsq
+    # has only the "gels" driver, which assumes full rank, and pinv / svd / eigh synchronise
+    # with the host to check LAPACK's error flag (solve_ex does not, but fails on a singular
+    # C): so the K x K solve runs in numpy after the one read of the Gram matrix.
 
     def __init__(self, params: IMTLGParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
 
-    def coefficients(self, m, losses=None):
+    def coefficients(self, m, extra=None):
         return imtl_g_weights(m)
 
 

@@ -1,7 +1,7 @@
 """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of task gradients.
 
 Weights a on the simplex minimise |sum_k a_k g_k / n_k|^2, solved exactly on the K x K Gram
-matrix by Wolfe's active-set method (``_common.min_norm_weights``; the authors' Frank-Wolfe
+matrix by Wolfe's active-set method (``_active_set.min_norm_weights``; the authors' Frank-Wolfe
 stops short of the optimum for many conflicting tasks), where n_k is the optional normaliser:
 ``none`` (1), ``l2`` (|g_k|), ``loss`` (L_k) or ``loss+`` (L_k |g_k|). As in the authors'
 release, the weights found on the normalised gradients scale the raw gradients: the
@@ -13,18 +13,20 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GradTargetParams, GramWeighting, min_norm_weights
+from ._active_set import min_norm_weights
+from ._common import GradTargetParams, GramWeighting
 
 
 class MGDAParams(GradTargetParams):
     normalization: Literal["none", "l2", "loss", "loss+"] = "none"
     max_iter: int = Field(1000, ge=1)  # safeguard only: the active-set method ends in finitely many steps
-    tol: float = Field(1e-10, gt=0)  # KKT tolerance, a cosine (see _common.kkt_violation)
+    tol: float = Field(1e-10, gt=0)  # KKT tolerance, a cosine (see _active_set.kkt_violation)
 
 
 class MGDA(GramWeighting):
@@ -36,22 +38,27 @@ class MGDA(GramWeighting):
         self.max_iter = params.max_iter
         self.tol = params.tol
 
-    def normalizers(self, m: torch.Tensor, losses) -> torch.Tensor:
+    def host_extra(self, losses):
+        """The losses, for the loss normalisations: read with the Gram matrix."""
+        if self.normalization in ("loss", "loss+"):
+            return torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in self.task_names])
+        return None
+
+    def normalizers(self, m: np.ndarray, loss: np.ndarray) -> np.ndarray:
         k = m.shape[0]
-        norms = torch.sqrt(torch.diagonal(m).clamp_min(0.0))
+        norms = np.sqrt(np.maximum(np.diag(m), 0.0))
         if self.normalization == "none":
-            n = torch.ones(k, dtype=torch.float64)
+            n = np.ones(k)
         elif self.normalization == "l2":
             n = norms
         else:
-            loss = torch.tensor([float(losses[t].detach()) for t in self.task_names], dtype=torch.float64)
             n = loss if self.normalization == "loss" else loss * norms
         # a zero normaliser (zero gradient or loss) would divide by zero: leave that task unscaled
-        return torch.where(n > 1e-20, n, torch.ones_like(n))
+        return np.where(n > 1e-20, n, 1.0)
 
-    def coefficients(self, m: torch.Tensor, losses) -> torch.Tensor:
-        n = self.normalizers(m, losses)
-        return min_norm_weights(m / torch.outer(n, n), max_iter=self.max_iter, tol=self.tol)
+    def coefficients(self, m: np.ndarray, extra: np.ndarray) -> np.ndarray:
+        n = self.normalizers(m, extra)
+        return min_norm_weights(m / np.outer(n, n), max_iter=self.max_iter, tol=self.tol)
 
 
 @hookimpl

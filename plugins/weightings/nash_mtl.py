@@ -46,7 +46,7 @@ from mtlkit.engine import distributed as D
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GradTargetParams, GramWeighting, check_grads, gram, weighted_sum
+from ._common import GradTargetParams, GramWeighting, check_grads, host_gram
 
 
 class NashMTLParams(GradTargetParams):
@@ -133,6 +133,8 @@ def nash_weights(m: np.ndarray, ridge: float = 1e-6, max_iter: int = 100, tol: f
 class NashMTL(GramWeighting):
     method = "nash_mtl"
     initial_coefficient = 1.0
+    # host_reads_per_step = 1 (GramWeighting's) on a step that solves; the steps between
+    # solves (update_weights_every > 1) read nothing: they reuse the weights kept on the host
 
     def __init__(self, params: NashMTLParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
@@ -147,8 +149,8 @@ class NashMTL(GramWeighting):
         self.step = 0  # combine_grads calls so far
         self.alpha: dict[str, float] = {}  # the last solved alpha, by task
 
-    def coefficients(self, m, losses=None):
-        return torch.from_numpy(nash_weights(m.numpy(), self.ridge, self.max_iter, self.tol))
+    def coefficients(self, m, extra=None):
+        return nash_weights(m, self.ridge, self.max_iter, self.tol)
 
     def backward(self, ctx):
         names = [t for t in ctx.task_names if ctx.losses[t].requires_grad]
@@ -158,7 +160,7 @@ class NashMTL(GramWeighting):
         # a step between solves: the last weights, and no per-task passes (as the authors'
         # code): one pass of sum_k alpha_k L_k for the shared rows, one through the branches
         self.step += 1
-        self._coefs = [self.alpha.get(t, 0.0) for t in self.task_names]
+        self._coefs = np.array([self.alpha.get(t, 0.0) for t in self.task_names])
         rows = list(ctx.shared_params) if self.grad_target == "params" else list(ctx.representation)
         weighted = sum(self.alpha[t] * ctx.losses[t] for t in names)
         grads = torch.autograd.grad(weighted, rows, retain_graph=True, allow_unused=True)
@@ -185,12 +187,11 @@ class NashMTL(GramWeighting):
         reuse = self.step % self.every != 0 and all(t in self.alpha for t in self.task_names)
         self.step += 1
         if reuse:
-            coef = torch.tensor([self.alpha[t] for t in self.task_names], dtype=torch.float64)
+            coef = np.array([self.alpha[t] for t in self.task_names])
         else:
-            coef = self.coefficients(gram(grads), losses)
-            self.alpha.update(zip(self.task_names, coef.tolist()))
-        self._coefs = coef.tolist()
-        d = weighted_sum(coef, grads)
+            coef = self.coefficients(host_gram(grads)[0])
+            self.alpha.update(zip(self.task_names, coef.tolist()))  # numpy's tolist: python floats
+        d = self.apply_coefficients(coef, grads)
         if self.max_norm > 0:  # on the device: no read-back
             d = d * (self.max_norm / (torch.linalg.vector_norm(d) + 1e-6)).clamp(max=1.0)
         return d

@@ -7,7 +7,7 @@ sum of the K projections. Every projection, hence their sum, has a non-negative 
 product with every task gradient: no task's loss increases to first order.
 
 The projection of sum_k u_k g_k is sum_k v_k g_k with v = argmin_{v >= u} v^T M v
-(M = G G^T), solved exactly on the K x K Gram matrix (``_common.cone_projection``); the
+(M = G G^T), solved exactly on the K x K Gram matrix (``_active_set.cone_projection``); the
 authors' quadprog solve with a 1e-4 ridge is replaced by that exact active-set method, so
 there is no regularisation setting.
 """
@@ -15,13 +15,13 @@ there is no regularisation setting.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GradTargetParams, GramWeighting, cone_projection
+from ._active_set import cone_projection
+from ._common import GradTargetParams, GramWeighting
 
 
 class UPGradParams(GradTargetParams):
@@ -54,7 +54,7 @@ class UPGrad(GramWeighting):
                 raise ConfigError(f"weighting '{self.method}': weights must be >= 0, got {self.pref}")
         self.max_iter = params.max_iter
 
-    def coefficients(self, m, losses=None):
+    def coefficients(self, m, extra=None):
         w = preference(self.method, self.pref, self.task_names, self.all_tasks)
         k = len(w)
         total = np.zeros(k)
@@ -62,7 +62,7 @@ class UPGrad(GramWeighting):
             u = np.zeros(k)
             u[i] = w[i]
             total += cone_projection(m, u, self.max_iter)
-        return torch.from_numpy(total)
+        return total
 
 
 @hookimpl
