@@ -25,6 +25,7 @@ from pydantic import Field
 from mtlkit.contracts import Weighting
 from mtlkit.errors import ConfigError
 from mtlkit.registry import Params
+from mtlkit.step_context import to_device
 
 
 class GradTargetParams(Params):
@@ -100,12 +101,12 @@ def host_gram(grads: Tensor, extra: Tensor | None = None) -> tuple[np.ndarray, n
 def weighted_sum(weights: Tensor | np.ndarray, grads: Tensor) -> Tensor:
     """sum_k weights[k] * grads[k], in the gradients' dtype and device.
 
-    Numpy weights (a host solver's) go to the device with ``non_blocking``: a blocking copy
-    would wait for every kernel queued there, as a read does (the array must not be
-    written afterwards: ``GramWeighting`` keeps its own copy)."""
+    Host weights (a host solver's numpy array, a CPU tensor) go to the device with a
+    non-blocking copy (``to_device``): a blocking one would wait for every kernel queued
+    there, as a read does."""
     if isinstance(weights, np.ndarray):
-        weights = torch.from_numpy(weights).to(grads.device, non_blocking=True)
-    return weights.to(device=grads.device, dtype=grads.dtype) @ grads
+        weights = torch.from_numpy(weights)
+    return to_device(weights, grads.device, grads.dtype) @ grads
 
 
 def sized_buffer(module: torch.nn.Module, name: str, rows: int, like: Tensor) -> Tensor:
@@ -138,7 +139,7 @@ def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int | list[int] 
     ``rows``: step these entries only (``grad`` and a list ``t`` hold theirs, in order);
     the others (tasks left out of the step) keep their value and moments."""
     if rows is not None:
-        index = torch.tensor(rows, dtype=torch.long, device=x.device)
+        index = to_device(rows, x.device, torch.long)
         xs, ms, vs = x[index], m[index], v[index]
         adam_step(xs, grad, ms, vs, t, lr, betas, eps, weight_decay)
         x[index], m[index], v[index] = xs, ms, vs
@@ -147,7 +148,7 @@ def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int | list[int] 
         c1, c2 = ((1 - b ** t.to(torch.float64)).to(m.dtype) for b in betas)
     else:
         if not isinstance(t, int):
-            t = t[0] if len(set(t)) == 1 else torch.tensor(t, dtype=torch.float64, device=x.device)
+            t = t[0] if len(set(t)) == 1 else to_device(t, x.device, torch.float64)
         c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
     g = grad + weight_decay * x if weight_decay else grad
     m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
