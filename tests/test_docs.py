@@ -150,3 +150,10 @@ def test_weightings_page_lists_every_weighting():
     assert rows == names
     grid = re.search(r"--grid weighting.name=([\w,]+)", text)
     assert grid and set(grid.group(1).split(",")) == names
+    # the reads/step column is each method's declared Weighting.host_reads_per_step
+    table = [line for line in text.splitlines() if line.startswith("| name |") or line.startswith("| `")]
+    column = [c.strip() for c in table[0].split("|")].index("reads/step")
+    for line in table[1:]:
+        cells = [c.strip() for c in line.split("|")]
+        declared = get_registry().get("weighting", cells[1].strip("`")).factory.host_reads_per_step
+        assert cells[column] == str(declared), cells[1]
