@@ -279,9 +279,9 @@ def combine_present(step: Any, ctx: StepContext, G: Tensor, losses: dict[str, Te
                     combine_grads: CombineGrads) -> Tensor | None:
     """``combine_grads`` over the tasks that take part (None: no such task).
 
-    Left in, a task with no valid target (a zero loss, a zero row) decides the aggregate: the min-norm
-    point of a hull holding 0 is 0 (MGDA), IMTL-G puts all the weight on it; the trunk
-    stops. Such tasks (and, with ``domain_order = "mixed"``, tasks without a batch this
+    Left in, a task with no valid target (a zero loss, a zero row) decides the aggregate:
+    the min-norm point of a hull holding 0 is 0 (MGDA), IMTL-G puts all the weight on it;
+    the trunk stops. Such tasks (and, with ``domain_order = "mixed"``, tasks without a batch this
     step) are left out (:func:`present_tasks`) and the weighting solves for the others:
     during the call its ``task_names`` lists the present tasks, in order, matching the
     rows of ``grads`` and the keys of ``losses``. The decision is made on the global

@@ -10,7 +10,7 @@ norm of the largest. beta = 0.9, sigma = 0 (the authors' defaults). Task-specifi
 parameters get the gradient of sum_k log(L_k + eps).
 
 The K x P averages are a buffer of the weighting (checkpointed with it). A task with no
-valid target in the batch (a zero row, ``ctx.present_tasks``) takes no part in the step:
+valid target in the batch (a zero loss, ``ctx.present_tasks``) takes no part in the step:
 it keeps its average, and alpha and the update are taken over the present tasks' averages
 (its stale one would otherwise set the scale, or take a weight of max_j |b_j| / 1e-8 at
 the start); no log of its zero loss is taken. With no task left the shared parameters get

@@ -17,7 +17,7 @@ graph through the per-task passes and takes one more pass through the task branc
 only (the default step would fix their coefficients before the weights move).
 
 S (K x P) is a buffer of the weighting, checkpointed with it, like w and e^0. A task with
-no valid target in the batch (a zero row, ``ctx.present_tasks``) takes no part in the
+no valid target in the batch (a zero loss, ``ctx.present_tasks``) takes no part in the
 step: it keeps its S, e^0 and weight; the present tasks' weights take the step and are
 renormalised to keep their share of K (at the start, the step is ExcessMTL's on the other
 tasks alone). With no task left the shared parameters get no gradient. Only ``params`` gradients: S

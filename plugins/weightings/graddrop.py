@@ -13,7 +13,7 @@ M_i = [P > U] [grad_i > 0] + [P < U] [grad_i < 0]. A's gradient is
 sum_i (leak + (1 - leak) M_i) grad_i, back-propagated once through the trunk; task-specific
 parameters get their plain loss gradients. leak = 0 (the paper's default).
 
-A task with no valid target in the batch (a zero row) is left out by the engine, as for
+A task with no valid target in the batch (a zero loss) is left out by the engine, as for
 every gradient-level method; with one task left there is no other task's sign to pick
 against, and its gradient passes unmasked (GradDrop needs two tasks: on one, the batch-summed
 purity would still drop the per-sample components that disagree with the batch's sign,

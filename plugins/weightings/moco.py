@@ -17,7 +17,7 @@ beta_sigma = 0.5, gamma = 0.1, gamma_sigma = 0.5, rho = 0 are the authors' (via 
 which replaces the projection by a softmax).
 
 Y (K x P) is a buffer of the weighting, checkpointed with it; lambda and t are JSON state.
-A task left out of a step (no valid target: the engine leaves its zero row out) keeps its
+A task left out of a step (no valid target: the engine leaves its zero-loss task out) keeps its
 estimate y_k and its lambda_k: the step is taken on the present tasks' face of the
 simplex, from their lambdas rescaled to sum to 1 (with no mass there, from equal ones),
 and their new lambdas are stored back at their old share of the mass. At the start the
