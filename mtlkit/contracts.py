@@ -138,7 +138,8 @@ class MetricState:
     ``update`` adds a batch; ``state`` holds only tensors that are correct to *sum* across
     batches and DDP ranks (confusion matrices, pixel counts, histograms), so distributed
     evaluation all-reduces ``state`` and calls ``compute``. ``higher_is_better`` maps each
-    metric name ``compute`` returns to its direction.
+    metric name ``compute`` returns to its direction. ``update`` keeps ``state`` on the
+    predictions' device (:meth:`state_on`) and reads no value back (each waits for the device).
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {}
@@ -151,6 +152,12 @@ class MetricState:
 
     def compute(self) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError
+
+    def state_on(self, device: torch.device) -> dict[str, Tensor]:
+        """``state``, moved to ``device`` the first time (a no-op afterwards)."""
+        if any(v.device != device for v in self.state.values()):
+            self.state = {k: v.to(device) for k, v in self.state.items()}
+        return self.state
 
     def merge(self, other: "MetricState") -> None:
         for key, value in other.state.items():

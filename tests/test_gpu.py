@@ -296,3 +296,27 @@ def test_cuda_graph_training_follows_eager(tmp_path):
             assert all(abs(a[t] - b[t]) <= 1e-3 * max(1.0, abs(a[t])) for t in a), (a, b)
     finally:
         torch.backends.cudnn.allow_tf32 = True
+
+
+def test_metric_updates_never_synchronise_the_device():
+    """Every task's metric state updates on CUDA under sync debug mode "error" (a read,
+    a blocking copy or boolean indexing raises) and gives the CPU's numbers."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_metric_device_states import CASES, batches, build
+
+    for name, protocol in CASES:
+        data = [b[name] for b in batches(0)]
+        on_gpu = [(p.cuda(), t.cuda()) for p, t in data]
+        cpu, gpu = build(name, protocol).metrics(), build(name, protocol).metrics()
+        gpu.update(*on_gpu[0])  # the first: moves the state, lazy CUDA initialisation
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for p, t in on_gpu[1:]:
+                gpu.update(p, t)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(v.is_cuda for v in gpu.state.values())
+        for p, t in data:
+            cpu.update(p, t)
+        assert gpu.compute() == pytest.approx(cpu.compute(), rel=1e-9, nan_ok=True), (name, protocol)

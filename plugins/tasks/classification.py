@@ -30,9 +30,10 @@ class AccuracyState(MetricState):
     def update(self, prediction: Tensor, target: Tensor) -> None:
         logp = prediction.detach().float()
         target = target.to(logp.device).long()
-        self.state["correct"] += (logp.argmax(1) == target).sum().double().cpu()
-        self.state["count"] += float(target.numel())
-        self.state["nll_sum"] += F.nll_loss(logp, target, reduction="sum").double().cpu()
+        s = self.state_on(logp.device)  # the sums stay on the device: nothing is read back here
+        s["correct"] += (logp.argmax(1) == target).sum().double()
+        s["count"] += float(target.numel())
+        s["nll_sum"] += F.nll_loss(logp, target, reduction="sum").double()
 
     def compute(self) -> dict[str, float]:
         n = float(self.state["count"])

@@ -60,19 +60,24 @@ class DepthErrorState(MetricState):
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
         prediction, target = _prepare(prediction.detach(), target)
+        s = self.state_on(prediction.device)
         valid = target != 0
-        # float64 so a whole split's sums do not lose digits
-        g = target[valid].double()
-        err = (prediction[valid].double() - g).abs()
-        n = err.numel()
+        # float64 so a whole split's sums do not lose digits; invalid pixels add 0 (masks,
+        # not boolean indexing, which would wait for the device)
+        g = target.double()
+        err = torch.where(valid, (prediction.double() - g).abs(), 0.0)
+        abs_sum = err.sum()
+        rel_sum = (err / torch.where(valid, g, 1.0)).sum()
+        n = valid.sum(dtype=torch.float64)
         if self.protocol == "exact":
-            self.state["abs_sum"] += err.sum().cpu()
-            self.state["rel_sum"] += (err / g).sum().cpu()
-            self.state["count"] += float(n)
-        elif n > 0:
-            self.state["abs_batch_sum"] += (err.sum() / n).cpu()
-            self.state["rel_batch_sum"] += ((err / g).sum() / n).cpu()
-            self.state["batches"] += 1.0
+            s["abs_sum"] += abs_sum
+            s["rel_sum"] += rel_sum
+            s["count"] += n
+        else:  # a batch without a valid pixel adds 0 / 1 times 0: it is skipped
+            taken = (n > 0).double()
+            s["abs_batch_sum"] += taken * abs_sum / n.clamp_min(1)
+            s["rel_batch_sum"] += taken * rel_sum / n.clamp_min(1)
+            s["batches"] += taken
 
     def compute(self) -> dict[str, float]:
         s = self.state

@@ -65,18 +65,20 @@ def valid_mask(target: Tensor, protocol: Protocol = "exact") -> Tensor:
     return (target != 0).any(dim=1)
 
 
-def angles_deg(prediction: Tensor, target: Tensor, protocol: Protocol = "exact") -> Tensor:
-    """Angles (degrees, float64) at the valid pixels, flattened."""
-    valid = valid_mask(target, protocol)
+def angles_deg(prediction: Tensor, target: Tensor) -> Tensor:
+    """B x H x W angles (degrees, float64) at every pixel, valid or not."""
     # float64: acos is steep near 1, float32 dot products would cost ~0.03 degree there
-    dot = (prediction.double() * target.double()).sum(1)[valid].clamp(-1.0, 1.0)
+    dot = (prediction.double() * target.double()).sum(1).clamp(-1.0, 1.0)
     return torch.rad2deg(torch.acos(dot))
 
 
-def _median_like_numpy(x: Tensor) -> Tensor:
-    s = x.sort().values
-    n = s.numel()
-    return (s[(n - 1) // 2] + s[n // 2]) / 2
+def _median_like_numpy(ang: Tensor, valid: Tensor, n: Tensor) -> Tensor:
+    """numpy's median of the ``n`` valid angles (0 when there is none), without a read: the
+    invalid ones sort last as +inf and the middle ranks are gathered on the device."""
+    s = torch.where(valid, ang, math.inf).flatten().sort().values
+    ranks = torch.stack([torch.div(n - 1, 2, rounding_mode="floor"), torch.div(n, 2, rounding_mode="floor")])
+    middle = s.gather(0, ranks.clamp_min(0)).mean()
+    return torch.where(n > 0, middle, 0.0)
 
 
 class NormalErrorState(MetricState):
@@ -95,20 +97,27 @@ class NormalErrorState(MetricState):
         prediction = prediction.detach()
         target = target.to(prediction.device)
         _check(prediction, target)
-        ang = angles_deg(prediction, target, self.protocol)
-        n = ang.numel()
-        within = torch.stack([(ang < t).sum() for t in THRESHOLDS]).double()
+        s = self.state_on(prediction.device)
+        # every pixel's angle; invalid ones are masked out of each sum (no boolean indexing,
+        # no read: either would wait for the device)
+        ang, valid = angles_deg(prediction, target), valid_mask(target, self.protocol)
+        n = valid.sum()
+        nf = n.double()
+        within = torch.stack([((ang < t) & valid).sum() for t in THRESHOLDS]).double()
+        angle_sum = torch.where(valid, ang, 0.0).sum()
         if self.protocol == "exact":
-            idx = torch.floor(ang / BIN_DEG).long().clamp_(0, NUM_BINS - 1)
-            self.state["hist"] += torch.bincount(idx, minlength=NUM_BINS).double().cpu()
-            self.state["angle_sum"] += ang.sum().cpu()
-            self.state["count"] += float(n)
-            self.state["within"] += within.cpu()
-        elif n > 0:
-            self.state["mean_sum"] += ang.mean().cpu()
-            self.state["median_sum"] += _median_like_numpy(ang).cpu()
-            self.state["within_sum"] += (within / n).cpu()
-            self.state["batches"] += 1.0
+            idx = torch.floor(ang / BIN_DEG).long().clamp_(0, NUM_BINS - 1).flatten()
+            # scatter_add_, not bincount (bincount reads its input's largest value back)
+            s["hist"].scatter_add_(0, idx, valid.flatten().double())
+            s["angle_sum"] += angle_sum
+            s["count"] += nf
+            s["within"] += within
+        else:  # a batch without a valid pixel adds 0 / 1 times 0: it is skipped
+            taken = (n > 0).double()
+            s["mean_sum"] += taken * angle_sum / nf.clamp_min(1)
+            s["median_sum"] += _median_like_numpy(ang, valid, n)
+            s["within_sum"] += taken * within / nf.clamp_min(1)
+            s["batches"] += taken
 
     @staticmethod
     def histogram_median(hist: Tensor) -> float:
@@ -117,7 +126,7 @@ class NormalErrorState(MetricState):
         if n == 0:
             return float("nan")
         cum = hist.cumsum(0)
-        ranks = torch.tensor([(n - 1) // 2, n // 2], dtype=torch.float64)
+        ranks = torch.tensor([(n - 1) // 2, n // 2], dtype=torch.float64, device=hist.device)
         # the bin holding the k-th smallest (0-based) is the first whose cumulative count > k
         bins = torch.searchsorted(cum, ranks, right=True)
         return float(((bins.double() + 0.5) * BIN_DEG).mean())

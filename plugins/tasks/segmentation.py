@@ -80,11 +80,13 @@ class ConfusionMatrixState(MetricState):
         target = _as_label_map(target.to(prediction.device))
         _check_shapes(prediction, target)
         c = self.num_classes
+        conf = self.state_on(prediction.device)["confusion"]
         pred = prediction.detach().argmax(1)
         keep = (target >= 0) & (target < c)
-        flat = target[keep] * c + pred[keep]
-        counts = torch.bincount(flat, minlength=c * c).reshape(c, c)
-        self.state["confusion"] += counts.to(torch.float64).cpu()
+        # each kept pixel adds 1 at (target, prediction), the others 0 at (0, 0): no boolean
+        # indexing and no bincount (both read values back, which waits for the device)
+        flat = torch.where(keep, target * c + pred, 0).flatten()
+        conf.view(-1).scatter_add_(0, flat, keep.flatten().to(torch.float64))
 
     def compute(self) -> dict[str, float]:
         conf = self.state["confusion"]
@@ -116,6 +118,7 @@ class PerImageState(MetricState):
     def update(self, prediction: Tensor, target: Tensor) -> None:
         target = _as_label_map(target.to(prediction.device))
         _check_shapes(prediction, target)
+        s = self.state_on(prediction.device)
         pred = prediction.detach().argmax(1)
         classes = torch.arange(self.num_classes, device=pred.device).view(1, -1, 1, 1)
         is_pred, is_true = pred.unsqueeze(1) == classes, target.unsqueeze(1) == classes  # B x C x H x W
@@ -123,13 +126,13 @@ class PerImageState(MetricState):
         inter = (is_pred & is_true).flatten(2).sum(2).double()
         present = union > 0  # every image has one: each pixel is predicted as some class
         iou = torch.where(present, inter / union.clamp_min(1), torch.zeros_like(union))
-        self.state["miou_sum"] += (iou.sum(1) / present.sum(1)).sum().cpu()
-        self.state["images"] += float(pred.shape[0])
+        s["miou_sum"] += (iou.sum(1) / present.sum(1)).sum()
+        s["images"] += float(pred.shape[0])
         labelled = (target >= 0).flatten(1).sum(1).double()
         correct = (pred == target).flatten(1).sum(1).double()  # never true at -1: pred >= 0
-        has = labelled > 0
-        self.state["acc_sum"] += (correct[has] / labelled[has]).sum().cpu()
-        self.state["acc_images"] += float(has.sum())
+        has = labelled > 0  # an image without a labelled pixel adds 0 / 1 times 0 to both
+        s["acc_sum"] += (has * correct / labelled.clamp_min(1)).sum()
+        s["acc_images"] += has.sum()
 
     def compute(self) -> dict[str, float]:
         s = self.state
