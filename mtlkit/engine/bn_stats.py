@@ -92,9 +92,9 @@ def _pass(model: nn.Module, bns: list[_BatchNorm], domain: str, data, tasks: Map
             size = 2 * bn.running_mean.numel() + 1
             rows.append(flat[offset:offset + size])
             offset += size
-    for bn, row in zip(bns, rows):
+    totals = torch.stack([row[-1] for row in rows]).tolist()  # the pass's one read, after its last batch
+    for bn, row, total in zip(bns, rows, totals):
         c = bn.running_mean.numel()
-        total = float(row[-1])
         if total == 0:
             raise DataError(f"domain '{domain}': no training batch reached a shared BatchNorm layer, so its "
                             f"statistics cannot be recomputed (training.domain_bn_stats = false turns this off)")
