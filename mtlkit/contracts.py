@@ -154,9 +154,10 @@ class MetricState:
         raise NotImplementedError
 
     def state_on(self, device: torch.device) -> dict[str, Tensor]:
-        """``state``, moved to ``device`` the first time (a no-op afterwards)."""
+        """``state``, moved to ``device`` the first time (a no-op afterwards; a
+        non-blocking copy, which does not wait for the device's queue)."""
         if any(v.device != device for v in self.state.values()):
-            self.state = {k: v.to(device) for k, v in self.state.items()}
+            self.state = {k: v.to(device, non_blocking=True) for k, v in self.state.items()}
         return self.state
 
     def merge(self, other: "MetricState") -> None:
