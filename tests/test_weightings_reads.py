@@ -25,12 +25,14 @@ PARAMS = {"auto_lambda": {"split": "train"}}  # its extra batch from the trainin
 PRESENCE = ("mtlkit/engine/early_read.py",)
 
 
-def step_reads(monkeypatch, name: str) -> tuple[Counter, int]:
-    """Reads made inside the training steps of a short run, by site; and the steps taken."""
+def step_reads(monkeypatch, name: str, params: dict | None = None) -> tuple[Counter, int, object]:
+    """Reads made inside the training steps of a short run, by site; the steps taken; the
+    weighting."""
     tasks = make_tasks()
     data, _ = make_data(num_train=STEPS * 2, num_val=1)
     samples = [data[i] for i in range(len(data))]
-    weighting = get_registry().get("weighting", name).build(PARAMS.get(name, {}), task_names=list(tasks))
+    weighting = get_registry().get("weighting", name).build({**PARAMS.get(name, {}), **(params or {})},
+                                                            task_names=list(tasks))
     trainer = Trainer(make_model(tasks), tasks, samples, weighting=weighting, optimizer={"name": "sgd", "lr": 0.05},
                       quiet=True, training={"epochs": 1, "batch_size": 2, "log_interval": STEPS, "device": "cpu"})
     counts = count_reads(monkeypatch)
@@ -48,13 +50,30 @@ def step_reads(monkeypatch, name: str) -> tuple[Counter, int]:
     monkeypatch.setattr(TrainStep, "__call__", counted_step)
     trainer.fit()
     monkeypatch.undo()
-    return inside, steps[0]
+    return inside, steps[0], weighting
+
+
+def device_solver_methods() -> list[str]:
+    """The weightings that offer ``solver = "device"``."""
+    return [n for n in get_registry().names("weighting")
+            if "solver" in (get_registry().get("weighting", n).params.model_fields)]
+
+
+def own_reads(reads: Counter) -> Counter:
+    return Counter({k: n for k, n in reads.items() if not k.split()[1].startswith(PRESENCE)})
 
 
 @pytest.mark.parametrize("name", get_registry().names("weighting"))
 def test_a_step_reads_what_the_weighting_declares(monkeypatch, name):
-    reads, steps = step_reads(monkeypatch, name)
+    reads, steps, _ = step_reads(monkeypatch, name)
     assert steps == STEPS
-    own = Counter({k: n for k, n in reads.items() if not k.split()[1].startswith(PRESENCE)})
+    own = own_reads(reads)
     declared = get_registry().get("weighting", name).factory.host_reads_per_step
     assert sum(own.values()) == declared * STEPS, f"{name}: {dict(own)} in {STEPS} steps, declared {declared}/step"
+
+
+@pytest.mark.parametrize("name", device_solver_methods())
+def test_the_device_solver_reads_nothing(monkeypatch, name):
+    reads, steps, weighting = step_reads(monkeypatch, name, {"solver": "device"})
+    assert steps == STEPS and weighting.host_reads_per_step == 0
+    assert sum(own_reads(reads).values()) == 0, f"{name}: {dict(own_reads(reads))}"

@@ -36,6 +36,15 @@ class GradTargetParams(Params):
         "the network exposes (features: much cheaper, exact for the trunk's output).")
 
 
+class SolverParams(GradTargetParams):
+    """Params of a Gram method that offers a solver on the device besides the exact one."""
+
+    solver: Literal["exact", "device"] = Field(
+        "exact", description="exact: the host-side solver on the K x K Gram matrix (one read from the device "
+        "per step); device: a fixed number of iterations on the device (no read: the step never waits for "
+        "the device), accurate to the tolerance stated in docs/weightings.md.")
+
+
 def require_tasks(method: str, task_names: list[str], minimum: int = 2) -> None:
     """Refuse a task count the method is not defined for (one-line ConfigError)."""
     if len(task_names) < minimum:
@@ -193,6 +202,11 @@ class GramWeighting(Weighting):
     ``coefficients(m, extra)`` on numpy arrays: ``m`` the Gram matrix, ``extra`` the values
     of ``host_extra(losses)`` read in the same transfer (empty by default);
     ``initial_coefficient`` (None: 1/K) is what ``weights()`` reports before the first step.
+    A method that offers ``solver = "device"`` (its params derive from ``SolverParams``)
+    calls ``use_solver(params.solver)`` and implements ``device_coefficients(m, losses)``:
+    ``m`` the Gram matrix on the gradients' device (float64), ``losses`` the step's losses,
+    returning the K coefficients there, with no read (no ``item``/``tolist``/``bool`` of a
+    tensor, no Python branch on a tensor's value, fixed iteration counts).
     """
 
     requires_grads = "shared"
@@ -212,6 +226,15 @@ class GramWeighting(Weighting):
         k = len(self.task_names)
         self._coefs = np.full(k, 1.0 / k if self.initial_coefficient is None else self.initial_coefficient)
 
+    def use_solver(self, solver: str) -> None:
+        """``exact`` (host, one read per step) or ``device`` (no read)."""
+        self.solver = solver
+        if solver == "device":
+            self.host_reads_per_step = 0  # this instance's steps read nothing
+
+    def device_coefficients(self, m: Tensor, losses) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
     def host_extra(self, losses) -> Tensor | None:
         """Values (on the device) the solver needs besides the Gram matrix: read with it."""
         return None
@@ -221,6 +244,10 @@ class GramWeighting(Weighting):
 
     def combine_grads(self, grads: Tensor, losses) -> Tensor:
         check_grads(self.method, grads, self.task_names)
+        if getattr(self, "solver", "exact") == "device":
+            coef = self.device_coefficients(gram(grads, host=False), losses)
+            self._coefs = coef.detach().clone()  # 0-dim tensors in weights(), read once per log interval
+            return weighted_sum(coef, grads)
         m, extra = host_gram(grads, self.host_extra(losses))
         return self.apply_coefficients(self.coefficients(m, extra), grads)
 
@@ -230,4 +257,6 @@ class GramWeighting(Weighting):
         return weighted_sum(self._coefs, grads)
 
     def weights(self):
+        if isinstance(self._coefs, Tensor):  # the device solver's: left there
+            return dict(zip(self.task_names, self._coefs))
         return {t: float(c) for t, c in zip(self.task_names, self._coefs)}
