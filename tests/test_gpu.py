@@ -240,14 +240,20 @@ def test_shared_bn_statistics_and_stages_on_cuda(tmp_path, precision):
     shared_bn_and_stages_run(tmp_path, "cuda", precision)
 
 
-def device_only_weightings() -> list[str]:
-    """The weightings whose steps read nothing back (Weighting.host_reads_per_step == 0)."""
-    return sorted(c.name for c in get_registry().list() if c.kind == "weighting"
-                  and getattr(c.factory, "host_reads_per_step", 0) == 0)
+def device_only_weightings() -> list[tuple[str, dict]]:
+    """The weightings whose steps read nothing back (Weighting.host_reads_per_step == 0),
+    and those with ``solver = "device"``, with it."""
+    cases = []
+    for c in sorted((c for c in get_registry().list() if c.kind == "weighting"), key=lambda c: c.name):
+        if getattr(c.factory, "host_reads_per_step", 0) == 0:
+            cases.append((c.name, {}))
+        elif c.params is not None and "solver" in c.params.model_fields:
+            cases.append((c.name, {"solver": "device"}))
+    return cases
 
 
-@pytest.mark.parametrize("weighting", device_only_weightings())
-def test_training_steps_never_synchronise_the_device(tmp_path, monkeypatch, weighting):
+@pytest.mark.parametrize("weighting, solver", device_only_weightings())
+def test_training_steps_never_synchronise_the_device(tmp_path, monkeypatch, weighting, solver):
     """From the third step on, each training step runs under torch's sync debug mode set to
     "error": any call that makes the host wait for the device (a value read, a blocking
     copy, nonzero / boolean indexing) raises. The log read-out, once per interval, is
@@ -267,7 +273,7 @@ def test_training_steps_never_synchronise_the_device(tmp_path, monkeypatch, weig
             torch.cuda.set_sync_debug_mode(0)
 
     monkeypatch.setattr(TrainStep, "__call__", strict_step)
-    params = {"auto_lambda": {"split": "train"}}.get(weighting, {})
+    params = {"auto_lambda": {"split": "train"}}.get(weighting, {}) | solver
     overrides = {"training.log_interval": 1000, "training.num_workers": 0, "training.device": "cuda",
                  **{f"weighting.params.{k}": v for k, v in params.items()}}
     result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan", weighting)), run_dir=tmp_path / "run",
