@@ -13,7 +13,7 @@ column of zeros, which every rotation leaves untouched) are split into n/2 disjo
 one rotation per pair zeroes the pair's off-diagonal entries, all at once (one orthogonal
 n x n matrix J, A <- J^T A J). n - 1 rounds of the circle schedule visit every pair once:
 a sweep. Like the cyclic method, it converges quadratically once the off-diagonal part is
-small; ``sweeps`` rounds of that are enough to reach float64 rounding for these sizes (the
+small; a few sweeps of that reach float64 rounding for these sizes (6 at K <= 10: the
 tests measure it). At convergence a rotation's angle is 0 (exactly, when the pair's entry
 is 0), so extra sweeps change nothing: the count is a fixed budget, never a test.
 
