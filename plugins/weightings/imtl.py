@@ -32,12 +32,14 @@ from torch import nn
 
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.step_context import present_rows
 
-from ._common import GradTargetParams, GramWeighting
-from .imtl_g import imtl_g_weights
+from ._common import GramWeighting
+from ._linalg_device import JacobiSolverParams
+from .imtl_g import imtl_g_device, imtl_g_weights
 
 
-class IMTLParams(GradTargetParams):
+class IMTLParams(JacobiSolverParams):
     mode: Literal["hybrid", "loss"] = "hybrid"  # IMTL (loss + gradient balance) or IMTL-L alone
 
 
@@ -45,7 +47,8 @@ class IMTL(GramWeighting):
     method = "imtl"
     present_only = True  # mode "loss": leave a task with a zero loss out of combine
     # hybrid: one read per step, IMTL-G's (see imtl_g), the scales packed into the same
-    # transfer as the Gram matrix; "loss" reads nothing (its weights stay on the device)
+    # transfer as the Gram matrix, or none with solver = "device" (the scales stay on the
+    # device too); "loss" reads nothing (its weights stay on the device)
 
     def __init__(self, params: IMTLParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
@@ -54,9 +57,13 @@ class IMTL(GramWeighting):
         if self.mode == "loss":
             if params.grad_target != "params":
                 raise ConfigError("weighting 'imtl': grad_target applies to mode = \"hybrid\" (IMTL-L alone is loss-level)")
+            if params.solver != "exact":
+                raise ConfigError("weighting 'imtl': solver applies to mode = \"hybrid\" (IMTL-L alone solves nothing)")
             self.requires_grads = None  # loss-level: one backward of combine
             self.host_reads_per_step = 0
         self.log_scales = nn.Parameter(torch.zeros(len(self.task_names)))
+        self.sweeps = params.sweeps
+        self.use_solver(params.solver)
 
     def combine(self, losses):
         terms = []
@@ -77,6 +84,12 @@ class IMTL(GramWeighting):
         e = np.exp(extra[[self.all_tasks.index(t) for t in self.task_names]])
         alpha = imtl_g_weights(m * np.outer(e, e))  # IMTL-G on h_k = e^{s_k} g_k
         return alpha * e
+
+    def device_coefficients(self, m, losses):
+        # the same on the device: e^{s_k} of the tasks in task_names, never read
+        s = present_rows(self.log_scales.detach(), self.all_tasks, self.task_names)
+        e = s.to(m.device, torch.float64).exp()
+        return imtl_g_device(m * (e[:, None] * e[None, :]), self.sweeps) * e
 
     def weights(self):
         if self.mode == "loss":  # over task_names: the present tasks after a step that left some out
