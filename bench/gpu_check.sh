@@ -8,7 +8,9 @@
 #    reduce-overhead), Split Wide, the Decathlon WRN-28-4 MTAN images/s and data loading, then
 #    the rest) in the time left: a row that would start late is listed as skipped
 #    (`bench/gpu_bench.py --out DIR --budget 1200` measures them all in a longer session).
-# Writes OUT_DIR/gpu_bench.json, OUT_DIR/gpu_bench.md (tests folded in) and the logs.
+# 3. if time is left, bench/weighting_step.py on CUDA: exact (host) against device solvers.
+# Writes OUT_DIR/gpu_bench.json, OUT_DIR/gpu_bench.md (tests folded in), weighting_solvers.md
+# and the logs.
 set -u
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
 PY=${PYTHON:-python3}
@@ -26,6 +28,14 @@ timeout 230 $PY -m pytest -m gpu -q tests/test_gpu.py -p no:cacheprovider $PER_T
 LEFT=$(( 460 - ($(date +%s) - START) ))
 timeout "$LEFT" $PY bench/gpu_bench.py --out "$OUT_DIR" --rows all --budget $(( LEFT - 70 )) \
     --tests-junit "$OUT_DIR/gpu_tests.xml" 2>&1 | tail -60 | tee "$OUT_DIR/bench.log"
+# 3. in what is left: the gradient-level methods' exact solvers (one read per step) against
+#    solver = "device" (none), on the CUDA step (bench/weighting_step.py)
+LEFT=$(( 470 - ($(date +%s) - START) ))
+if [ "$LEFT" -gt 45 ]; then
+    timeout $(( LEFT - 5 )) $PY bench/weighting_step.py --device cuda --workloads segnet-mtan-half \
+        --half-size 288x384 --rounds 3 --weightings mgda,upgrad,imtl_g,nash_mtl 2>&1 | tail -25 \
+        | tee "$OUT_DIR/weighting_solvers.md"
+fi
 # the report with the test results even when the bench was killed
 $PY - "$OUT_DIR" <<'PYEOF'
 import json, sys

@@ -12,7 +12,9 @@ synthetic scenes):
   batch ``--half-batch`` (default 2).
 
 Variants: every registered weighting with its defaults (``params``), and again with
-``grad_target = "features"`` where it supports it. Two reference variants: ``mgda``
+``grad_target = "features"`` where it supports it; methods that offer ``solver = "device"``
+again with it (on CUDA: the step without its one read against the launches of the
+fixed-iteration solver). Two reference variants: ``mgda``
 with the step as it was before the step contract (the task-specific parameters' gradient
 in a separate pass of ``combine(losses)``: ``old-extra-pass``), and ``mgda`` with the K
 per-task passes batched into one (``torch.autograd.grad(..., is_grads_batched=True)``:
@@ -73,6 +75,10 @@ def variants(task_names: list[str]) -> list[tuple[str, Callable[[], Any], bool]]
         for target in getattr(comp.factory, "grad_targets", ("params",)):
             params = {"grad_target": target} if settable else {}
             out.append((f"{name} {target}", lambda c=comp, p=params: c.build(p, task_names=task_names), False))
+            if "solver" in comp.params.model_fields:  # the no-read solver beside the exact one
+                device = {**params, "solver": "device"}
+                out.append((f"{name} {target} solver=device", lambda c=comp, p=device: c.build(p, task_names=task_names),
+                            False))
     mgda = reg.get("weighting", "mgda")
 
     def old():
