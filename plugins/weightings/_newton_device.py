@@ -62,7 +62,9 @@ def device_nash_weights(m: Tensor, ridge: float = 1e-6, iters: int = 40, tol: fl
     half = 0.5 * cc
 
     def objective(b: Tensor) -> Tensor:  # f at each row of b (rows > 0)
-        quad = ((b @ half) * b).sum(-1)
+        # b_i half_ij b_j summed elementwise: a matrix product of these small sizes goes to a
+        # threaded BLAS on the CPU, a thousand times slower there when the cores are shared
+        quad = (b[:, :, None] * half * b[:, None, :]).sum((-2, -1))
         if one:
             return quad - b.log().sum(-1)
         return quad - (wt * b ** (1.0 - power)).sum(-1) / (1.0 - power)
@@ -101,8 +103,11 @@ def start(cc: Tensor, wt: Tensor, live: Tensor, power: float, objective) -> Tens
     logv = torch.where(live, logv, torch.full_like(logv, -torch.inf))
     v = (logv - logv.amax(-1, keepdim=True)).exp()  # each ray's largest entry 1 (no overflow)
     v = torch.where(live, v, torch.zeros_like(v))
-    pulled = live.sum().to(torch.float64) if power == 1.0 else (wt * v ** (1.0 - power)).sum(-1)
-    tau = (pulled / ((v @ cc) * v).sum(-1).clamp(min=1e-300)) ** (1.0 / (1.0 + power))
+    if power == 1.0:
+        pulled = live.sum().to(torch.float64)
+    else:  # (0 ** (1 - power) is inf above power 1: the dead tasks' zeros left out)
+        pulled = torch.where(live, wt * v ** (1.0 - power), torch.zeros_like(v)).sum(-1)
+    tau = (pulled / (v[:, :, None] * cc * v[:, None, :]).sum((-2, -1)).clamp(min=1e-300)) ** (1.0 / (1.0 + power))
     rays = torch.where(live, tau[:, None] * v, torch.ones_like(v))
     f = objective(rays)
     f = torch.where(torch.isfinite(f) & (rays > 0).all(-1), f, torch.full_like(f, torch.inf))
