@@ -21,12 +21,16 @@ but with no read of any tensor value, so that a training step never waits for th
   other powers) the full step is taken whenever it keeps beta > 0, as the exact solver
   does; if no size satisfies Armijo (rounding), the largest that keeps beta > 0 is taken
   (the size 0 always does: a masked step leaves beta where it is);
+- the first iterate is the best of 9 rays evaluated at once (see ``start``): at power 1 the
+  exact solver's start, at other powers one that follows the spread of the gradient norms;
 - a zero gradient (n_k = 0) is decoupled by masking: its row and column of C are the
   identity's, so its beta stays at its start, 1, and its weight is 1 (as the exact solver's).
 
-Cost: about 35 tensor ops per iteration (each on a K-vector, a K x K or a 41 x K matrix;
-one K x K solve), so ``iters`` of the order of 30-60 is some 1-2 thousand kernel launches per
-solve; nothing in it depends on K's value beyond the sizes.
+Cost: about 43 tensor ops per iteration at power 1 and 49 at other powers (views not
+counted), each on a K-vector, a K x K matrix or the 41 x K (41 x K x K for f) candidates,
+one of them the K x K ``solve_ex`` (an LU factorisation and two triangular solves), plus
+about 75 to set up: Nash-MTL's default 20 iterations are some 900 kernel launches per
+solve, FairGrad's 60 some 3000. K enters only as tensor shapes, never as a loop count.
 """
 
 from __future__ import annotations
@@ -34,14 +38,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtlkit.step_context import to_device
-
 STEP_SIZES = 40  # halvings of the Newton step tried at once (1 .. 2^-39), besides 0
 ARMIJO = 0.25
 START_RAYS = 9  # rays tried at once for the first iterate (see start)
 
 
-def device_nash_weights(m: Tensor, ridge: float = 1e-6, iters: int = 40, tol: float = 1e-10,
+def device_nash_weights(m: Tensor, ridge: float = 1e-6, iters: int = 20, tol: float = 1e-10,
                         power: float = 1.0) -> Tensor:
     """alpha > 0 (float64, on ``m``'s device) with (M alpha)_k = alpha_k^-power, for the
     K x K Gram matrix ``m``; reads nothing (see the module docstring)."""
@@ -56,7 +58,9 @@ def device_nash_weights(m: Tensor, ridge: float = 1e-6, iters: int = 40, tol: fl
     cc = torch.where(pair, m / (ns[:, None] * ns[None, :]) + ridge * eye, eye)
     one = power == 1.0
     wt = torch.ones_like(n) if one else ns ** (power - 1.0)
-    sizes = to_device([0.5 ** j for j in range(STEP_SIZES)] + [0.0], dev, torch.float64)
+    # 1, 1/2, ..., 2^-39 (exact halvings), then 0: made on the device (no copy from the host)
+    halves = torch.full((STEP_SIZES + 1,), 0.5, dtype=torch.float64, device=dev).cumprod(0) * 2.0
+    sizes = torch.where(torch.arange(STEP_SIZES + 1, device=dev) < STEP_SIZES, halves, 0.0)
     armijo = ARMIJO * sizes
     full = sizes == 1.0
     half = 0.5 * cc
@@ -70,7 +74,7 @@ def device_nash_weights(m: Tensor, ridge: float = 1e-6, iters: int = 40, tol: fl
         return quad - (wt * b ** (1.0 - power)).sum(-1) / (1.0 - power)
 
     beta = start(cc, wt, live, power, objective)
-    for _ in range(iters):  # 41-46 tensor ops (kernels) an iteration
+    for _ in range(iters):  # 43 tensor ops an iteration at power 1, 49 at others (see above)
         cb = cc @ beta
         pull = 1.0 / beta if one else wt * beta ** -power
         grad = cb - pull
