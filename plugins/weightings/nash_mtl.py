@@ -34,6 +34,12 @@ here, 0, leaves the update alone, so earlier mtlkit runs keep their results. The
 count and the last alpha are checkpoint state. The steps in between take no per-task
 passes (as the authors' code): one backward of sum_k alpha_k L_k for the shared rows and
 one through the task branches for their plain loss gradients.
+
+``solver = "device"`` solves the same equation by the same damped Newton method on the
+device, for exactly ``device_iters`` iterations with a vectorised line search
+(``_newton_device``): no step reads anything, and alpha stays on the device (0-dim float64
+tensors, reused as they are between solves; the clipping is computed there too). The
+checkpoint state stays JSON: ``get_state`` reads alpha when a checkpoint is written.
 """
 
 from __future__ import annotations
@@ -46,15 +52,21 @@ from mtlkit.engine import distributed as D
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GradTargetParams, GramWeighting, check_grads, host_gram
+from mtlkit.step_context import to_device
+
+from ._common import GramWeighting, SolverParams, check_grads, gram, host_gram, weighted_sum
+from ._newton_device import device_nash_weights
 
 
-class NashMTLParams(GradTargetParams):
+class NashMTLParams(SolverParams):
     ridge: float = Field(1e-6, ge=0)  # ridge on the correlation matrix, see the module docstring
     max_iter: int = Field(100, ge=1)  # Newton iterations at most
     tol: float = Field(1e-10, gt=0)  # stop when max_k |beta_k ((C + ridge I) beta)_k - 1| is below this
     update_weights_every: int = Field(1, ge=1)  # solve for alpha every T steps, reuse it in between
     max_norm: float = Field(0.0, ge=0)  # clip the shared update's L2 norm to this (0: no clipping)
+    # 20: three times the most the device solver took to reach tol in the measured cases
+    device_iters: int = Field(20, ge=1, le=1000, description="solver = device: damped Newton iterations, a "
+                              "fixed count (an iterate within tol stays where it is)")
 
 
 def nash_weights(m: np.ndarray, ridge: float = 1e-6, max_iter: int = 100, tol: float = 1e-10,
@@ -134,7 +146,8 @@ class NashMTL(GramWeighting):
     method = "nash_mtl"
     initial_coefficient = 1.0
     # host_reads_per_step = 1 (GramWeighting's) on a step that solves; the steps between
-    # solves (update_weights_every > 1) read nothing: they reuse the weights kept on the host
+    # solves (update_weights_every > 1) read nothing: they reuse the weights kept on the host.
+    # solver = "device": 0 (use_solver), alpha's values are 0-dim tensors on the device
 
     def __init__(self, params: NashMTLParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
@@ -146,8 +159,20 @@ class NashMTL(GramWeighting):
         if self.max_norm > 0 and self.grad_target != "params":
             raise ConfigError("weighting 'nash_mtl': max_norm clips the shared parameters' update, "
                               "it needs grad_target = \"params\"")
+        self.device_iters = params.device_iters
+        self.use_solver(params.solver)
         self.step = 0  # combine_grads calls so far
-        self.alpha: dict[str, float] = {}  # the last solved alpha, by task
+        self.alpha: dict = {}  # the last solved alpha, by task (floats; device: 0-dim tensors)
+
+    def device_coefficients(self, m, losses):
+        return device_nash_weights(m, self.ridge, self.device_iters, self.tol)
+
+    def device_alpha(self, device) -> torch.Tensor:
+        """The kept alpha of ``task_names`` (0 where none) as a float64 K-vector on ``device``,
+        with no read: kept device values as they are, host ones (after ``set_state``) copied."""
+        return torch.stack([a.to(device) if isinstance(a, torch.Tensor) else
+                            to_device(torch.tensor(float(a), dtype=torch.float64), device)
+                            for a in (self.alpha.get(t, 0.0) for t in self.task_names)])
 
     def coefficients(self, m, extra=None):
         return nash_weights(m, self.ridge, self.max_iter, self.tol)
@@ -160,9 +185,14 @@ class NashMTL(GramWeighting):
         # a step between solves: the last weights, and no per-task passes (as the authors'
         # code): one pass of sum_k alpha_k L_k for the shared rows, one through the branches
         self.step += 1
-        self._coefs = np.array([self.alpha.get(t, 0.0) for t in self.task_names])
+        if self.solver == "device":
+            self._coefs = self.device_alpha(ctx.losses[names[0]].device)
+            alpha = {t: a.to(ctx.losses[t].dtype) for t, a in zip(self.task_names, self._coefs)}
+        else:
+            self._coefs = np.array([self.alpha.get(t, 0.0) for t in self.task_names])
+            alpha = self.alpha
         rows = list(ctx.shared_params) if self.grad_target == "params" else list(ctx.representation)
-        weighted = sum(self.alpha[t] * ctx.losses[t] for t in names)
+        weighted = sum(alpha[t] * ctx.losses[t] for t in names)
         grads = torch.autograd.grad(weighted, rows, retain_graph=True, allow_unused=True)
         flat = torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1) for g, x in zip(grads, rows)])
         if self.grad_target == "params":
@@ -186,18 +216,26 @@ class NashMTL(GramWeighting):
         check_grads(self.method, grads, self.task_names)
         reuse = self.step % self.every != 0 and all(t in self.alpha for t in self.task_names)
         self.step += 1
-        if reuse:
-            coef = np.array([self.alpha[t] for t in self.task_names])
+        if self.solver == "device":  # no read: alpha stays on the device
+            coef = self.device_alpha(grads.device) if reuse else \
+                self.device_coefficients(gram(grads, host=False), losses)
+            if not reuse:
+                self.alpha.update(zip(self.task_names, coef.unbind()))
+            self._coefs = coef.clone()
+            d = weighted_sum(coef, grads)
         else:
-            coef = self.coefficients(host_gram(grads)[0])
-            self.alpha.update(zip(self.task_names, coef.tolist()))  # numpy's tolist: python floats
-        d = self.apply_coefficients(coef, grads)
+            if reuse:
+                coef = np.array([self.alpha[t] for t in self.task_names])
+            else:
+                coef = self.coefficients(host_gram(grads)[0])
+                self.alpha.update(zip(self.task_names, coef.tolist()))  # numpy's tolist: python floats
+            d = self.apply_coefficients(coef, grads)
         if self.max_norm > 0:  # on the device: no read-back
             d = d * (self.max_norm / (torch.linalg.vector_norm(d) + 1e-6)).clamp(max=1.0)
         return d
 
-    def get_state(self):
-        return {"step": self.step, "alpha": dict(self.alpha)}
+    def get_state(self):  # JSON; solver = device: alpha read here, when a checkpoint is written
+        return {"step": self.step, "alpha": {t: float(a) for t, a in self.alpha.items()}}
 
     def set_state(self, state):
         self.step = int(state.get("step", 0))
