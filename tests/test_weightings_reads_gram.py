@@ -26,7 +26,7 @@ import test_weightings_reads as reads  # noqa: E402
 ])
 def test_options_read_what_they_should(monkeypatch, name, params, expected):
     monkeypatch.setitem(reads.PARAMS, name, params)
-    counts, steps = reads.step_reads(monkeypatch, name)
+    counts, steps, _ = reads.step_reads(monkeypatch, name)
     own = {k: n for k, n in counts.items() if not k.split()[1].startswith(reads.PRESENCE)}
     assert steps == reads.STEPS
     assert sum(own.values()) == expected * steps, f"{name} {params}: {own}"
