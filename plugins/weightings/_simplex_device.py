@@ -40,6 +40,11 @@ MAX_TASKS = 12
 # a candidate with a weight below -FEASIBLE_TOL times its total is not clipped but dropped
 FEASIBLE_TOL = 1e-9
 EPS = torch.finfo(torch.float64).eps
+# the ``solver`` field's description for the methods solved here (SolverParams' speaks of iterations)
+SOLVER_DESCRIPTION = (
+    "exact: the host-side solver on the K x K Gram matrix (one read from the device per step); "
+    "device: the same optimum on the device, every support of the weights solved at once (no read: the step "
+    f"never waits for the device; exact to rounding, see docs/weightings.md; at most {MAX_TASKS} tasks).")
 
 
 def require_enumerable(method: str, solver: str, k: int) -> None:

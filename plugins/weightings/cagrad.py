@@ -43,10 +43,11 @@ from mtlkit.hookspecs import hookimpl
 
 from ._active_set import min_norm_weights
 from ._common import GramWeighting, SolverParams
-from ._simplex_device import cagrad_dual_device, require_enumerable
+from ._simplex_device import SOLVER_DESCRIPTION, cagrad_dual_device, require_enumerable
 
 
 class CAGradParams(SolverParams):
+    solver: Literal["exact", "device"] = Field("exact", description=SOLVER_DESCRIPTION)
     c: float = Field(0.4, ge=0)  # radius of the ball around g0, relative to |g0|
     rescale: Literal["none", "1+c^2", "1+c"] = "1+c^2"  # divisor of the final update
     # the exact solver's root search; the device solver has no iteration count or tolerance

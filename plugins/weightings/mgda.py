@@ -26,10 +26,11 @@ from mtlkit.hookspecs import hookimpl
 
 from ._active_set import min_norm_weights
 from ._common import GramWeighting, SolverParams
-from ._simplex_device import min_norm_weights_device, require_enumerable
+from ._simplex_device import SOLVER_DESCRIPTION, min_norm_weights_device, require_enumerable
 
 
 class MGDAParams(SolverParams):
+    solver: Literal["exact", "device"] = Field("exact", description=SOLVER_DESCRIPTION)
     normalization: Literal["none", "l2", "loss", "loss+"] = "none"
     # the exact solver's; the device solver has no iteration count or tolerance
     max_iter: int = Field(1000, ge=1)  # safeguard only: the active-set method ends in finitely many steps
