@@ -12,10 +12,10 @@ min-norm point within 6e-13 span of the exact one, objective gaps below 6e-16 sp
 weights a_k |g_k| within 1.2e-15 span (8.5e-10 at 1e-3 noise, where the weights are
 ill-determined); CAGrad's update within 1.4e-12 of the exact one, relative, its dual objective
 within 1.3e-14 |g0| max|g_k| of the exact one's and its duality gap below 2.2e-14 of that
-(the exact solver's: 9.3e-14). At 1e-6 noise the
-Gram matrix's own rounding decides: the min-norm point is 1.9e-8 span from the exact one (the
-device picks among candidates whose objectives tie to rounding: sqrt(64 K eps) bounds that),
-CAGrad's update 1.1e-7 (the exact one is 4e-8 from an independent reference, the device 5e-9).
+(the exact solver's: 9.3e-14). At 1e-6 noise the Gram matrix's own rounding decides: the
+min-norm point is 1.9e-8 span from the exact one (the device picks among candidates whose
+objectives tie to rounding: sqrt(64 K eps) bounds that), CAGrad's update 1.1e-7 (the exact
+one is 4e-8 from an independent reference, the device 5e-9).
 The bounds below leave 10-1000x slack.
 """
 
