@@ -23,6 +23,11 @@ that keeps the root bracketed (regula falsi with the Illinois modification, so t
 ends move) converges to it whatever the norm spread, since every step only needs the sign
 of h, computed from an exact inner solution. The old projected-gradient descent on w
 stalled from a 1e3 spread on (objective 5e-2 off, and 1e2 times off at 1e6).
+
+``solver = "device"`` solves the same dual on the gradients' device without reading
+anything back (``_simplex_device.cagrad_dual_device``): on each support the optimum is the
+shifted problem's affine minimiser, linear in s, so |g_w(s)| = r s is a quadratic in s,
+and all supports are solved at once (exact to rounding, up to ``MAX_TASKS`` = 12 tasks).
 """
 
 from __future__ import annotations
@@ -31,17 +36,21 @@ import math
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from mtlkit.hookspecs import hookimpl
 
 from ._active_set import min_norm_weights
-from ._common import GradTargetParams, GramWeighting
+from ._common import GramWeighting, SolverParams
+from ._simplex_device import SOLVER_DESCRIPTION, cagrad_dual_device, require_enumerable
 
 
-class CAGradParams(GradTargetParams):
+class CAGradParams(SolverParams):
+    solver: Literal["exact", "device"] = Field("exact", description=SOLVER_DESCRIPTION)
     c: float = Field(0.4, ge=0)  # radius of the ball around g0, relative to |g0|
     rescale: Literal["none", "1+c^2", "1+c"] = "1+c^2"  # divisor of the final update
+    # the exact solver's root search; the device solver has no iteration count or tolerance
     max_iter: int = Field(100, ge=1)  # root-search steps on s at most (each solves one min-norm problem)
     tol: float = Field(1e-12, gt=0)  # stop when the bracket of s is this narrow (relative)
 
@@ -126,6 +135,8 @@ class CAGrad(GramWeighting):
 
     def __init__(self, params: CAGradParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
+        self.use_solver(params.solver)
+        require_enumerable(self.method, params.solver, len(self.task_names))
         self.c = float(params.c)
         self.rescale = params.rescale
         self.max_iter = params.max_iter
@@ -142,11 +153,20 @@ class CAGrad(GramWeighting):
             gw_norm = resolved_norm(mm, w)
             if gw_norm > 0:  # g_w = 0: the direction is undefined, keep g0
                 coef = coef + self.c * g0_norm / gw_norm * w
-        if self.rescale == "1+c^2":
-            coef = coef / (1.0 + self.c**2)
-        elif self.rescale == "1+c":
-            coef = coef / (1.0 + self.c)
-        return coef
+        return coef / self.divisor()
+
+    def device_coefficients(self, m: torch.Tensor, losses=None) -> torch.Tensor:
+        """The same coefficients on the device (no read)."""
+        k = m.shape[0]
+        coef = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
+        if self.c > 0:
+            w, scale = cagrad_dual_device(m, self.c)  # scale 0 where g_w = 0: keep g0
+            coef = coef + scale * w
+        return coef / self.divisor()
+
+    def divisor(self) -> float:
+        """What the update is divided by (``rescale``)."""
+        return {"1+c^2": 1.0 + self.c**2, "1+c": 1.0 + self.c}.get(self.rescale, 1.0)
 
 
 @hookimpl

@@ -7,6 +7,11 @@ stops short of the optimum for many conflicting tasks), where n_k is the optiona
 release, the weights found on the normalised gradients scale the raw gradients: the
 update is sum_k a_k g_k. Task-specific parameters get the plain sum of losses (each head
 its own loss), the usual convention of gradient-level methods.
+
+``solver = "device"`` finds the same weights on the gradients' device, without reading
+anything back (``_simplex_device.min_norm_weights_device``: every support at once, exact to
+rounding, up to ``MAX_TASKS`` = 12 tasks); the normalisers are formed there from the
+Gram matrix's diagonal and the loss tensors.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from pydantic import Field
 from mtlkit.hookspecs import hookimpl
 
 from ._active_set import min_norm_weights
-from ._common import GradTargetParams, GramWeighting
+from ._common import GramWeighting, SolverParams
+from ._simplex_device import SOLVER_DESCRIPTION, min_norm_weights_device, require_enumerable
 
 
-class MGDAParams(GradTargetParams):
+class MGDAParams(SolverParams):
+    solver: Literal["exact", "device"] = Field("exact", description=SOLVER_DESCRIPTION)
     normalization: Literal["none", "l2", "loss", "loss+"] = "none"
+    # the exact solver's; the device solver has no iteration count or tolerance
     max_iter: int = Field(1000, ge=1)  # safeguard only: the active-set method ends in finitely many steps
     tol: float = Field(1e-10, gt=0)  # KKT tolerance, a cosine (see _active_set.kkt_violation)
 
@@ -34,6 +42,8 @@ class MGDA(GramWeighting):
 
     def __init__(self, params: MGDAParams, task_names: list[str]) -> None:
         super().__init__(task_names, params.grad_target)
+        self.use_solver(params.solver)
+        require_enumerable(self.method, params.solver, len(self.task_names))
         self.normalization = params.normalization
         self.max_iter = params.max_iter
         self.tol = params.tol
@@ -44,21 +54,28 @@ class MGDA(GramWeighting):
             return torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in self.task_names])
         return None
 
-    def normalizers(self, m: np.ndarray, loss: np.ndarray) -> np.ndarray:
-        k = m.shape[0]
-        norms = np.sqrt(np.maximum(np.diag(m), 0.0))
+    def normalizers(self, norms, loss):
+        """n_k from the gradient norms and the losses: numpy arrays (exact solver) or
+        tensors on the device (device solver) alike."""
+        on_device = isinstance(norms, torch.Tensor)
+        where, ones = (torch.where, torch.ones_like) if on_device else (np.where, np.ones_like)
         if self.normalization == "none":
-            n = np.ones(k)
-        elif self.normalization == "l2":
+            return ones(norms)
+        if self.normalization == "l2":
             n = norms
         else:
             n = loss if self.normalization == "loss" else loss * norms
         # a zero normaliser (zero gradient or loss) would divide by zero: leave that task unscaled
-        return np.where(n > 1e-20, n, 1.0)
+        return where(n > 1e-20, n, 1.0)
 
     def coefficients(self, m: np.ndarray, extra: np.ndarray) -> np.ndarray:
-        n = self.normalizers(m, extra)
+        n = self.normalizers(np.sqrt(np.maximum(np.diag(m), 0.0)), extra)
         return min_norm_weights(m / np.outer(n, n), max_iter=self.max_iter, tol=self.tol)
+
+    def device_coefficients(self, m: torch.Tensor, losses) -> torch.Tensor:
+        loss = self.host_extra(losses)
+        n = self.normalizers(m.diagonal().clamp(min=0).sqrt(), None if loss is None else loss.to(m.device))
+        return min_norm_weights_device(m / (n[:, None] * n[None, :]))
 
 
 @hookimpl
