@@ -37,7 +37,7 @@ class UPGradParams(SolverParams):
         50, ge=0, description="solver = device: accelerated projected-gradient steps (5 tensor operations each) "
         "that seed the active-set rounds.")
     device_rounds: int = Field(
-        10, ge=0, description="solver = device: Lawson-Hanson active-set rounds (about 60 tensor operations "
+        10, ge=0, description="solver = device: Lawson-Hanson active-set rounds (about 50 tensor operations "
         "each); 10 reached the exact solution to rounding in every test problem up to K = 10 tasks.")
 
 
