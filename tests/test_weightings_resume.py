@@ -62,3 +62,11 @@ def test_mid_epoch_resume_is_bit_identical(tmp_path, name):
     assert weighting.weights() == ref_w.weights()
     sa, sb = trainer.optimizer.state_dict()["state"], ref_trainer.optimizer.state_dict()["state"]
     assert all(torch.equal(v, sb[k][n]) for k in sa for n, v in sa[k].items())
+
+
+@pytest.mark.parametrize("name", [n for n in get_registry().names("weighting")
+                                  if "solver" in get_registry().get("weighting", n).params.model_fields])
+def test_mid_epoch_resume_with_the_device_solver_is_bit_identical(tmp_path, monkeypatch, name):
+    """solver = "device" keeps no state of its own (its coefficients are recomputed each step)."""
+    monkeypatch.setitem(PARAMS, name, {**PARAMS.get(name, {}), "solver": "device"})
+    test_mid_epoch_resume_is_bit_identical(tmp_path, name)

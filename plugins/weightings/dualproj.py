@@ -8,7 +8,8 @@ preference weights, default 1/K, i.e. the mean gradient). It has a non-negative 
 product with every task gradient and equals the mean wherever the mean conflicts with none.
 
 Solved exactly on the K x K Gram matrix: the projection is sum_k v_k g_k with
-v = argmin_{v >= w} v^T M v (``_active_set.cone_projection``).
+v = argmin_{v >= w} v^T M v (``_active_set.cone_projection``); ``solver = "device"``
+solves it on the gradients' device, reading nothing back (``_cone_device``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class DualProjParams(UPGradParams):
 
 class DualProj(UPGrad):
     method = "dualproj"
+
+    def device_rows(self):
+        return preference(self.method, self.pref, self.task_names, self.all_tasks)[None, :]
 
     def coefficients(self, m, extra=None):
         w = preference(self.method, self.pref, self.task_names, self.all_tasks)
