@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared script: under 8 minutes on one H100/H200.
 #   bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_out)
-# 1. the gpu tests (pytest -m gpu tests/test_gpu.py; at most 230 s, one test at most 100 s
-#    where pytest-timeout is installed);
+# 1. the gpu tests (pytest -m gpu: the short ones in other test files first, then
+#    tests/test_gpu.py; at most 230 s, one test at most 100 s where pytest-timeout is
+#    installed; tests not reached in time are missing from the report's counts);
 # 2. bench/gpu_bench.py, its rows in the order of PLAN (MTAN SegNet plain fp32 = the authors'
 #    computation, plain bf16, fast bf16, then the same under CUDA graphs (compile mode
 #    reduce-overhead), Split Wide, the Decathlon WRN-28-4 MTAN images/s and data loading, then
@@ -22,7 +23,9 @@ cd "$(dirname "$0")/.."
 
 # pytest-timeout, where installed, fails one stuck test instead of losing the whole report
 PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=100")
-timeout 230 $PY -m pytest -m gpu -q tests/test_gpu.py -p no:cacheprovider $PER_TEST --junitxml="$OUT_DIR/gpu_tests.xml" \
+# the short gpu checks of the other test files first (seconds each), then tests/test_gpu.py
+GPU_FILES="$(grep -l 'mark.gpu' tests/test_*.py | grep -v '^tests/test_gpu.py$' | tr '\n' ' ') tests/test_gpu.py"
+timeout 230 $PY -m pytest -m gpu -q $GPU_FILES -p no:cacheprovider $PER_TEST --junitxml="$OUT_DIR/gpu_tests.xml" \
     2>&1 | tail -40 | tee "$OUT_DIR/gpu_tests.log"
 # the bench stops starting rows 70 s before the 460 s mark (a compiled row takes up to a minute)
 LEFT=$(( 460 - ($(date +%s) - START) ))

@@ -11,6 +11,7 @@ not counted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import Counter
@@ -49,3 +50,16 @@ def by_file(counts: Counter) -> Counter:
     for key, n in counts.items():
         out[Path(key.split()[1].split(":")[0]).name] += n
     return out
+
+
+@contextlib.contextmanager
+def no_device_sync():
+    """CUDA only: inside, torch's sync debug mode is "error", so any call that makes the
+    host wait for the device (a value read, nonzero / boolean indexing, a blocking copy)
+    raises. The queue is drained first, so earlier work does not count."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -26,6 +26,9 @@ from mtlkit.recipe.toml_writer import toml_value  # noqa: E402
 from mtlkit.rundir import read_log  # noqa: E402
 from mtlkit.testing import TINY_CLASSIFICATION_RECIPE  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from host_reads import no_device_sync  # noqa: E402
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -266,11 +269,8 @@ def test_training_steps_never_synchronise_the_device(tmp_path, monkeypatch, weig
         calls[0] += 1
         if calls[0] <= 2:  # warm-up: cuDNN's first calls, lazy CUDA initialisation
             return real_call(self, *args, **kwargs)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_device_sync():
             return real_call(self, *args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
 
     monkeypatch.setattr(TrainStep, "__call__", strict_step)
     params = {"auto_lambda": {"split": "train"}}.get(weighting, {}) | solver
@@ -315,13 +315,9 @@ def test_metric_updates_never_synchronise_the_device():
         on_gpu = [(p.cuda(), t.cuda()) for p, t in data]
         cpu, gpu = build(name, protocol).metrics(), build(name, protocol).metrics()
         gpu.update(*on_gpu[0])  # the first: moves the state, lazy CUDA initialisation
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_device_sync():
             for p, t in on_gpu[1:]:
                 gpu.update(p, t)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         assert all(v.is_cuda for v in gpu.state.values())
         for p, t in data:
             cpu.update(p, t)

@@ -22,6 +22,7 @@ from mtlkit.plugins.weightings._cone_device import cone_projection_device, fista
 from mtlkit.plugins.weightings.upgrad import UPGradParams
 
 sys.path.insert(0, str(Path(__file__).parent))
+from host_reads import no_device_sync  # noqa: E402
 from test_step_context import batches, build_weighting, engine_steps  # noqa: E402
 from test_engine_common import make_model, make_tasks  # noqa: E402
 
@@ -171,6 +172,7 @@ def test_engine_steps_with_the_device_solver_match_the_exact_ones(name):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (name, k, float((a - b).abs().max()))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 def test_the_device_solver_never_synchronises_cuda(name):
@@ -183,11 +185,7 @@ def test_the_device_solver_never_synchronises_cuda(name):
     gpu = torch.from_numpy(g).float().cuda()
     losses = {t: torch.tensor(1.0, device="cuda") for t in names}
     w_gpu.combine_grads(gpu, losses)  # warm-up: lazy CUDA and solver-library initialisation
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_device_sync():
         out = w_gpu.combine_grads(gpu, losses)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     ref = w_cpu.combine_grads(torch.from_numpy(g).float(), {t: torch.tensor(1.0) for t in names})
     assert torch.allclose(out.cpu(), ref, rtol=1e-5, atol=1e-5 * float(np.linalg.norm(g, axis=1).sum()))

@@ -25,6 +25,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.plugin_manager import get_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
+from host_reads import no_device_sync  # noqa: E402
 import test_weightings_resume as resume  # noqa: E402
 from test_engine_common import make_model, make_tasks  # noqa: E402
 from test_step_context import TASKS, batches, engine_steps  # noqa: E402
@@ -198,12 +199,8 @@ def test_device_coefficients_never_synchronise_cuda(name):
     m_gpu = m.cuda()
     losses = {t: torch.tensor(1.0, device="cuda") for t in w.task_names}
     w.device_coefficients(m_gpu, losses)  # warm-up: lazy initialisation, the schedule's one copy
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_device_sync():
         coef = w.device_coefficients(m_gpu, losses)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert coef.is_cuda
     cpu = build(name, k=5, solver="device").device_coefficients(m, {t: torch.tensor(1.0) for t in w.task_names})
     assert torch.allclose(coef.cpu(), cpu, rtol=1e-12, atol=1e-14)

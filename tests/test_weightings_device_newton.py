@@ -27,6 +27,7 @@ import torch
 from mtlkit.plugin_manager import get_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
+from host_reads import no_device_sync  # noqa: E402
 import test_weightings_reads as reads  # noqa: E402
 import test_weightings_resume as resume  # noqa: E402
 from test_engine_common import make_model, make_tasks  # noqa: E402
@@ -231,14 +232,10 @@ def test_device_coefficients_never_synchronise_cuda(name, params):
     g_gpu = g.cuda()
     losses = {t: torch.tensor(1.0, device="cuda") for t in w.task_names}
     w.device_coefficients(g_gpu @ g_gpu.T, losses)  # warm-up: lazy initialisation
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_device_sync():
         coef = w.device_coefficients(g_gpu @ g_gpu.T, losses)
         w.combine_grads(g_gpu, losses)  # solves
         d = w.combine_grads(g_gpu, losses)  # nash_mtl: reuses the device weights
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert coef.is_cuda and d.is_cuda
     cpu = build(name, params, 5, "device").device_coefficients(g @ g.T, {t: torch.tensor(1.0) for t in w.task_names})
     assert torch.allclose(coef.cpu(), cpu, rtol=1e-12)
