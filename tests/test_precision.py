@@ -24,12 +24,12 @@ from test_engine_common import MeanGrad, make_data, make_model, make_tasks, stat
 CFG = dict(epochs=2, batch_size=4, log_interval=100, seed=5, device="cpu")  # 16 samples: 4 steps an epoch
 
 
-def build(run_dir=None, weighting=None, **training):
+def build(run_dir=None, weighting=None, optimizer=None, **training):
     tasks = make_tasks()
     train, val = make_data(num_train=16)
     model = make_model(tasks)
     trainer = Trainer(model, tasks, train, val, weighting=weighting(list(tasks)) if weighting else None,
-                      optimizer={"name": "sgd", "lr": 0.05}, training={**CFG, **training},
+                      optimizer=optimizer or {"name": "sgd", "lr": 0.05}, training={**CFG, **training},
                       run_dir=run_dir, quiet=True)
     return trainer, model
 
@@ -83,15 +83,64 @@ def test_fp16_scaler_state_is_checkpointed_and_resume_is_bit_identical(tmp_path)
         build(tmp_path / "c", precision="fp16")[0].fit(resume_from=tmp_path / "c")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 @pytest.mark.parametrize("weighting", [None, MeanGrad], ids=["loss-level", "gradient-level"])
-def test_fp16_overflow_skips_the_step_and_lowers_the_scale(weighting):
-    trainer, model = build(weighting=weighting, epochs=1, precision="fp16", max_steps_per_epoch=1)
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(weighting, fused):
+    trainer, model = build(weighting=weighting, epochs=1, precision="fp16", max_steps_per_epoch=1,
+                           optimizer={"name": "adam", "lr": 0.05, "fused": fused})
     trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # fp16 overflows
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
     trainer.fit()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the overflowed step was skipped
     assert trainer.precision.scaler.get_scale() == 2.0 ** 126  # backoff 0.5
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_a_fused_optimiser_takes_the_same_steps(name):
+    """optimizer.fused builds torch's fused optimiser over the same groups (the weighting's
+    without weight decay), which takes the same steps. Compared on gradients that are not
+    rounding noise: a convolution's bias before BatchNorm has a true gradient of 0, which
+    Adam turns into steps of +-lr from the noise alone."""
+    from mtlkit.engine.config import OptimizerConfig
+    from mtlkit.engine.optim import build_optimizer
+    from test_engine_common import Uncertainty
+
+    params = {"name": name, "lr": 0.05, "weight_decay": 1e-2, **({"momentum": 0.9} if name == "sgd" else {})}
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model, weighting = torch.nn.Linear(6, 3), Uncertainty(["a", "b"])
+        opt = build_optimizer(OptimizerConfig(**params, fused=fused), model, weighting)
+        assert bool(opt.defaults.get("fused")) == fused and opt.param_groups[1]["weight_decay"] == 0.0
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in [*model.parameters(), *weighting.parameters()]:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs.append([p.detach().clone() for p in [*model.parameters(), *weighting.parameters()]])
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    trainer, _ = build(epochs=1, optimizer={**params, "fused": True})
+    assert trainer.optimizer.defaults["fused"]
+
+
+@pytest.mark.parametrize("fused, reads_per_step", [(False, 1), (True, 0)])
+def test_fp16_with_a_fused_optimiser_leaves_the_overflow_check_on_the_device(monkeypatch, fused, reads_per_step):
+    """torch's loss scaler reads its overflow flag back (item()) before a plain optimiser's
+    step; a fused optimiser takes the flag as a tensor and skips the update on the device."""
+    trainer, _ = build(epochs=1, precision="fp16", optimizer={"name": "adam", "lr": 1e-3, "fused": fused})
+    reads, real = [], torch.Tensor.item
+
+    def item(self):
+        if "grad_scaler" in sys._getframe(1).f_code.co_filename:
+            reads.append(1)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    trainer.fit()
+    monkeypatch.undo()
+    assert trainer.global_step == 4 and len(reads) == reads_per_step * trainer.global_step
 
 
 def test_compile_matches_eager_and_bad_backend_is_one_line():

@@ -21,6 +21,10 @@ class OptimizerConfig(Params):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (sgd only).")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd only; needs momentum > 0).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW moment decay rates.")
+    fused: bool = Field(False, description="torch's fused implementation: the whole update in one kernel "
+                        "(fewer launches); with precision = \"fp16\" the loss scaler then checks for "
+                        "overflow on the device instead of reading it back each step. Off: torch's default "
+                        "(foreach) implementation.")
 
     @model_validator(mode="after")
     def _check(self) -> "OptimizerConfig":

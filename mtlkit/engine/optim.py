@@ -16,11 +16,12 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, weighting: nn.Module
     wparams = [p for p in weighting.parameters() if p.requires_grad]
     if wparams:  # weighting parameters (log-variances...) are not weights to shrink
         groups.append({"params": wparams, "weight_decay": 0.0})
+    fused = {"fused": True} if cfg.fused else {}  # else torch's own default
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **fused)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
 
 
 def lr_factor(cfg: ScheduleConfig, epochs: int, epoch: int) -> float:
