@@ -261,6 +261,20 @@ def test_training_steps_never_synchronise_the_device(tmp_path, monkeypatch, weig
     "error": any call that makes the host wait for the device (a value read, a blocking
     copy, nonzero / boolean indexing) raises. The log read-out, once per interval, is
     outside the steps. The presence flags' early read (an event wait) is allowed."""
+    params = {"auto_lambda": {"split": "train"}}.get(weighting, {}) | solver
+    strict_run(tmp_path, monkeypatch, weighting, {f"weighting.params.{k}": v for k, v in params.items()})
+
+
+@pytest.mark.parametrize("weighting", ["equal", "pcgrad"])
+def test_fp16_steps_with_a_fused_optimiser_never_synchronise_the_device(tmp_path, monkeypatch, weighting):
+    """Under fp16 the loss scaler reads its overflow flag before a plain optimiser's step;
+    with optimizer.fused it hands the flag over on the device."""
+    strict_run(tmp_path, monkeypatch, weighting, {"training.precision": "fp16", "optimizer.fused": True,
+                                                  "optimizer.name": "adam"})
+
+
+def strict_run(tmp_path, monkeypatch, weighting: str, overrides: dict) -> None:
+    """A dense MTAN run on CUDA of 4 steps, the last two under no_device_sync()."""
     from mtlkit.engine.step import TrainStep
 
     real_call, calls = TrainStep.__call__, [0]
@@ -273,11 +287,10 @@ def test_training_steps_never_synchronise_the_device(tmp_path, monkeypatch, weig
             return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(TrainStep, "__call__", strict_step)
-    params = {"auto_lambda": {"split": "train"}}.get(weighting, {}) | solver
-    overrides = {"training.log_interval": 1000, "training.num_workers": 0, "training.device": "cuda",
-                 **{f"weighting.params.{k}": v for k, v in params.items()}}
+    base = {"training.log_interval": 1000, "training.num_workers": 0, "training.device": "cuda",
+            "training.batch_size": 2}
     result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan", weighting)), run_dir=tmp_path / "run",
-                               overrides={**overrides, "training.batch_size": 2})
+                               overrides={**base, **overrides})
     assert calls[0] == 4  # 8 samples in batches of 2: two strict steps
     finite_run(result)
 
