@@ -80,41 +80,14 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
     if private_weights is not None:
         # features: every trainable parameter; those before the cut get None (not in the graph)
         extra = list(ctx.private_params) if target == "params" else list(ctx.shared_params) + list(ctx.private_params)
-    names = ctx.task_names
     scale = loss_scale(ctx)
-    sizes = [x.numel() for x in rows_of]
     # filled row by row (a piece with no gradient, or a task with no graph, is zeroed then)
-    G = torch.empty(len(names), sum(sizes), dtype=rows_of[0].dtype, device=rows_of[0].device)
-    acc: dict[int, Tensor] = {}
-    inputs = rows_of + extra
+    G = torch.empty(len(ctx.task_names), sum(x.numel() for x in rows_of), dtype=rows_of[0].dtype,
+                    device=rows_of[0].device)
     if BATCHED and scale is None:  # the batched variant has no loss scaling (fp16 takes the loop)
-        return _batched(ctx, target, names, rows_of, extra, sizes, G, private_weights, retain_graph)
-    for k, t in enumerate(names):
-        loss = ctx.losses[t]
-        if not loss.requires_grad:  # nothing to differentiate: a zero row
-            G[k].zero_()
-            continue
-        if scale is not None:
-            loss = loss * scale
-        last = k == len(names) - 1
-        grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph or not last, allow_unused=True)
-        offset = 0
-        for g, n in zip(grads, sizes):
-            if g is not None:
-                G[k, offset:offset + n] = g.reshape(-1)
-            else:
-                G[k, offset:offset + n].zero_()
-            offset += n
-        w = private_weights.get(t) if private_weights is not None else None
-        if w is None:
-            continue
-        for p, g in zip(extra, grads[len(rows_of):]):
-            if g is not None:
-                g = g * w
-                acc[id(p)] = g if id(p) not in acc else acc[id(p)] + g
-    for p in extra:
-        if id(p) in acc:
-            p.grad = acc[id(p)].detach() if p.grad is None else p.grad + acc[id(p)].detach()
+        _batched(ctx, rows_of, extra, G, private_weights, retain_graph)
+    else:
+        _per_task(ctx, rows_of, extra, G, private_weights, retain_graph, scale)
     if ctx.dist.enabled:
         G = D.all_reduce_mean_(G, ctx.dist) if target == "params" else gather_rows(G, ctx.dist)
     if scale is not None:
@@ -127,37 +100,68 @@ def task_gradients(ctx: StepContext, target: str, private_weights: dict[str, Any
     return G
 
 
+def _fill_rows(rows: Tensor, grads: tuple[Tensor | None, ...], sizes: list[int]) -> None:
+    """Write the flattened ``grads`` (one per tensor of the rows, None: zero) into ``rows``
+    (``... x N``) side by side."""
+    offset = 0
+    for g, n in zip(grads, sizes):
+        if g is not None:
+            rows[..., offset:offset + n] = g.reshape(*rows.shape[:-1], n)
+        else:
+            rows[..., offset:offset + n].zero_()
+        offset += n
+
+
+def _per_task(ctx: StepContext, rows_of: list[Tensor], extra: list[nn.Parameter], G: Tensor,
+              private_weights: dict[str, Any] | None, retain_graph: bool, scale: Tensor | None) -> None:
+    """One ``torch.autograd.grad`` per task: its row of G, and ``sum_t w_t dL_t/dp`` for the
+    ``extra`` parameters."""
+    names, sizes = ctx.task_names, [x.numel() for x in rows_of]
+    acc: dict[int, Tensor] = {}
+    for k, t in enumerate(names):
+        loss = ctx.losses[t]
+        if not loss.requires_grad:  # nothing to differentiate: a zero row
+            G[k].zero_()
+            continue
+        if scale is not None:
+            loss = loss * scale
+        last = k == len(names) - 1
+        grads = torch.autograd.grad(loss, rows_of + extra, retain_graph=retain_graph or not last, allow_unused=True)
+        _fill_rows(G[k], grads, sizes)
+        w = private_weights.get(t) if private_weights is not None else None
+        if w is None:
+            continue
+        for p, g in zip(extra, grads[len(rows_of):]):
+            if g is not None:
+                g = g * w
+                acc[id(p)] = g if id(p) not in acc else acc[id(p)] + g
+    for p in extra:
+        if id(p) in acc:
+            p.grad = acc[id(p)].detach() if p.grad is None else p.grad + acc[id(p)].detach()
+
+
 # the K per-task passes as one vmapped pass (torch.autograd.grad(..., is_grads_batched=True)):
 # the same result; measured slower on CPU (docs/performance.md), so off; bench/weighting_step.py
 # flips it to measure it again
 BATCHED = False
 
 
-def _batched(ctx: StepContext, target: str, names: list[str], rows_of: list[Tensor], extra: list[nn.Parameter],
-             sizes: list[int], G: Tensor, private_weights: dict[str, Any] | None, retain_graph: bool) -> Tensor:
-    """``task_gradients`` in one batched backward pass (see ``BATCHED``)."""
-    k = len(names)
+def _batched(ctx: StepContext, rows_of: list[Tensor], extra: list[nn.Parameter], G: Tensor,
+             private_weights: dict[str, Any] | None, retain_graph: bool) -> None:
+    """``_per_task`` in one batched backward pass (see ``BATCHED``)."""
+    names = ctx.task_names
     losses = torch.stack([ctx.losses[t].reshape(()) for t in names])
-    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+    eye = torch.eye(len(names), dtype=losses.dtype, device=losses.device)
     grads = torch.autograd.grad(losses, rows_of + extra, grad_outputs=eye, is_grads_batched=True,
                                 retain_graph=retain_graph, allow_unused=True)
-    offset = 0
-    for g, n in zip(grads, sizes):
-        if g is not None:
-            G[:, offset:offset + n] = g.reshape(k, -1)
-        else:
-            G[:, offset:offset + n].zero_()
-        offset += n
+    _fill_rows(G, grads, [x.numel() for x in rows_of])
     if private_weights is not None:
         w = torch.stack([torch.as_tensor(0.0 if private_weights.get(t) is None else private_weights[t],
-                                         dtype=losses.dtype) for t in names])
+                                         dtype=losses.dtype, device=losses.device) for t in names])
         for p, g in zip(extra, grads[len(rows_of):]):
             if g is not None:
                 c = torch.tensordot(w, g, dims=1)
                 p.grad = c if p.grad is None else p.grad + c
-    if ctx.dist.enabled:
-        G = D.all_reduce_mean_(G, ctx.dist) if target == "params" else gather_rows(G, ctx.dist)
-    return G
 
 
 def gather_rows(G: Tensor, dist_ctx: D.DistContext) -> Tensor:
@@ -222,11 +226,12 @@ def set_gradient(ctx: StepContext, combined: Tensor | None, target: str) -> None
         torch.autograd.backward(outs, grad_tensors=pieces)
 
 
-def start_presence(ctx: StepContext) -> EarlyRead:
+def start_presence(ctx: StepContext, losses: dict[str, Tensor] | None = None) -> EarlyRead:
     """Start reading which tasks take part in this step (see :func:`present_tasks`): the
-    K flags (global loss != 0) are copied to the host while the backward passes run."""
-    losses = ctx.global_losses()
-    return EarlyRead(torch.stack([losses[t].detach().reshape(()) != 0 for t in ctx.task_names]))
+    K flags (global loss != 0, or ``losses``' when given) are copied to the host while the
+    backward passes run."""
+    values = losses if losses is not None else ctx.global_losses()
+    return EarlyRead(torch.stack([values[t].detach().reshape(()) != 0 for t in ctx.task_names]))
 
 
 def present_tasks(step: Any, ctx: StepContext, losses: dict[str, Tensor] | None = None) -> list[str]:
@@ -243,13 +248,11 @@ def present_tasks(step: Any, ctx: StepContext, losses: dict[str, Tensor] | None 
     read when asked. The step records it: ``weights()`` is then reported with
     ``task_names`` set to the present tasks, the others at 0 (see :func:`reported_weights`).
     """
-    names = list(ctx.task_names)
     early = getattr(step, "early_presence", None)
-    if (losses is None or losses is ctx.global_losses()) and early is not None:
-        flags = early.result()
-    else:
-        values = losses if losses is not None else ctx.global_losses()
-        flags = EarlyRead(torch.stack([values[t].detach().reshape(()) != 0 for t in names])).result()
+    if early is None or (losses is not None and losses is not ctx.global_losses()):
+        early = start_presence(ctx, losses)
+    flags = early.result()
+    names = list(ctx.task_names)
     present = [t for t, k in zip(names, flags) if k]
     step.present = present
     return present

@@ -118,7 +118,7 @@ class TrainStep:
         self.present: list[str] | None = None
         # the weights of the last step when it left tasks out (grad_step.reported_weights), else None
         self.subset_weights: dict[str, float] | None = None
-        self._global: tuple[StepContext, dict[str, Tensor]] | None = None  # the step's global losses
+        self._global: tuple[StepContext, dict[str, Tensor]] | None = None  # (ctx, its global losses)
         self.early_presence = None  # the step's presence flags on their way to the host
 
     def __call__(self, batch: Any, domain: str | tuple[str, ...] | None, epoch: int = 0,
@@ -149,7 +149,6 @@ class TrainStep:
             self.overflow = None  # fp16: whether this step's per-task gradients overflowed (grad_step)
             self.optimizer.zero_grad(set_to_none=True)
             self.present = self.subset_weights = None
-            self._global = None
             # which tasks take part, for the methods that may ask: copied to the host now,
             # collected while the device runs the backward passes (grad_step.present_tasks)
             asks = self.gradient_level or self.custom or self.weighting.present_only
