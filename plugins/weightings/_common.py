@@ -185,12 +185,16 @@ def step_counts(method: str, state: Any, k: int) -> list[int]:
 
 
 def generator_state(gen: torch.Generator) -> list[int]:
-    """A torch.Generator's state as a JSON-friendly list of bytes."""
+    """A torch.Generator's state as a JSON-friendly list of bytes (``"rng"`` in a method's
+    JSON state)."""
     return [int(b) for b in gen.get_state().tolist()]
 
 
-def set_generator_state(gen: torch.Generator, state: Any) -> None:
-    gen.set_state(torch.tensor(list(state), dtype=torch.uint8))
+def set_generator_state(gen: torch.Generator, state: dict[str, Any]) -> None:
+    """Restore ``gen`` from the ``"rng"`` entry of a method's JSON state (absent: a state
+    written before the method drew anything; the seeded generator stays)."""
+    if "rng" in state:
+        gen.set_state(torch.tensor(list(state["rng"]), dtype=torch.uint8))
 
 
 class GramWeighting(Weighting):

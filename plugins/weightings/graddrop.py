@@ -114,8 +114,7 @@ class GradDrop(Weighting):
         return {"rng": generator_state(self.generator)}
 
     def set_state(self, state):
-        if "rng" in state:
-            set_generator_state(self.generator, state["rng"])
+        set_generator_state(self.generator, state)
 
 
 @hookimpl

@@ -115,8 +115,7 @@ class GradVac(Weighting):
         return {"rng": generator_state(self.generator), "targets": self.targets}
 
     def set_state(self, state):
-        if "rng" in state:
-            set_generator_state(self.generator, state["rng"])
+        set_generator_state(self.generator, state)
         # by names (older checkpoints: only the pairs visited so far; the others start at 0)
         pos = {t: n for n, t in enumerate(self.all_tasks)}
         rows = [[0.0] * len(self.all_tasks) for _ in self.all_tasks]

@@ -90,8 +90,7 @@ class PCGrad(Weighting):
         return {"rng": generator_state(self.generator)}
 
     def set_state(self, state):
-        if "rng" in state:
-            set_generator_state(self.generator, state["rng"])
+        set_generator_state(self.generator, state)
 
 
 @hookimpl
