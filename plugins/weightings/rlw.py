@@ -16,6 +16,7 @@ import torch
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
+from mtlkit.step_context import to_device
 
 from ._common import generator_state, set_generator_state
 
@@ -45,7 +46,7 @@ class RLW(Weighting):
         if not any(t in losses for t in self.task_names):
             raise ValueError("weighting 'rlw': none of the tasks has a loss")
         first = next(iter(losses.values()))
-        w = w.to(first.device, non_blocking=True)  # host to device: no wait for the queued kernels
+        w = to_device(w, first.device)
         self._last = list(w.unbind())
         terms = [scalar_times(w[k], losses[t]) for k, t in enumerate(self.task_names) if t in losses]
         return sum(terms[1:], terms[0])
