@@ -220,6 +220,7 @@ class GramWeighting(Weighting):
     # coefficients go back to the device with the weighted sum (``weighted_sum``: no
     # wait), and ``weights()`` reports them from numpy (python floats).
     host_reads_per_step = 1
+    solver = "exact"  # or "device": see use_solver
     method = "?"
     initial_coefficient: float | None = None
 
@@ -248,7 +249,7 @@ class GramWeighting(Weighting):
 
     def combine_grads(self, grads: Tensor, losses) -> Tensor:
         check_grads(self.method, grads, self.task_names)
-        if getattr(self, "solver", "exact") == "device":
+        if self.solver == "device":
             coef = self.device_coefficients(gram(grads, host=False), losses)
             self._coefs = coef.detach().clone()  # 0-dim tensors in weights(), read once per log interval
             return weighted_sum(coef, grads)

@@ -197,9 +197,7 @@ class NashMTL(GramWeighting):
         flat = torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1) for g, x in zip(grads, rows)])
         if self.grad_target == "params":
             D.all_reduce_mean_(flat, ctx.dist)  # the global batch's update, as set_gradient expects
-            if self.max_norm > 0:
-                flat = flat * (self.max_norm / (torch.linalg.vector_norm(flat) + 1e-6)).clamp(max=1.0)
-            ctx.set_gradient(flat)
+            ctx.set_gradient(self.clipped(flat))
         else:  # set_gradient takes this rank's block of the ranks' rows side by side, / world size
             world, rank = (ctx.dist.world_size, ctx.dist.rank) if ctx.dist.enabled else (1, 0)
             full = flat.new_zeros(world * flat.numel())
@@ -230,7 +228,11 @@ class NashMTL(GramWeighting):
                 coef = self.coefficients(host_gram(grads)[0])
                 self.alpha.update(zip(self.task_names, coef.tolist()))  # numpy's tolist: python floats
             d = self.apply_coefficients(coef, grads)
-        if self.max_norm > 0:  # on the device: no read-back
+        return self.clipped(d)
+
+    def clipped(self, d):
+        """``d`` scaled to norm at most ``max_norm`` (0: off), on the device: no read-back."""
+        if self.max_norm > 0:
             d = d * (self.max_norm / (torch.linalg.vector_norm(d) + 1e-6)).clamp(max=1.0)
         return d
 
