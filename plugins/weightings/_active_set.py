@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._common import gram_norms
+
 
 def _affine_min(m: np.ndarray, n: np.ndarray, idx: list[int]) -> np.ndarray:
     """Coefficients v (sum 1) of the least-norm point of the affine hull of the points idx.
@@ -70,7 +72,7 @@ def min_norm_weights(m: np.ndarray, max_iter: int = 1000, tol: float = 1e-10) ->
     """
     mm = np.asarray(m, dtype=np.float64)
     k = mm.shape[0]
-    n = np.sqrt(np.maximum(np.diag(mm), 0.0))
+    n = gram_norms(mm)
     if not n.max() > 0:  # every point is 0: all weights give the same (zero) point
         return np.full(k, 1.0 / k)
     a = np.zeros(k)
@@ -136,7 +138,7 @@ def cone_projection(m: np.ndarray, u: np.ndarray, max_iter: int = 1000) -> np.nd
     mm = np.asarray(m, dtype=np.float64)
     u = np.asarray(u, dtype=np.float64)
     v = u.copy()
-    n = np.sqrt(np.maximum(np.diag(mm), 0.0))
+    n = gram_norms(mm)
     live = np.flatnonzero(n > 0)
     if live.size == 0:
         return v

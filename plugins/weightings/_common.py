@@ -93,6 +93,14 @@ def gram(grads: Tensor, host: bool = True) -> Tensor:
     return out.cpu() if host else out
 
 
+def gram_norms(m: Tensor | np.ndarray) -> Tensor | np.ndarray:
+    """The gradients' norms |g_k| from the Gram matrix's diagonal (numpy or torch, as ``m``);
+    rounding can leave a zero gradient's entry a hair below 0: it counts as 0."""
+    if isinstance(m, np.ndarray):
+        return np.sqrt(np.maximum(np.diag(m), 0.0))
+    return torch.diagonal(m).clamp_min(0.0).sqrt()
+
+
 def host_gram(grads: Tensor, extra: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The step's one read for a host-side solver: the K x K float64 Gram matrix of
     ``grads`` (see ``gram``) as a numpy array, and ``extra`` (values the solver also needs,

@@ -34,6 +34,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._common import gram_norms
+
 # ridge of the free block's Cholesky, relative to C's unit diagonal: makes a singular block
 # (identical or dependent gradients: its right-hand side lies in its range) and rounding's
 # tiny negative eigenvalues factorable; one step of iterative refinement removes its bias
@@ -123,7 +125,7 @@ def cone_projection_device(m: Tensor, u: Tensor, iters: int, rounds: int) -> Ten
     """Coefficients v (B x K) of the projections of x_b = sum_k u_bk g_k (u: B x K) onto the
     dual cone of the gradients whose Gram matrix is ``m`` (K x K, float64): for each row as
     ``_active_set.cone_projection``, on m's device, reading nothing."""
-    n = torch.diagonal(m).clamp_min(0.0).sqrt()
+    n = gram_norms(m)
     live = n > 0
     ns = torch.where(live, n, torch.ones_like(n))
     both = live[:, None] & live[None, :]

@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._common import gram_norms
+
 STEP_SIZES = 40  # halvings of the Newton step tried at once (1 .. 2^-39), besides 0
 ARMIJO = 0.25
 START_RAYS = 9  # rays tried at once for the first iterate (see start)
@@ -51,7 +53,7 @@ def device_nash_weights(m: Tensor, ridge: float = 1e-6, iters: int = 20, tol: fl
     k = m.shape[0]
     dev = m.device
     eye = torch.eye(k, dtype=torch.float64, device=dev)
-    n = m.diagonal().clamp(min=0.0).sqrt()
+    n = gram_norms(m)
     live = n > 0
     ns = torch.where(live, n, torch.ones_like(n))
     pair = live[:, None] & live[None, :]

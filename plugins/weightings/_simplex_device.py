@@ -35,6 +35,8 @@ from torch import Tensor
 
 from mtlkit.errors import ConfigError
 
+from ._common import gram_norms
+
 # the most tasks the enumeration takes: 4095 supports of 13 x 13 systems
 MAX_TASKS = 12
 # a candidate with a weight below -FEASIBLE_TOL times its total is not clipped but dropped
@@ -67,7 +69,7 @@ class _Normed:
     y-coordinates, ``zero`` the points of norm 0 (the min-norm point is then one of them)."""
 
     def __init__(self, m: Tensor) -> None:
-        n = m.diagonal().clamp(min=0).sqrt()
+        n = gram_norms(m)
         self.zero = ~(n > 0)
         ns = torch.where(self.zero, 1.0, n)
         nmin = torch.where(self.zero, torch.inf, n).amin()

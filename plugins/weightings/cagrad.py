@@ -42,7 +42,7 @@ from pydantic import Field
 from mtlkit.hookspecs import hookimpl
 
 from ._active_set import min_norm_weights
-from ._common import GramWeighting, SolverParams
+from ._common import GramWeighting, SolverParams, gram_norms
 from ._simplex_device import SOLVER_DESCRIPTION, cagrad_dual_device, require_enumerable
 
 
@@ -62,7 +62,7 @@ def resolved_norm(m: np.ndarray, w: np.ndarray) -> float:
     cancels below sqrt of that is indistinguishable from 0 and has no usable direction.
     """
     sq = float(w @ m @ w)
-    span = float(w @ np.sqrt(np.maximum(np.diag(m), 0.0)))
+    span = float(w @ gram_norms(m))
     return math.sqrt(sq) if sq > 64 * m.shape[0] * np.finfo(np.float64).eps * span * span else 0.0
 
 

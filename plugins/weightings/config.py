@@ -24,7 +24,7 @@ from torch import Tensor
 from mtlkit.hookspecs import hookimpl
 from mtlkit.step_context import to_device
 
-from ._common import GramWeighting
+from ._common import GramWeighting, gram_norms
 from ._linalg_device import EPS64, JacobiSolverParams, pinv_solve
 from .upgrad import preference
 
@@ -35,7 +35,7 @@ class ConFIGParams(JacobiSolverParams):
 
 def config_coefficients(m: np.ndarray, w: np.ndarray) -> np.ndarray:
     k = m.shape[0]
-    n = np.sqrt(np.maximum(np.diag(m), 0.0))
+    n = gram_norms(m)
     live = np.flatnonzero(n > 0)
     coef = np.zeros(k)
     if live.size == 0:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mtlkit.hookspecs import hookimpl
 
-from ._common import GramWeighting
+from ._common import GramWeighting, gram_norms
 from ._linalg_device import EPS64, JacobiSolverParams, pinv_solve
 
 
@@ -33,7 +33,7 @@ class IMTLGParams(JacobiSolverParams):
 def imtl_g_weights(m: np.ndarray) -> np.ndarray:
     """IMTL-G's alpha from the Gram matrix M (float64)."""
     k = m.shape[0]
-    norms = np.sqrt(np.maximum(np.diag(m), 0.0))
+    norms = gram_norms(m)
     live = norms > 0
     if not live.any():  # all gradients are zero: any weights give the same (zero) update
         return np.full(k, 1.0 / k)

@@ -25,7 +25,7 @@ from pydantic import Field
 from mtlkit.hookspecs import hookimpl
 
 from ._active_set import min_norm_weights
-from ._common import GramWeighting, SolverParams
+from ._common import GramWeighting, SolverParams, gram_norms
 from ._simplex_device import SOLVER_DESCRIPTION, min_norm_weights_device, require_enumerable
 
 
@@ -69,7 +69,7 @@ class MGDA(GramWeighting):
         return where(n > 1e-20, n, 1.0)
 
     def coefficients(self, m: np.ndarray, extra: np.ndarray) -> np.ndarray:
-        n = self.normalizers(np.sqrt(np.maximum(np.diag(m), 0.0)), extra)
+        n = self.normalizers(gram_norms(m), extra)
         return min_norm_weights(m / np.outer(n, n), max_iter=self.max_iter, tol=self.tol)
 
     def device_coefficients(self, m: torch.Tensor, losses) -> torch.Tensor:

@@ -54,7 +54,7 @@ from mtlkit.hookspecs import hookimpl
 
 from mtlkit.step_context import to_device
 
-from ._common import GramWeighting, SolverParams, check_grads, gram, host_gram, weighted_sum
+from ._common import GramWeighting, SolverParams, check_grads, gram, gram_norms, host_gram, weighted_sum
 from ._newton_device import device_nash_weights
 
 
@@ -80,7 +80,7 @@ def nash_weights(m: np.ndarray, ridge: float = 1e-6, max_iter: int = 100, tol: f
     power 1 and beta^(1 - power) / (1 - power) otherwise; a damped Newton method minimises it.
     """
     k = m.shape[0]
-    n = np.sqrt(np.maximum(np.diag(m), 0.0))
+    n = gram_norms(m)
     live = n > 0
     alpha = np.ones(k)
     if not live.any():  # every gradient is zero: any weights give the same (zero) update
