@@ -8,6 +8,9 @@ Rows (training steps: forward, loss, backward, Adam step):
   branches), ``memory_efficient`` (recomputed levels), each in fp32 and bf16 autocast,
   eager and under torch.compile (default mode, and reduce-overhead: the step replayed as
   CUDA graphs), and fast + channels-last + bf16.
+- mtlkit's own training step of the shipped MTAN recipe (recipes/nyuv2/mtan.toml: task
+  losses, equal weighting, Adam) on the same shapes, eager and with ``training.cuda_graph``
+  (the whole step replayed as one CUDA graph), in fp32 and bf16.
 - Split, Wide on SegNet at the same shapes, fp32 / bf16, eager / compiled.
 - Visual Decathlon: WRN-28-4 + MTAN, 10 domains, 72x72, batch 128, one domain per step:
   training images/s in fp32 and in bf16 + channels-last.
@@ -95,6 +98,12 @@ PLAN = [
     ("MTAN SegNet", "mtan", "plain", "fp32", None, False),  # the authors' computation: the baseline
     ("MTAN SegNet", "mtan", "plain", "bf16", None, False),
     ("MTAN SegNet", "_fast", "fast", "bf16", None, False),
+    # mtlkit's own step of the shipped recipe (losses, weighting, Adam), eager and as one CUDA graph
+    ("MTAN SegNet", "engine", "mtlkit step", "fp32", None, False),
+    ("MTAN SegNet", "engine", "mtlkit step", "bf16", None, False),
+    ("MTAN SegNet", "engine", "mtlkit step", "fp32", "cuda-graph", False),
+    ("MTAN SegNet", "engine", "mtlkit step", "bf16", "cuda-graph", False),
+    ("MTAN SegNet", "engine-fast", "mtlkit step, fast", "bf16", "cuda-graph", False),
     ("MTAN SegNet", "mtan", "plain", "bf16", "reduce-overhead", False),  # CUDA graphs: the launch-bound step
     ("MTAN SegNet", "_fast", "fast", "bf16", "reduce-overhead", False),
     ("Split Wide SegNet", "split-wide", "plain", "fp32", None, False),
@@ -110,7 +119,7 @@ PLAN = [
     ("MTAN SegNet", "_lean", "memory_efficient", "bf16", "reduce-overhead", False),
     ("Split Wide SegNet", "split-wide", "plain", "fp32", "reduce-overhead", False),
 ]
-CORE = 7  # --core: the first rows of PLAN
+CORE = 12  # --core: the first rows of PLAN
 
 
 def segnet_row(arch: str, precision: str, compiled: str | None, steps: int, channels_last: bool = False) -> dict:
@@ -124,6 +133,44 @@ def segnet_row(arch: str, precision: str, compiled: str | None, steps: int, chan
     batch = lambda: (torch.randn(BATCH, 3, H, W, device="cuda"), None)  # noqa: E731
     return time_steps(net, batch, dense_loss, precision, steps, channels_last=channels_last,
                       graphs=compiled == "reduce-overhead")
+
+
+def engine_row(arch: str, precision: str, graph: bool, steps: int) -> dict:
+    """The shipped MTAN recipe's own training step (mtlkit's TrainStep: the task losses,
+    the weighting, Adam), ``training.cuda_graph`` on or off, on one fixed synthetic batch."""
+    import mtlkit
+    from mtlkit.engine.graph_step import WARMUP
+
+    overrides = {"training.device": "cuda", "training.precision": precision,
+                 "training.cuda_graph": "on" if graph else "off"}
+    if arch == "engine-fast":
+        overrides["model.attention.params.fast"] = True
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = mtlkit.build_trainer("nyuv2/mtan", synthetic=True, run_dir=Path(tmp) / "run",
+                                       overrides=overrides).trainer
+        batch = torch.utils.data.default_collate([trainer.train_data[i] for i in range(BATCH)])
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+        trainer.raw_model.train()
+        dev = torch.device("cuda")
+        torch.cuda.synchronize()
+        times, warmup = [], WARMUP + 2  # eager warm-up, the capture, one replay
+        for i in range(warmup + steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses, _ = trainer.train_step(batch, None, 0, i)
+            end.record()
+            if i >= warmup:
+                times.append((start, end))
+            if i == warmup - 1:
+                torch.cuda.synchronize()
+                warm_peak = torch.cuda.max_memory_allocated(dev) / 1e9
+                torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.synchronize()
+        ms = [s.elapsed_time(e) for s, e in times]
+        return {"ms": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms),
+                "peak_gb": torch.cuda.max_memory_allocated(dev) / 1e9, "peak_gb_warmup": warm_peak,
+                "loss_finite": all(bool(torch.isfinite(v)) for v in losses.values()),
+                "replays": getattr(trainer.train_step, "replays", 0)}
 
 
 def decathlon_row(precision: str, channels_last: bool, steps: int) -> dict:
@@ -266,7 +313,10 @@ def main(argv=None) -> int:
         else:
             try:
                 torch._dynamo.reset()
-                row.update(segnet_row(arch, prec, comp, args.steps, cl))
+                if arch.startswith("engine"):
+                    row.update(engine_row(arch, prec, comp == "cuda-graph", args.steps))
+                else:
+                    row.update(segnet_row(arch, prec, comp, args.steps, cl))
             except Exception as exc:  # one failing row must not lose the others
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             torch.cuda.empty_cache()

@@ -297,6 +297,10 @@ class Weighting(nn.Module):
     # an accelerator busy. A method with a host-side solver reads once (its K x K Gram);
     # tests/test_weightings_reads.py counts it on every registered weighting.
     host_reads_per_step: ClassVar[int] = 0
+    # Whether a step of this method launches the same kernels every step within an epoch,
+    # with no host read and no host-side state that changes from step to step: then
+    # ``training.cuda_graph`` may record the step once and replay it (engine/graph_step.py).
+    graph_safe: ClassVar[bool] = False
 
     def __init__(self, task_names: list[str]) -> None:
         super().__init__()

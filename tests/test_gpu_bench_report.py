@@ -15,9 +15,13 @@ def test_the_plan_measures_the_baseline_first_and_the_cuda_graph_rows_early():
     plan = gpu_bench.PLAN
     assert plan[0][2:5] == ("plain", "fp32", None)  # the authors' computation: every ratio's base
     assert len(set(plan)) == len(plan)
-    graphs = [i for i, p in enumerate(plan) if p[4] == "reduce-overhead"]
-    assert graphs and graphs[0] < gpu_bench.CORE  # a short session still measures a CUDA-graph row
-    assert {p[4] for p in plan} == {None, "default", "reduce-overhead"}
+    for mode in ("reduce-overhead", "cuda-graph"):  # torch.compile's graphs; mtlkit's whole-step graph
+        graphs = [i for i, p in enumerate(plan) if p[4] == mode]
+        assert graphs and graphs[0] < gpu_bench.CORE  # a short session still measures a CUDA-graph row
+    assert {p[4] for p in plan} == {None, "default", "reduce-overhead", "cuda-graph"}
+    # mtlkit's own step, eager and graphed, in the same precisions: the graph's gain side by side
+    engine = {(p[3], p[4]) for p in plan if p[1] == "engine"}
+    assert {("fp32", None), ("fp32", "cuda-graph"), ("bf16", None), ("bf16", "cuda-graph")} <= engine
 
 
 def test_the_report_gives_ratios_against_the_baseline_and_lists_skipped_rows():

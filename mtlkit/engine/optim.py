@@ -10,18 +10,23 @@ from torch import nn
 from .config import OptimizerConfig, ScheduleConfig
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module, weighting: nn.Module) -> torch.optim.Optimizer:
-    """Group 0: the model's trainable parameters; group 1 (if any): the weighting's."""
+def build_optimizer(cfg: OptimizerConfig, model: nn.Module, weighting: nn.Module,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """Group 0: the model's trainable parameters; group 1 (if any): the weighting's.
+    ``capturable``: Adam/AdamW keep their step counts on the device, as a CUDA graph of
+    the training step needs (fused optimisers do so already)."""
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     wparams = [p for p in weighting.parameters() if p.requires_grad]
     if wparams:  # weighting parameters (log-variances...) are not weights to shrink
         groups.append({"params": wparams, "weight_decay": 0.0})
-    fused = {"fused": True} if cfg.fused else {}  # else torch's own default
+    extra = {"fused": True} if cfg.fused else {}  # else torch's own default
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, **fused)
+                               weight_decay=cfg.weight_decay, **extra)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
+    if capturable and not cfg.fused:
+        extra = {"capturable": True}
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **extra)
 
 
 def lr_factor(cfg: ScheduleConfig, epochs: int, epoch: int) -> float:

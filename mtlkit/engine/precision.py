@@ -29,11 +29,12 @@ from .config import TrainingConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(name: str, device: torch.device):
-    """The forward pass's context for ``training.precision`` = ``name``."""
+def autocast(name: str, device: torch.device, cache: bool = True):
+    """The forward pass's context for ``training.precision`` = ``name`` (``cache``: keep
+    each weight's cast for the region; off while a CUDA graph is captured)."""
     if name not in DTYPES:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[name])
+    return torch.autocast(device.type, dtype=DTYPES[name], cache_enabled=cache)
 
 
 class Precision:
@@ -45,9 +46,10 @@ class Precision:
         if name == "fp16" and device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
             raise ConfigError("training.precision: fp16 on the CPU needs torch.amp.GradScaler (torch >= 2.3)")
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        self.autocast_cache = True  # off while a CUDA graph is captured (graph_step)
 
     def autocast(self):
-        return autocast(self.name, self.device)
+        return autocast(self.name, self.device, self.autocast_cache)
 
     def scale(self, loss: Tensor) -> Tensor:
         """The loss to backpropagate (scaled under fp16)."""

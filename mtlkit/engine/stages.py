@@ -129,7 +129,8 @@ class Stages:
 
     def build_optimizer(self, stage: int, trainer: Trainer) -> torch.optim.Optimizer:
         """A fresh optimiser with the settings of ``stage``'s optimiser."""
-        return build_optimizer(self.optimizers[self.owner[stage]], trainer.raw_model, trainer.weighting)
+        return build_optimizer(self.optimizers[self.owner[stage]], trainer.raw_model, trainer.weighting,
+                               capturable=trainer.graphs)
 
     def start(self, trainer: Trainer) -> tuple[torch.optim.Optimizer, list[float]]:
         """The first stage's optimiser and its base learning rates (the trainer's constructor)."""

@@ -66,6 +66,7 @@ from .sampling import Seeds, Stream, collate_by_domain, make_loader, seed_everyt
 from .signals import StopSignals
 from .snapshot import restore_trainer, save_trainer
 from .stages import Stages
+from .graph_step import GraphedStep, wants_graphs
 from .step import TrainStep
 
 __all__ = ["Trainer", "seed_everything"]
@@ -127,10 +128,12 @@ class Trainer:
         else:
             self.model = self.raw_model
         self.model = compiled(self.model, self.cfg)  # DDP inside: compile sees its bucketing hooks
+        # the step replayed as CUDA graphs (training.cuda_graph): the optimiser keeps its state on the device
+        self.graphs = wants_graphs(self.cfg, self.weighting, self.device, self.ctx.enabled, self.many_to_many)
         self.optimizer, self.base_lrs = self.stages.start(self)  # the first stage's optimiser
-        self.train_step = TrainStep(self.model, self.raw_model, self.tasks, self.weighting, self.optimizer,
-                                    self.cfg, self.ctx, ExtraBatches(train_data, val_data, self.cfg, self.ctx.rank),
-                                    self.precision)
+        step = TrainStep(self.model, self.raw_model, self.tasks, self.weighting, self.optimizer, self.cfg, self.ctx,
+                         ExtraBatches(train_data, val_data, self.cfg, self.ctx.rank), self.precision)
+        self.train_step = GraphedStep(step, fallback_on_error=self.cfg.cuda_graph == "auto") if self.graphs else step
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writes = self.run_dir is not None and self.ctx.is_main

@@ -24,6 +24,10 @@ class DWAParams(Params):
 
 
 class DWA(Weighting):
+    # CUDA graphs (training.cuda_graph): the weights change at epoch starts only, and the
+    # graphs are captured anew each epoch
+    graph_safe = True
+
     def __init__(self, params: DWAParams, task_names: list[str]) -> None:
         super().__init__(task_names)
         self.temperature = float(params.temperature)

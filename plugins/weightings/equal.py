@@ -12,6 +12,8 @@ class EqualParams(Params):
 
 
 class Equal(Weighting):
+    graph_safe = True  # CUDA graphs (training.cuda_graph): constant weights
+
     def __init__(self, params: EqualParams, task_names: list[str]) -> None:
         super().__init__(task_names)
         self.mean = params.mean

@@ -19,6 +19,8 @@ class ScaleInvariantParams(Params):
 
 
 class ScaleInvariant(Weighting):
+    graph_safe = True  # CUDA graphs (training.cuda_graph): device arithmetic on the step's losses only
+
     def __init__(self, params: ScaleInvariantParams, task_names: list[str]) -> None:
         super().__init__(task_names)
         self.eps = float(params.eps)

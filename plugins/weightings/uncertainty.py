@@ -25,6 +25,8 @@ class UncertaintyParams(Params):
 
 
 class Uncertainty(Weighting):
+    graph_safe = True  # CUDA graphs (training.cuda_graph): its log-variances are parameters, updated on the device
+
     def __init__(self, params: UncertaintyParams, task_names: list[str]) -> None:
         super().__init__(task_names)
         self.log_vars = nn.Parameter(torch.full((len(self.task_names),), float(params.init)))

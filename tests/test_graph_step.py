@@ -1,0 +1,231 @@
+"""training.cuda_graph: the training step replayed as one CUDA graph (mtlkit/engine/graph_step.py).
+
+On the CPU: where graphs may run and the one-line errors where they may not, the keys a
+graph is captured for, the optimiser's capturable state, autocast's cache switch. On
+CUDA (marked ``gpu``): training with graphs gives the same losses, step by step, as the
+eager step, across epochs (re-captured), learning-rate changes, DWA's weights, a smaller
+last batch (eager) and many-to-many domains (one graph each).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mtlkit
+from mtlkit.contracts import Weighting
+from mtlkit.engine.config import OptimizerConfig, TrainingConfig
+from mtlkit.engine.graph_step import WARMUP, GraphedStep, graph_obstacle, wants_graphs
+from mtlkit.engine.optim import build_optimizer
+from mtlkit.engine.precision import Precision
+from mtlkit.errors import ConfigError
+from mtlkit.plugin_manager import get_registry
+from mtlkit.rundir import read_log
+
+CUDA = torch.device("cuda")  # a device object only: the checks below need no GPU
+
+
+def weighting(name: str) -> Weighting:
+    return get_registry().get("weighting", name).build({}, task_names=["a", "b"])
+
+
+def cfg(**kw) -> TrainingConfig:
+    return TrainingConfig(**kw)
+
+
+# -- where graphs may run (CPU) ------------------------------------------------------------------
+def test_graph_obstacles_name_the_reason():
+    eq = weighting("equal")
+    assert graph_obstacle(cfg(), eq, CUDA, False, False) is None
+    cases = [
+        ((cfg(), eq, torch.device("cpu"), False, False), "CUDA device"),
+        ((cfg(), eq, CUDA, True, False), "torchrun"),
+        ((cfg(compile=True), eq, CUDA, False, False), "training.compile"),
+        ((cfg(precision="fp16"), eq, CUDA, False, False), "fp16"),
+        ((cfg(domain_order="mixed"), eq, CUDA, False, True), "mixed"),
+        ((cfg(), weighting("pcgrad"), CUDA, False, False), "PCGrad"),
+    ]
+    for args, word in cases:
+        reason = graph_obstacle(*args)
+        assert reason is not None and word in reason, (args, reason)
+    # "mixed" matters only many-to-many
+    assert graph_obstacle(cfg(domain_order="mixed"), eq, CUDA, False, False) is None
+
+
+def test_cuda_graph_on_where_it_cannot_run_is_a_one_line_error():
+    with pytest.raises(ConfigError) as err:
+        wants_graphs(cfg(cuda_graph="on"), weighting("equal"), torch.device("cpu"), False, False)
+    assert str(err.value).startswith("training.cuda_graph = \"on\":") and "\n" not in str(err.value)
+    assert wants_graphs(cfg(cuda_graph="auto"), weighting("equal"), torch.device("cpu"), False, False) is False
+    assert wants_graphs(cfg(cuda_graph="auto"), weighting("pcgrad"), CUDA, False, False) is False
+    assert wants_graphs(cfg(cuda_graph="auto"), weighting("equal"), CUDA, False, False) is True
+    assert wants_graphs(cfg(cuda_graph="off"), weighting("equal"), CUDA, False, False) is False
+
+
+def test_recipe_with_cuda_graph_on_a_cpu_fails_before_training(tmp_path):
+    from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
+
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_CLASSIFICATION_RECIPE + 'cuda_graph = "on"\n')
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        mtlkit.run_recipe(str(path), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # auto on a CPU: the plain step, trained as before
+    path.write_text(TINY_CLASSIFICATION_RECIPE + 'cuda_graph = "auto"\n')
+    built = mtlkit.build_trainer(str(path), run_dir=tmp_path / "run2")
+    assert not isinstance(built.trainer.train_step, GraphedStep) and built.trainer.graphs is False
+
+
+def test_graph_safe_weightings_are_loss_level_and_read_nothing():
+    """A graph replays the same kernels: a graph-safe method has the engine's own backward
+    and step end, asks no presence flags and reads nothing back per step."""
+    safe = []
+    for c in get_registry().list():
+        if c.kind != "weighting":
+            continue
+        cls = type(weighting(c.name))
+        if cls.graph_safe:
+            safe.append(c.name)
+            assert cls.requires_grads is None and not cls.present_only and cls.host_reads_per_step == 0, c.name
+            assert cls.backward is Weighting.backward and cls.on_step_end is Weighting.on_step_end, c.name
+    assert {"equal", "dwa", "uncertainty", "scale_invariant"} <= set(safe)
+
+
+def test_capturable_optimiser_only_when_asked():
+    net = torch.nn.Linear(3, 2)
+    w = weighting("uncertainty")  # has parameters: a second group
+    for name in ("adam", "adamw"):
+        opt = build_optimizer(OptimizerConfig(name=name, lr=1e-3), net, w, capturable=True)
+        assert all(g["capturable"] for g in opt.param_groups)
+        assert not any(g["capturable"] for g in build_optimizer(OptimizerConfig(name=name), net, w).param_groups)
+    fused = build_optimizer(OptimizerConfig(name="adam", fused=True), net, w, capturable=True)
+    assert all(g["fused"] for g in fused.param_groups)  # fused keeps its state on the device already
+    build_optimizer(OptimizerConfig(name="sgd"), net, w, capturable=True)  # SGD has no step count: no flag
+
+
+def test_autocast_cache_switch():
+    p = Precision("bf16", torch.device("cpu"))
+    assert p.autocast()._cache_enabled is True
+    p.autocast_cache = False
+    assert p.autocast()._cache_enabled is False
+
+
+def test_graph_keys():
+    """A graph per domain, input shapes and dtypes, epoch, optimiser and learning rates."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    g = GraphedStep(SimpleNamespace(optimizer=opt))
+    batch = {"image": torch.zeros(2, 3, 8, 8), "label": torch.zeros(2), "names": ["x", "y"]}
+    key = g._key(batch, None, 0)
+    assert key == g._key({**batch, "names": ["p", "q"]}, None, 0)  # non-tensor entries: not part of it
+    assert key != g._key({**batch, "image": torch.zeros(1, 3, 8, 8)}, None, 0)
+    assert key != g._key({**batch, "label": torch.zeros(2, dtype=torch.long)}, None, 0)
+    assert key != g._key(batch, "cifar100", 0) and key != g._key(batch, None, 1)
+    opt.param_groups[0]["lr"] = 0.05
+    assert key != g._key(batch, None, 0)
+    g.optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.05)  # a stage's new optimiser
+    assert g.step.optimizer is g.optimizer and g._key(batch, None, 0)[3] == id(g.optimizer)
+    assert g._key({"a": batch}, ("a", "b"), 0) is None  # mixed domains: eager
+
+
+# -- on CUDA ---------------------------------------------------------------------------------------
+def gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+DENSE = """
+[model.backbone]
+name = "segnet"
+params = {{ width = 0.0625 }}
+[model.attention]
+name = "mtan"
+[tasks.segmentation]
+name = "segmentation"
+params = {{ num_classes = 7 }}
+[tasks.depth]
+name = "depth"
+[tasks.normal]
+name = "normal"
+[data]
+name = "synthetic_scenes"
+params = {{ height = 32, width = 32, num_train = {n}, num_val = 4, num_classes = 7 }}
+[weighting]
+name = "{weighting}"
+[optimizer]
+name = "adam"
+lr = 1e-3
+[schedule]
+name = "step"
+step_size = 1
+gamma = 0.5
+[training]
+epochs = {epochs}
+batch_size = 4
+device = "cuda"
+deterministic = true
+log_interval = 1
+precision = "{precision}"
+"""
+
+
+def train(tmp_path: Path, text: str, graph: str, name: str, overrides=None):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    built = mtlkit.build_trainer(str(path), run_dir=tmp_path / f"{name}-{graph}",
+                                 overrides={"training.cuda_graph": graph, **(overrides or {})})
+    built.trainer.fit()
+    steps = [r for r in read_log(built.run_dir) if r["type"] == "step"]
+    return built.trainer, [(r["domain"], r["losses"]) for r in steps]
+
+
+def same_losses(a, b, rtol=1e-3):
+    assert len(a) == len(b) and a
+    for (da, la), (db, lb) in zip(a, b):
+        assert da == db and la.keys() == lb.keys()
+        for t in la:
+            assert math.isfinite(la[t]) and math.isclose(la[t], lb[t], rel_tol=rtol, abs_tol=1e-6), (la, lb)
+
+
+@gpu
+@pytest.mark.parametrize("weighting_name,precision", [("equal", "fp32"), ("dwa", "fp32"), ("equal", "bf16")])
+def test_graphed_training_matches_eager(tmp_path, weighting_name, precision):
+    """3 epochs of 6 steps (num_train 22, batch 4: 5 full batches and one of 2), the lr halved
+    every epoch; DWA's weights move from epoch 2 on. Every step's losses as the eager run's."""
+    text = DENSE.format(n=22, weighting=weighting_name, epochs=3, precision=precision)
+    trainer, graphed = train(tmp_path, text, "on", "dense")
+    _, eager = train(tmp_path, text, "off", "dense")
+    same_losses(graphed, eager, rtol=1e-3 if precision == "fp32" else 2e-2)
+    step = trainer.train_step
+    assert isinstance(step, GraphedStep)
+    # each epoch: WARMUP eager steps, a capture, replays of the other full batches; the last
+    # batch (2 samples) runs eagerly
+    assert step.captures == 3 and step.replays == 3 * (5 - WARMUP)
+    # the losses change from step to step: each replay took its own batch
+    assert len({round(next(iter(l.values())), 7) for _, l in graphed}) > len(graphed) // 2
+
+
+@gpu
+def test_graphed_many_to_many_one_graph_per_domain(tmp_path):
+    """WRN + MTAN on two written Decathlon domains, round robin: one graph per domain."""
+    from mtlkit.cli import main
+
+    root = tmp_path / "decathlon"
+    assert main(["data", "synth-decathlon", str(root), "--n-train", "24", "--n-val", "4", "--n-test", "4",
+                 "--image-size", "24"]) == 0
+    text = ('[model.backbone]\nname = "wrn"\nparams = { depth = 10, widen_factor = 1 }\n'
+            '[model.attention]\nname = "mtan"\n')
+    for domain, classes in (("svhn", 10), ("gtsrb", 6)):
+        text += (f'[tasks.{domain}]\nname = "classification"\nparams = {{ num_classes = {classes} }}\n'
+                 f'data = {{ name = "decathlon", params = {{ root = "{root.as_posix()}", domain = "{domain}", '
+                 f'image_size = 24, crop = 24, pad = 2 }} }}\n')
+    text += ('[optimizer]\nname = "sgd"\nlr = 0.05\nmomentum = 0.9\n[training]\nepochs = 1\nbatch_size = 4\n'
+             'device = "cuda"\ndeterministic = true\nlog_interval = 1\ndomain_order = "round_robin"\n'
+             'drop_last = true\n')
+    trainer, graphed = train(tmp_path, text, "on", "m2m")
+    _, eager = train(tmp_path, text, "off", "m2m")
+    same_losses(graphed, eager)
+    step = trainer.train_step
+    assert step.captures == 2 and step.replays == 2 * (24 // 4 - WARMUP)  # one graph per domain
