@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", choices=["eager", "compiled", "all"], default="all",
                     help="compiled: append the torch.compile rows to DIR/gpu_bench.json of an eager run")
     ap.add_argument("--core", action="store_true", help="only MTAN plain fp32/bf16, fast bf16 and Split Wide")
+    ap.add_argument("--first", type=int, help="only the first N rows of PLAN")
     ap.add_argument("--tests-junit", help="a pytest --junitxml file of the gpu tests, folded into the report")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -298,8 +299,8 @@ def main(argv=None) -> int:
 
     flops = {m: sum(count_flops(m, H, W, BATCH, 1.0)) / 1e12 for m in ("mtan", "split-wide")}
     plan = [p for p in PLAN if args.rows == "all" or (p[4] is None) == (args.rows == "eager")]
-    if args.core:
-        plan = [p for p in plan if p in PLAN[:CORE]]
+    if args.core or args.first:
+        plan = [p for p in plan if p in PLAN[:args.first or CORE]]
     from step_time import ARCHS
 
     ARCHS["_fast"] = ("mtan", {"fast": True}, {})

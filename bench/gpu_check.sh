@@ -28,10 +28,13 @@ PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=100")
 # (the CUDA-graph step's checks first: the newest)
 GPU_FILES="tests/test_graph_step.py $(grep -l 'mark.gpu' tests/test_*.py | grep -v -e '^tests/test_gpu.py$' \
     -e '^tests/test_graph_step.py$' | tr '\n' ' ') tests/test_gpu.py"
-timeout 200 $PY -m pytest -m gpu -q $GPU_FILES -p no:cacheprovider $PER_TEST --junitxml="$OUT_DIR/gpu_tests.xml" \
+# SIGINT, not timeout's SIGTERM: a training run inside a test takes SIGTERM as "stop after this
+# step" and goes on; SIGINT ends pytest, which still writes its junit report
+timeout -s INT -k 20 200 $PY -m pytest -m gpu -q $GPU_FILES -p no:cacheprovider $PER_TEST --junitxml="$OUT_DIR/gpu_tests.xml" \
     2>&1 | tail -40 | tee "$OUT_DIR/gpu_tests.log"
 # the bench stops starting rows 70 s before the 420 s mark (a compiled row takes up to a minute)
 LEFT=$(( 420 - ($(date +%s) - START) ))
+[ "$LEFT" -lt 100 ] && LEFT=100  # the tests overran: the bench's first rows all the same
 timeout "$LEFT" $PY bench/gpu_bench.py --out "$OUT_DIR" --rows all --budget $(( LEFT - 70 )) \
     --tests-junit "$OUT_DIR/gpu_tests.xml" 2>&1 | tail -60 | tee "$OUT_DIR/bench.log"
 # 3. in what is left: the gradient-level methods' exact solvers (one read per step) against

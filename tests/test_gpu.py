@@ -154,7 +154,7 @@ def deterministic_run(tmp_path, recipe: Path, name: str, epochs: int, resume: bo
 
 @pytest.mark.parametrize("kind", ["classification", "mtan"])
 def test_resume_is_bit_exact_with_deterministic_algorithms(tmp_path, kind):
-    was = torch.are_deterministic_algorithms_enabled()
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if kind == "classification":
         recipe = tmp_path / "cls.toml"
         recipe.write_text(TINY_CLASSIFICATION_RECIPE.replace('device = "cpu"', 'device = "cuda"')
@@ -166,7 +166,7 @@ def test_resume_is_bit_exact_with_deterministic_algorithms(tmp_path, kind):
         deterministic_run(tmp_path, recipe, "split", 1)
         deterministic_run(tmp_path, recipe, "split", 3, resume=True)
     finally:
-        torch.use_deterministic_algorithms(was)
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
     a, b = load_checkpoint(tmp_path / "whole")[1], load_checkpoint(tmp_path / "split")[1]
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
@@ -220,14 +220,14 @@ def shared_bn_and_stages_run(tmp_path: Path, device: str, precision: str) -> Non
     """Many-to-many with shared BatchNorm and two stages: the second stage trains omniglot
     alone at the fresh optimiser's lr; evaluating with each domain's own statistics leaves
     training exactly as evaluating without them (the same weights and buffers, bit for bit)."""
-    was = torch.are_deterministic_algorithms_enabled()
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     path = tmp_path / "m2m.toml"
     path.write_text(M2M_RECIPE.replace("DEVICE", device).replace("PRECISION", precision))
     try:
         runs = {on: mtlkit.run_recipe(str(path), run_dir=tmp_path / f"bn_{on}",
                                       overrides={"training.domain_bn_stats": on}) for on in (True, False)}
     finally:
-        torch.use_deterministic_algorithms(was)
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
     for result in runs.values():
         finite_run(result)
     steps = [r for r in read_log(runs[True].run_dir) if r["type"] == "step"]

@@ -155,7 +155,7 @@ params = {{ height = 32, width = 32, num_train = {n}, num_val = 4, num_classes =
 [weighting]
 name = "{weighting}"
 [optimizer]
-name = "adam"
+name = "{optimizer}"
 lr = 1e-3
 [schedule]
 name = "step"
@@ -189,26 +189,43 @@ def same_losses(a, b, rtol=1e-3):
             assert math.isfinite(la[t]) and math.isclose(la[t], lb[t], rel_tol=rtol, abs_tol=1e-6), (la, lb)
 
 
+@pytest.fixture
+def restore_determinism():
+    """training.deterministic switches torch's process-wide flags: put them back after."""
+    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+
+
+def largest_gap(a, b) -> float:
+    return max(abs(la[t] - lb[t]) / max(abs(lb[t]), 1e-6) for (_, la), (_, lb) in zip(a, b) for t in la)
+
+
 @gpu
-@pytest.mark.parametrize("weighting_name,precision", [("equal", "fp32"), ("dwa", "fp32"), ("equal", "bf16")])
-def test_graphed_training_matches_eager(tmp_path, weighting_name, precision):
-    """3 epochs of 6 steps (num_train 22, batch 4: 5 full batches and one of 2), the lr halved
-    every epoch; DWA's weights move from epoch 2 on. Every step's losses as the eager run's."""
-    text = DENSE.format(n=22, weighting=weighting_name, epochs=3, precision=precision)
-    trainer, graphed = train(tmp_path, text, "on", "dense")
-    _, eager = train(tmp_path, text, "off", "dense")
-    same_losses(graphed, eager, rtol=1e-3 if precision == "fp32" else 2e-2)
+@pytest.mark.parametrize("weighting_name,precision,optimizer,floor", [
+    ("equal", "fp32", "sgd", 1e-3),  # SGD: the same update kernels with and without graphs
+    ("dwa", "bf16", "adam", 5e-2),  # capturable Adam computes its bias correction on the device
+])
+def test_graphed_training_matches_eager(tmp_path, restore_determinism, weighting_name, precision, optimizer, floor):
+    """3 epochs of 5 steps (num_train 18, batch 4: 4 full batches and one of 2), the lr halved
+    every epoch; DWA's weights move in epoch 3. Every step's losses as the eager run's, to
+    within 10x the gap between two eager runs (nll_loss's atomics make those differ too)."""
+    text = DENSE.format(n=18, weighting=weighting_name, epochs=3, precision=precision, optimizer=optimizer)
+    trainer, graphed = train(tmp_path, text, "on", "graph")
+    _, eager = train(tmp_path, text, "off", "eager")
+    _, eager2 = train(tmp_path, text, "off", "eager2")
+    same_losses(graphed, eager, rtol=max(floor, 10 * largest_gap(eager2, eager)))
     step = trainer.train_step
     assert isinstance(step, GraphedStep)
     # each epoch: WARMUP eager steps, a capture, replays of the other full batches; the last
     # batch (2 samples) runs eagerly
-    assert step.captures == 3 and step.replays == 3 * (5 - WARMUP)
+    assert step.captures == 3 and step.replays == 3 * (4 - WARMUP)
     # the losses change from step to step: each replay took its own batch
-    assert len({round(next(iter(l.values())), 7) for _, l in graphed}) > len(graphed) // 2
+    assert len({round(next(iter(l.values())), 7) for _, l in graphed}) == len(graphed)
 
 
 @gpu
-def test_graphed_many_to_many_one_graph_per_domain(tmp_path):
+def test_graphed_many_to_many_one_graph_per_domain(tmp_path, restore_determinism):
     """WRN + MTAN on two written Decathlon domains, round robin: one graph per domain."""
     from mtlkit.cli import main
 
