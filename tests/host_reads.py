@@ -44,6 +44,31 @@ def count_reads(monkeypatch) -> Counter:
     return counts
 
 
+def _has_list(index) -> bool:
+    return isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index))
+
+
+def count_list_indices(monkeypatch) -> Counter:
+    """Patch tensor indexing; count, as count_reads does, each index (or assignment through
+    one) by a Python list made from mtlkit's code: torch copies the list to the tensor's
+    device with a blocking copy, which on an accelerator waits for every queued kernel (a
+    device index from ``step_context.to_device`` does not)."""
+    counts: Counter = Counter()
+    for name in ("__getitem__", "__setitem__"):
+        real = getattr(torch.Tensor, name)
+
+        def index(self, key, *args, _real=real, _name=name):
+            if _has_list(key):
+                frame = sys._getframe(1)
+                caller = os.path.realpath(frame.f_code.co_filename)
+                if caller.startswith(OURS + os.sep) and not caller.startswith(TESTS + os.sep):
+                    counts[f"{_name} {os.path.relpath(caller, OURS)}:{frame.f_lineno}"] += 1
+            return _real(self, key, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, index)
+    return counts
+
+
 def by_file(counts: Counter) -> Counter:
     """The counts summed per file name."""
     out: Counter = Counter()

@@ -15,7 +15,7 @@ from mtlkit.engine.step import TrainStep
 from mtlkit.plugin_manager import get_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from host_reads import count_reads  # noqa: E402
+from host_reads import count_list_indices, count_reads  # noqa: E402
 from test_engine_common import make_data, make_model, make_tasks  # noqa: E402
 
 STEPS = 6
@@ -25,9 +25,10 @@ PARAMS = {"auto_lambda": {"split": "train"}}  # its extra batch from the trainin
 PRESENCE = ("mtlkit/engine/early_read.py",)
 
 
-def step_reads(monkeypatch, name: str, params: dict | None = None) -> tuple[Counter, int, object]:
-    """Reads made inside the training steps of a short run, by site; the steps taken; the
-    weighting."""
+def step_reads(monkeypatch, name: str, params: dict | None = None, counter=count_reads
+               ) -> tuple[Counter, int, object]:
+    """Reads (or what ``counter`` counts) made inside the training steps of a short run, by
+    site; the steps taken; the weighting."""
     tasks = make_tasks()
     data, _ = make_data(num_train=STEPS * 2, num_val=1)
     samples = [data[i] for i in range(len(data))]
@@ -35,7 +36,7 @@ def step_reads(monkeypatch, name: str, params: dict | None = None) -> tuple[Coun
                                                             task_names=list(tasks))
     trainer = Trainer(make_model(tasks), tasks, samples, weighting=weighting, optimizer={"name": "sgd", "lr": 0.05},
                       quiet=True, training={"epochs": 1, "batch_size": 2, "log_interval": STEPS, "device": "cpu"})
-    counts = count_reads(monkeypatch)
+    counts = counter(monkeypatch)
     inside, steps = Counter(), [0]
     real_call = TrainStep.__call__
 
@@ -77,3 +78,11 @@ def test_the_device_solver_reads_nothing(monkeypatch, name):
     reads, steps, weighting = step_reads(monkeypatch, name, {"solver": "device"})
     assert steps == STEPS and weighting.host_reads_per_step == 0
     assert sum(own_reads(reads).values()) == 0, f"{name}: {dict(own_reads(reads))}"
+
+
+@pytest.mark.parametrize("name", get_registry().names("weighting"))
+def test_a_step_indexes_no_tensor_with_a_python_list(monkeypatch, name):
+    """A list index is a blocking copy to the device (an H200's sync-debug run caught
+    DB-MTL, FAMO and GradNorm doing it): steps index with device tensors."""
+    found, steps, _ = step_reads(monkeypatch, name, counter=count_list_indices)
+    assert steps == STEPS and not found, f"{name}: {dict(found)}"

@@ -36,6 +36,7 @@ from mtlkit.engine import distributed as D
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
+from mtlkit.step_context import to_device
 
 from ._common import adam_step, require_tasks, step_counts, task_steps
 
@@ -70,11 +71,15 @@ class FAMO(Weighting):
     def _rows(self, names: list[str]) -> list[int]:
         return [self.all_tasks.index(t) for t in names]
 
+    def _index(self, names: list[str]) -> torch.Tensor:
+        # a device index: a Python list as an index is a blocking copy to the device
+        return to_device(self._rows(names), self.logits.device, torch.long)
+
     def loss_weights(self, losses: dict[str, torch.Tensor], names: list[str] | None = None) -> torch.Tensor:
         """z_k / (c (L_k + eps)), the factor of each task's loss gradient (the tasks ``names``,
         every task by default, in order; z the softmax of their logits)."""
         names = self.all_tasks if names is None else names
-        z = torch.softmax(self.logits[self._rows(names)], 0)
+        z = torch.softmax(self.logits[self._index(names)], 0)
         d = torch.stack([losses[t].detach().to(z) for t in names]) + self.eps
         c = (z / d).sum()
         return z / (c * d)
@@ -109,15 +114,16 @@ class FAMO(Weighting):
     def update(self, before: torch.Tensor, after: torch.Tensor, names: list[str] | None = None) -> None:
         """One Adam step of the logits of the tasks ``names`` (every task by default) from
         their losses before and after the model's update (in that order)."""
-        rows = self._rows(self.all_tasks if names is None else names)
-        grad = famo_logit_gradient(self.logits[rows], before, after, self.eps)
+        names = self.all_tasks if names is None else names
+        rows = self._rows(names)
+        grad = famo_logit_gradient(self.logits[self._index(names)], before, after, self.eps)
         adam_step(self.logits, grad, self.adam_m, self.adam_v, task_steps(self.updates, rows), self.w_lr,
                   weight_decay=self.gamma, rows=rows)
 
     def weights(self):
         # the weights z of the tasks in task_names (the present ones after a step that left some
         # out), as 0-dim device tensors (a new tensor: the logits' later steps do not change it)
-        return dict(zip(self.task_names, torch.softmax(self.logits[self._rows(self.task_names)], 0).unbind()))
+        return dict(zip(self.task_names, torch.softmax(self.logits[self._index(self.task_names)], 0).unbind()))
 
     def get_state(self):
         return {"updates": list(self.updates)}

@@ -34,6 +34,7 @@ from mtlkit.contracts import Weighting
 from mtlkit.engine import distributed as D
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
+from mtlkit.step_context import to_device
 
 from ._common import generator_state, require_tasks, set_generator_state
 
@@ -64,7 +65,7 @@ def sign_dropout(grads: torch.Tensor, signs: torch.Tensor, batch_sizes: list[int
         offset += n
     signed = reduce(torch.cat(parts, 1))  # K x E
     purity = 0.5 * (1 + signed.sum(0) / (signed.abs().sum(0) + 1e-7))
-    u = uniform.to(purity)
+    u = to_device(uniform, purity.device, purity.dtype)  # .to() from pageable memory would block
     pos, neg = [], []
     offset = 0
     for b, n in zip(batch_sizes, sizes):

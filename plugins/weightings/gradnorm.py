@@ -36,7 +36,7 @@ from mtlkit.engine import distributed as D
 from mtlkit.contracts import Weighting
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
-from mtlkit.step_context import present_rows
+from mtlkit.step_context import present_rows, to_device
 
 from ._common import GradTargetParams, adam_step, require_tasks, step_counts, task_steps
 
@@ -82,7 +82,7 @@ class GradNorm(Weighting):
         if self.grad_target == "features":
             rows = ctx.task_gradients(private_weights={t: w[k] for k, t in enumerate(self.all_tasks)})
             present = ctx.present_tasks()
-            idx = [self.all_tasks.index(t) for t in present]
+            idx = to_device([self.all_tasks.index(t) for t in present], w.device, torch.long)
             ctx.set_gradient(w[idx].to(rows) @ present_rows(rows, self.all_tasks, present) if present else None)
         else:
             layer = last_shared_weight(ctx.shared_params)
@@ -105,10 +105,11 @@ class GradNorm(Weighting):
         """One step of the weights of the tasks ``names`` (every task by default) from their
         unweighted gradient norms |grad_W L_k| and losses (in that order)."""
         names = self.all_tasks if names is None else names
-        idx = [self.all_tasks.index(t) for t in names]
+        rows = [self.all_tasks.index(t) for t in names]
+        idx = to_device(rows, self.task_weights.device, torch.long)  # a list index: a blocking copy
         w = self.task_weights
         # their share of K: the left-out tasks' weights stay as they are
-        share = len(self.all_tasks) - (w.sum() - w[idx].sum()) if len(idx) < len(self.all_tasks) \
+        share = len(self.all_tasks) - (w.sum() - w[idx].sum()) if len(rows) < len(self.all_tasks) \
             else float(len(self.all_tasks))
         # L(0): each task's first loss (no read-back: where, not if)
         init = self.initial_losses[idx]
@@ -119,7 +120,7 @@ class GradNorm(Weighting):
         g = w[idx] * norms
         target = g.mean() * r ** self.alpha  # a constant of L_grad
         grad = torch.sign(g - target) * norms
-        adam_step(w, grad, self.adam_m, self.adam_v, task_steps(self.updates, idx), self.lr, rows=idx)
+        adam_step(w, grad, self.adam_m, self.adam_v, task_steps(self.updates, rows), self.lr, rows=rows)
         mine = w[idx].clamp(min=1e-8)
         w[idx] = mine * (share / mine.sum())
 
