@@ -292,3 +292,25 @@ def test_checkpoint_with_positional_optimizer_state_is_refused(tmp_path):
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
     report = load_model_weights(make_model(make_tasks()), tmp_path)
     assert report["loaded"] and not report["skipped"]
+
+
+def test_a_cuda_graph_runs_checkpoint_resumes_on_a_cpu(tmp_path):
+    """A run with training.cuda_graph saves Adam's groups with capturable = true (step counts
+    on the GPU); on a CPU, where capturable Adam cannot step, its resume keeps this run's
+    choice instead of the checkpoint's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    trainer, _, _ = build(run, epochs=1)
+    trainer.fit()
+    meta_path = resolve_checkpoint(run)
+    meta = json.loads(meta_path.read_text())
+    groups = meta["optimizer"]["param_groups"]
+    assert groups and all(g.get("capturable") is False for g in groups)
+    for g in groups:
+        g["capturable"] = True  # as an Adam built for CUDA graphs saves it
+    meta_path.write_text(json.dumps(meta))
+    resumed, _, _ = build(run, epochs=2)
+    resumed.fit(resume_from=run)
+    assert resumed.epoch == 2
+    assert all(g["capturable"] is False for g in resumed.optimizer.param_groups)
+

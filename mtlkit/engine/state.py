@@ -171,10 +171,21 @@ def unpack_state(tensors: dict[str, Tensor], opt_meta: dict[str, Any], model: nn
         _restore_module(weighting, tensors, "weighting.", where)
     if optimizer is None:
         return
+    keep_this_runs_capturable(state_dict, optimizer)
     try:
         optimizer.load_state_dict(state_dict)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{where}: optimiser state does not fit this model ({exc})") from None
+
+
+def keep_this_runs_capturable(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """``capturable`` (Adam's step counts on the device, for CUDA graphs) is this run's
+    choice (training.cuda_graph, the device), not the checkpoint's: a graph run's state
+    resumes on a CPU, and a CPU run's under graphs. Set before loading, so the step counts
+    go where that choice wants them."""
+    for saved, now in zip(state_dict["param_groups"], optimizer.param_groups):
+        if "capturable" in now:
+            saved["capturable"] = now["capturable"]
 
 
 def _optimizer_state_by_name(tensors: dict[str, Tensor], opt_meta: dict[str, Any], names_now: list[list[str]],
