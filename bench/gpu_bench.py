@@ -217,21 +217,24 @@ def loading_rows() -> list[dict]:
     return rows
 
 
-def junit_summary(path: Path) -> dict:
-    """Counts and failing test names from a pytest --junitxml file."""
+def junit_summary(*paths: Path) -> dict:
+    """Counts and failing test names from pytest --junitxml files (a test in several: the last)."""
     import xml.etree.ElementTree as ET
 
-    if not path.exists():
-        return {"error": f"{path} not written (the test run was killed?)"}
-    cases = list(ET.parse(path).getroot().iter("testcase"))
-    status = {}
-    for c in cases:
-        name = f"{c.get('classname', '').split('.')[-1]}::{c.get('name')}"
-        kinds = [child.tag for child in c]
-        status[name] = ("failed" if {"failure", "error"} & set(kinds) else "skipped" if "skipped" in kinds
-                        else "passed")
+    status, missing = {}, []
+    for path in map(Path, paths):
+        if not path.exists():
+            missing.append(f"{path.name} not written (the test run was killed?)")
+            continue
+        for c in ET.parse(path).getroot().iter("testcase"):
+            name = f"{c.get('classname', '').split('.')[-1]}::{c.get('name')}"
+            kinds = {child.tag for child in c}
+            status[name] = "failed" if {"failure", "error"} & kinds else "skipped" if "skipped" in kinds else "passed"
     counts = {k: sum(v == k for v in status.values()) for k in ("passed", "failed", "skipped")}
-    return {**counts, "failed_tests": [n for n, v in status.items() if v == "failed"]}
+    out = {**counts, "failed_tests": [n for n, v in status.items() if v == "failed"]}
+    if missing:
+        out["error"] = "; " + "; ".join(missing)
+    return out
 
 
 def markdown(res: dict) -> str:

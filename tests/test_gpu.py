@@ -130,6 +130,7 @@ def test_compiled_network_matches_eager():
         torch.backends.cudnn.allow_tf32 = True
 
 
+@pytest.mark.timeout(300)  # inductor compiles the MTAN step first: over 100 s on an H200 machine
 def test_compiled_training_runs(tmp_path):
     # num_workers is left to its default: 0 under compile (with live DataLoader workers, an
     # H200 run of this test failed: a worker killed by SIGTERM while inductor compiled)

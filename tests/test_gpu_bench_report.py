@@ -41,3 +41,31 @@ def test_the_report_gives_ratios_against_the_baseline_and_lists_skipped_rows():
     assert any("eager" in line and "| 60.0" in line for line in lines)
     assert any("skipped (time budget)" in line for line in lines)
     assert any("1 failed" in line and "t::x" in line for line in lines)
+
+
+def test_junit_summaries_of_the_test_phases_are_merged(tmp_path):
+    def junit(name, cases):
+        body = "".join(f'<testcase classname="tests.test_gpu" name="{n}">{inner}</testcase>' for n, inner in cases)
+        (tmp_path / name).write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+        return tmp_path / name
+
+    first = junit("first.xml", [("a", ""), ("b", '<failure message="x"/>')])
+    rest = junit("rest.xml", [("c", '<skipped message="no"/>'), ("d", "")])
+    s = gpu_bench.junit_summary(first, rest)
+    assert (s["passed"], s["failed"], s["skipped"]) == (2, 1, 1) and s["failed_tests"] == ["test_gpu::b"]
+    s = gpu_bench.junit_summary(first, tmp_path / "killed.xml")
+    assert s["passed"] == 1 and "killed.xml not written" in s["error"]
+
+
+def test_the_tests_gpu_check_runs_first_exist():
+    """bench/gpu_first.txt names pytest node ids: each a gpu-marked test function of its file."""
+    import ast
+
+    ids = [line.strip() for line in (BENCH / "gpu_first.txt").read_text().splitlines()
+           if line.strip() and not line.startswith("#")]
+    assert ids
+    for node in ids:
+        file, func = node.split("::")
+        tree = ast.parse((BENCH.parent / file).read_text())
+        names = {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
+        assert func in names, node
