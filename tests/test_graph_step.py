@@ -22,7 +22,7 @@ from mtlkit.engine.config import OptimizerConfig, TrainingConfig
 from mtlkit.engine.graph_step import WARMUP, GraphedStep, graph_obstacle, wants_graphs
 from mtlkit.engine.optim import build_optimizer
 from mtlkit.engine.precision import Precision
-from mtlkit.errors import ConfigError
+from mtlkit.errors import ConfigError, TrainingError
 from mtlkit.plugin_manager import get_registry
 from mtlkit.rundir import read_log
 
@@ -129,6 +129,108 @@ def test_graph_keys():
     g.optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.05)  # a stage's new optimiser
     assert g.step.optimizer is g.optimizer and g._key(batch, None, 0)[3] == id(g.optimizer)
     assert g._key({"a": batch}, ("a", "b"), 0) is None  # mixed domains: eager
+
+
+# -- GraphedStep's bookkeeping, with a recorder in CUDA's place (CPU) -------------------------------
+class Recorder:
+    """Stands in for CudaGraphs: ``warm`` runs the step; ``capture`` runs it once for its
+    outputs (a real capture records without running) and returns a graph whose replay runs
+    it again and writes the results into those outputs in place, as a CUDA graph does."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.events: list[str] = []
+        self.fail = fail
+
+    def warm(self, run):
+        self.events.append("warm")
+        return run()
+
+    def capture(self, run, device):
+        self.events.append("capture")
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        outputs = run()
+        events = self.events
+
+        class Graph:
+            def replay(self):
+                events.append("replay")
+                values, _ = run()
+                for k, v in values.items():
+                    outputs[0][k].copy_(v)
+
+        return Graph(), outputs
+
+
+class FakeStep:
+    """A training step that reports the sum of its batch's image as its loss."""
+
+    def __init__(self) -> None:
+        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        self.ctx = SimpleNamespace(device=torch.device("cpu"))
+        self.precision = Precision("fp32", torch.device("cpu"))
+        self.subset_weights = None
+        self.calls = 0
+
+    def __call__(self, batch, domain, epoch=0, step=0):
+        self.calls += 1
+        return {"a": batch["image"].sum()}, {"a": 1.0}
+
+
+def batch(value: float, n: int = 2) -> dict:
+    return {"image": torch.full((n, 3), value), "names": ["x"] * n}
+
+
+def test_warm_up_capture_and_replays_use_each_new_batch():
+    rec, step = Recorder(), FakeStep()
+    g = GraphedStep(step, backend=rec)
+    losses = [g(batch(float(i)), None, 0, i)[0]["a"] for i in range(6)]
+    assert rec.events == ["warm"] * WARMUP + ["capture"] + ["replay"] * (6 - WARMUP)
+    assert [float(v) for v in losses] == [6.0 * i for i in range(6)]  # each step its own batch
+    assert g.captures == 1 and g.replays == 6 - WARMUP
+    assert step.precision.autocast_cache is True  # switched off for the capture only
+    # returned values are copies: the next replay does not change them
+    kept = losses[-1]
+    g(batch(100.0), None, 0, 6)
+    assert float(kept) == 30.0
+
+
+def test_other_shapes_epochs_and_learning_rates_get_their_own_graphs():
+    rec, step = Recorder(), FakeStep()
+    g = GraphedStep(step, backend=rec)
+    for i in range(WARMUP + 1):
+        g(batch(1.0), None, 0, i)
+    rec.events.clear()
+    g(batch(1.0, n=1), None, 0, 9)  # a smaller last batch: eager (its first sighting warms)
+    assert rec.events == ["warm"]
+    rec.events.clear()
+    step.optimizer.param_groups[0]["lr"] = 0.05  # a new learning rate: a new graph
+    for i in range(WARMUP + 1):
+        g(batch(1.0), None, 0, i)
+    assert rec.events == ["warm"] * WARMUP + ["capture", "replay"] and len(g.graphs) == 2
+    rec.events.clear()
+    assert float(g(batch(2.0), None, 1, 0)[0]["a"]) == 12.0  # a new epoch: the old graphs go
+    assert rec.events == ["warm"] and not g.graphs
+
+
+def test_a_failed_capture_raises_under_on_and_goes_eager_under_auto():
+    g = GraphedStep(FakeStep(), backend=Recorder(fail=True))
+    for i in range(WARMUP):
+        g(batch(1.0), None, 0, i)
+    with pytest.raises(TrainingError) as err:
+        g(batch(1.0), None, 0, WARMUP)
+    assert "operation not permitted" in str(err.value) and "\n" not in str(err.value)
+    assert "training.cuda_graph" in str(err.value)
+    step, rec = FakeStep(), Recorder(fail=True)
+    g = GraphedStep(step, fallback_on_error=True, backend=rec)
+    for i in range(WARMUP):
+        g(batch(1.0), None, 0, i)
+    with pytest.warns(UserWarning, match="without CUDA graphs"):
+        assert float(g(batch(3.0), None, 0, WARMUP)[0]["a"]) == 18.0  # the step still taken, eagerly
+    rec.events.clear()
+    calls = step.calls
+    g(batch(1.0), None, 1, 0)
+    assert rec.events == [] and step.calls == calls + 1 and g.disabled  # eager from then on
 
 
 # -- on CUDA ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ are overwritten by the next replay).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -75,16 +75,40 @@ def wants_graphs(cfg: Any, weighting: Weighting, device: torch.device, distribut
 class _Graph:
     """One captured step: its input tensors, the graph and the step's outputs."""
 
-    def __init__(self, inputs: dict[str, Tensor], graph: torch.cuda.CUDAGraph, outputs: tuple) -> None:
+    def __init__(self, inputs: dict[str, Tensor], graph: Any, outputs: tuple) -> None:
         self.inputs, self.graph, self.outputs = inputs, graph, outputs
+
+
+class CudaGraphs:
+    """The CUDA calls of :class:`GraphedStep` (the CPU tests put a recorder in their place)."""
+
+    def warm(self, run: Callable[[], Any]) -> Any:
+        # warm-up away from the default stream, as CUDA graph capture requires of the
+        # lazily initialised state (cuBLAS workspaces, cuDNN's chosen algorithms)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = run()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def capture(self, run: Callable[[], Any], device: torch.device) -> tuple[Any, Any]:
+        """(graph, outputs): ``run`` recorded, not executed; ``graph.replay()`` executes it."""
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(device)
+        # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = run()
+        return graph, outputs
 
 
 class GraphedStep:
     """Wraps a :class:`~mtlkit.engine.step.TrainStep`: same call, same results, each step
     replayed from a CUDA graph once its key is warm (see the module's docstring)."""
 
-    def __init__(self, step: Any, fallback_on_error: bool = False) -> None:
+    def __init__(self, step: Any, fallback_on_error: bool = False, backend: Any = None) -> None:
         self.step = step
+        self.backend = backend if backend is not None else CudaGraphs()
         self.fallback_on_error = fallback_on_error  # cuda_graph = "auto": a failed capture runs eagerly
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: dict[tuple, int] = {}
@@ -116,7 +140,7 @@ class GraphedStep:
         if graph is None:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= WARMUP:
-                return self._on_side_stream(batch, domain, epoch, step)
+                return self.backend.warm(lambda: self.step(batch, domain, epoch, step))
             graph = self._capture(key, batch, domain, epoch, step)
             if graph is None:  # "auto" and the capture failed: eager from now on
                 return self.step(batch, domain, epoch, step)
@@ -137,31 +161,17 @@ class GraphedStep:
         lrs = tuple(float(g["lr"]) for g in opt.param_groups)
         return domain, shapes, epoch, id(opt), lrs
 
-    def _on_side_stream(self, batch: Any, domain: Any, epoch: int, step: int):
-        # warm-up away from the default stream, as CUDA graph capture requires of the
-        # lazily initialised state (cuBLAS workspaces, cuDNN's chosen algorithms)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = self.step(batch, domain, epoch, step)
-        torch.cuda.current_stream().wait_stream(side)
-        return out
-
     def _capture(self, key: tuple, batch: Mapping, domain: Any, epoch: int, step: int) -> _Graph | None:
         device = self.step.ctx.device
         inputs = {k: torch.empty_like(v, device=device) for k, v in batch.items() if isinstance(v, Tensor)}
         for k, t in inputs.items():
             t.copy_(batch[k], non_blocking=True)
         static = {**batch, **inputs}
-        graph = torch.cuda.CUDAGraph()
         self.step.precision.autocast_cache = False  # cached casts must not outlive the capture
         # the gradients are made inside the graph, in its memory pool
         self.step.optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize(device)
         try:
-            # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outputs = self.step(static, domain, epoch, step)
+            graph, outputs = self.backend.capture(lambda: self.step(static, domain, epoch, step), device)
         except Exception as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not self.fallback_on_error:
