@@ -10,6 +10,7 @@ last batch (eager) and many-to-many domains (one graph each).
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +26,9 @@ from mtlkit.engine.precision import Precision
 from mtlkit.errors import ConfigError, TrainingError
 from mtlkit.plugin_manager import get_registry
 from mtlkit.rundir import read_log
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gpu import dense_recipe  # noqa: E402
 
 CUDA = torch.device("cuda")  # a device object only: the checks below need no GPU
 
@@ -238,45 +242,12 @@ def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
-DENSE = """
-[model.backbone]
-name = "segnet"
-params = {{ width = 0.0625 }}
-[model.attention]
-name = "mtan"
-[tasks.segmentation]
-name = "segmentation"
-params = {{ num_classes = 7 }}
-[tasks.depth]
-name = "depth"
-[tasks.normal]
-name = "normal"
-[data]
-name = "synthetic_scenes"
-params = {{ height = 32, width = 32, num_train = {n}, num_val = 4, num_classes = 7 }}
-[weighting]
-name = "{weighting}"
-[optimizer]
-name = "{optimizer}"
-lr = 1e-3
-[schedule]
-name = "step"
-step_size = 1
-gamma = 0.5
-[training]
-epochs = {epochs}
-batch_size = 4
-device = "cuda"
-deterministic = true
-log_interval = 1
-precision = "{precision}"
-"""
-
-
-def train(tmp_path: Path, text: str, graph: str, name: str, overrides=None):
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text)
-    built = mtlkit.build_trainer(str(path), run_dir=tmp_path / f"{name}-{graph}",
+def train(tmp_path: Path, recipe: Path | str, graph: str, name: str, overrides=None):
+    if not isinstance(recipe, Path):  # recipe text
+        path = tmp_path / f"{name}.toml"
+        path.write_text(recipe)
+        recipe = path
+    built = mtlkit.build_trainer(str(recipe), run_dir=tmp_path / f"{name}-{graph}",
                                  overrides={"training.cuda_graph": graph, **(overrides or {})})
     built.trainer.fit()
     steps = [r for r in read_log(built.run_dir) if r["type"] == "step"]
@@ -312,10 +283,13 @@ def test_graphed_training_matches_eager(tmp_path, restore_determinism, weighting
     """3 epochs of 5 steps (num_train 18, batch 4: 4 full batches and one of 2), the lr halved
     every epoch; DWA's weights move in epoch 3. Every step's losses as the eager run's, to
     within 10x the gap between two eager runs (nll_loss's atomics make those differ too)."""
-    text = DENSE.format(n=18, weighting=weighting_name, epochs=3, precision=precision, optimizer=optimizer)
-    trainer, graphed = train(tmp_path, text, "on", "graph")
-    _, eager = train(tmp_path, text, "off", "eager")
-    _, eager2 = train(tmp_path, text, "off", "eager2")
+    recipe = dense_recipe(tmp_path, "mtan", weighting_name)  # tests/test_gpu.py's tiny MTAN, 32x32
+    overrides = {"data.params.num_train": 18, "training.epochs": 3, "training.deterministic": True,
+                 "training.log_interval": 1, "training.precision": precision, "optimizer.name": optimizer,
+                 "optimizer.lr": 1e-3, "schedule.name": "step", "schedule.step_size": 1, "schedule.gamma": 0.5}
+    trainer, graphed = train(tmp_path, recipe, "on", "graph", overrides)
+    _, eager = train(tmp_path, recipe, "off", "eager", overrides)
+    _, eager2 = train(tmp_path, recipe, "off", "eager2", overrides)
     same_losses(graphed, eager, rtol=max(floor, 10 * largest_gap(eager2, eager)))
     step = trainer.train_step
     assert isinstance(step, GraphedStep)
