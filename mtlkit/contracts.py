@@ -153,6 +153,12 @@ class MetricState:
     def compute(self) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError
 
+    @staticmethod
+    def batch_mean(total: Tensor, n: Tensor) -> Tensor:
+        """``total / n``, a batch's mean over its ``n`` valid pixels, in float64; 0 for a
+        batch with none (the per-batch protocols skip it), without reading ``n`` back."""
+        return (n > 0).double() * total / n.clamp_min(1)
+
     def state_on(self, device: torch.device) -> dict[str, Tensor]:
         """``state``, moved to ``device`` the first time (a no-op afterwards; a
         non-blocking copy, which does not wait for the device's queue)."""

@@ -74,10 +74,9 @@ class DepthErrorState(MetricState):
             s["rel_sum"] += rel_sum
             s["count"] += n
         else:  # a batch without a valid pixel adds 0 / 1 times 0: it is skipped
-            taken = (n > 0).double()
-            s["abs_batch_sum"] += taken * abs_sum / n.clamp_min(1)
-            s["rel_batch_sum"] += taken * rel_sum / n.clamp_min(1)
-            s["batches"] += taken
+            s["abs_batch_sum"] += self.batch_mean(abs_sum, n)
+            s["rel_batch_sum"] += self.batch_mean(rel_sum, n)
+            s["batches"] += (n > 0).double()
 
     def compute(self) -> dict[str, float]:
         s = self.state

@@ -113,11 +113,10 @@ class NormalErrorState(MetricState):
             s["count"] += nf
             s["within"] += within
         else:  # a batch without a valid pixel adds 0 / 1 times 0: it is skipped
-            taken = (n > 0).double()
-            s["mean_sum"] += taken * angle_sum / nf.clamp_min(1)
+            s["mean_sum"] += self.batch_mean(angle_sum, nf)
             s["median_sum"] += _median_like_numpy(ang, valid, n)
-            s["within_sum"] += taken * within / nf.clamp_min(1)
-            s["batches"] += taken
+            s["within_sum"] += self.batch_mean(within, nf)
+            s["batches"] += (n > 0).double()
 
     @staticmethod
     def histogram_median(hist: Tensor) -> float:
