@@ -50,22 +50,43 @@ from step_time import build as build_segnet_zoo, count_flops  # noqa: E402
 H, W, BATCH = 288, 384, 2
 
 
+def timed(step, steps: int, warmup: int) -> dict:
+    """Median and range (ms, CUDA events) of ``steps`` calls of ``step(i)`` after ``warmup``
+    untimed ones; peak memory (GB) over the timed calls, and over the warm-up apart (it holds
+    cuDNN's autotuning workspaces, a graph's capture). ``step`` returns its loss tensors."""
+    dev = torch.device("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        losses = step(i)
+        end.record()
+        if i >= warmup:
+            times.append((start, end))
+        if i == warmup - 1:  # steady state from here
+            torch.cuda.synchronize()
+            warm_peak = torch.cuda.max_memory_allocated(dev) / 1e9
+            torch.cuda.reset_peak_memory_stats(dev)
+    torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in times]
+    return {"ms": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms),
+            "peak_gb": torch.cuda.max_memory_allocated(dev) / 1e9, "peak_gb_warmup": warm_peak,
+            "loss_finite": all(bool(torch.isfinite(v)) for v in losses)}
+
+
 def time_steps(net, make_batch, loss_fn, precision: str, steps: int, warmup: int = 3,
                channels_last: bool = False, domains: list[str] | None = None, graphs: bool = False) -> dict:
-    """Median step time (ms) and peak memory (GB) of ``steps`` training steps."""
-    dev = torch.device("cuda")
+    """Median step time (ms) and peak memory (GB) of ``steps`` training steps of ``net``."""
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     x, target = make_batch()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
+
+    def step(i: int) -> list:
         domain = domains[i % len(domains)] if domains else None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         if graphs:  # CUDA graphs (reduce-overhead): a new step may reuse the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
@@ -74,18 +95,9 @@ def time_steps(net, make_batch, loss_fn, precision: str, steps: int, warmup: int
         loss = loss_fn(out, target, domain)
         loss.backward()
         opt.step()
-        end.record()
-        if i >= warmup:
-            times.append((start, end))
-        if i == warmup - 1:  # steady state: cuDNN's autotuning workspaces stay out of the peak
-            torch.cuda.synchronize()
-            warm_peak = torch.cuda.max_memory_allocated() / 1e9
-            torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    ms = [s.elapsed_time(e) for s, e in times]
-    return {"ms": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms),
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "peak_gb_warmup": warm_peak,
-            "loss_finite": bool(torch.isfinite(loss))}
+        return [loss]
+
+    return timed(step, steps, warmup)
 
 
 def dense_loss(out, target, domain):
@@ -151,26 +163,9 @@ def engine_row(arch: str, precision: str, graph: bool, steps: int) -> dict:
         batch = torch.utils.data.default_collate([trainer.train_data[i] for i in range(BATCH)])
         batch = {k: v.pin_memory() for k, v in batch.items()}
         trainer.raw_model.train()
-        dev = torch.device("cuda")
-        torch.cuda.synchronize()
-        times, warmup = [], WARMUP + 2  # eager warm-up, the capture, one replay
-        for i in range(warmup + steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            losses, _ = trainer.train_step(batch, None, 0, i)
-            end.record()
-            if i >= warmup:
-                times.append((start, end))
-            if i == warmup - 1:
-                torch.cuda.synchronize()
-                warm_peak = torch.cuda.max_memory_allocated(dev) / 1e9
-                torch.cuda.reset_peak_memory_stats(dev)
-        torch.cuda.synchronize()
-        ms = [s.elapsed_time(e) for s, e in times]
-        return {"ms": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms),
-                "peak_gb": torch.cuda.max_memory_allocated(dev) / 1e9, "peak_gb_warmup": warm_peak,
-                "loss_finite": all(bool(torch.isfinite(v)) for v in losses.values()),
-                "replays": getattr(trainer.train_step, "replays", 0)}
+        # warm-up: the eager steps, the capture, one replay
+        row = timed(lambda i: trainer.train_step(batch, None, 0, i)[0].values(), steps, WARMUP + 2)
+        return {**row, "replays": getattr(trainer.train_step, "replays", 0)}
 
 
 def decathlon_row(precision: str, channels_last: bool, steps: int) -> dict:
