@@ -189,8 +189,14 @@ def to_device(values: Any, device: torch.device, dtype: torch.dtype | None = Non
     return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
 
 
+def task_index(names: list[str], subset: list[str], device: torch.device) -> Tensor:
+    """The positions in ``names`` of the tasks of ``subset``, in order, as an index on
+    ``device`` (a Python list as an index is a blocking copy to the device)."""
+    return to_device([names.index(t) for t in subset], device, torch.long)
+
+
 def present_rows(grads: Tensor, names: list[str], present: list[str]) -> Tensor:
     """The rows of ``grads`` (one per task of ``names``) of the ``present`` tasks, in order."""
     if list(present) == list(names):
         return grads
-    return grads[to_device([names.index(t) for t in present], grads.device, torch.long)]
+    return grads[task_index(names, present, grads.device)]

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
-from mtlkit.step_context import present_rows, to_device
+from mtlkit.step_context import present_rows, task_index
 from mtlkit.registry import Params
 
 from ._common import check_grads, require_tasks, sized_buffer
@@ -76,8 +76,7 @@ class DBMTL(Weighting):
         sum_k alpha_k b_k over those tasks."""
         self.step += 1
         ema = sized_buffer(self, "ema", len(self.all_tasks), grads)
-        # a device index: a Python list as an index is a blocking copy to the device
-        rows = to_device([self.all_tasks.index(t) for t in names], grads.device, torch.long)
+        rows = task_index(self.all_tasks, names, grads.device)
         scale = torch.stack([losses[t].detach().to(grads) + self.eps for t in names])
         beta_t = self.beta / self.step ** self.sigma
         b = beta_t * ema[rows] + (1 - beta_t) * grads / scale[:, None]

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
-from mtlkit.step_context import present_rows, to_device
+from mtlkit.step_context import present_rows, task_index
 from mtlkit.registry import Params
 
 from ._common import check_grads, require_tasks, sized_buffer
@@ -76,7 +76,7 @@ class ExcessMTL(Weighting):
         ``names``); the update sum_k w_k g_k over them."""
         s = sized_buffer(self, "grad_sq_sum", len(self.all_tasks), grads)
         k = len(self.all_tasks)
-        rows = to_device([self.all_tasks.index(t) for t in names], s.device, torch.long)
+        rows = task_index(self.all_tasks, names, s.device)
         s[rows] += grads * grads
         risk = (grads * grads / torch.sqrt(s[rows] + 1e-7)).sum(1).to(self.loss_weight)
         init = self.initial_risk[rows]

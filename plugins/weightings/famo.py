@@ -36,7 +36,7 @@ from mtlkit.engine import distributed as D
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
-from mtlkit.step_context import to_device
+from mtlkit.step_context import task_index
 
 from ._common import adam_step, require_tasks, step_counts, task_steps
 
@@ -72,8 +72,7 @@ class FAMO(Weighting):
         return [self.all_tasks.index(t) for t in names]
 
     def _index(self, names: list[str]) -> torch.Tensor:
-        # a device index: a Python list as an index is a blocking copy to the device
-        return to_device(self._rows(names), self.logits.device, torch.long)
+        return task_index(self.all_tasks, names, self.logits.device)
 
     def loss_weights(self, losses: dict[str, torch.Tensor], names: list[str] | None = None) -> torch.Tensor:
         """z_k / (c (L_k + eps)), the factor of each task's loss gradient (the tasks ``names``,

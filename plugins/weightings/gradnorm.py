@@ -36,7 +36,7 @@ from mtlkit.engine import distributed as D
 from mtlkit.contracts import Weighting
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
-from mtlkit.step_context import present_rows, to_device
+from mtlkit.step_context import present_rows, task_index
 
 from ._common import GradTargetParams, adam_step, require_tasks, step_counts, task_steps
 
@@ -82,7 +82,7 @@ class GradNorm(Weighting):
         if self.grad_target == "features":
             rows = ctx.task_gradients(private_weights={t: w[k] for k, t in enumerate(self.all_tasks)})
             present = ctx.present_tasks()
-            idx = to_device([self.all_tasks.index(t) for t in present], w.device, torch.long)
+            idx = task_index(self.all_tasks, present, w.device)
             ctx.set_gradient(w[idx].to(rows) @ present_rows(rows, self.all_tasks, present) if present else None)
         else:
             layer = last_shared_weight(ctx.shared_params)
@@ -106,7 +106,7 @@ class GradNorm(Weighting):
         unweighted gradient norms |grad_W L_k| and losses (in that order)."""
         names = self.all_tasks if names is None else names
         rows = [self.all_tasks.index(t) for t in names]
-        idx = to_device(rows, self.task_weights.device, torch.long)  # a list index: a blocking copy
+        idx = task_index(self.all_tasks, names, self.task_weights.device)
         w = self.task_weights
         # their share of K: the left-out tasks' weights stay as they are
         share = len(self.all_tasks) - (w.sum() - w[idx].sum()) if len(rows) < len(self.all_tasks) \

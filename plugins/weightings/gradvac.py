@@ -26,7 +26,7 @@ from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
-from mtlkit.step_context import to_device
+from mtlkit.step_context import task_index, to_device
 
 from ._common import GradTargetParams, check_grads, generator_state, gram, require_tasks, set_generator_state, weighted_sum
 
@@ -77,7 +77,7 @@ class GradVac(Weighting):
         k, dev = m.shape[0], m.device
         if self.phi.device != dev:
             self.phi = self.phi.to(dev)
-        index = to_device([self.all_tasks.index(t) for t in self.task_names], dev, torch.long)
+        index = task_index(self.all_tasks, self.task_names, dev)
         orders = to_device(orders, dev, torch.long)
         phi = self.phi.view(-1)  # row-major: entry (a, b) of the full K x K targets at a * K + b
         diag = torch.diagonal(m)
