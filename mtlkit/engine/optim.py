@@ -19,14 +19,13 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, weighting: nn.Module
     wparams = [p for p in weighting.parameters() if p.requires_grad]
     if wparams:  # weighting parameters (log-variances...) are not weights to shrink
         groups.append({"params": wparams, "weight_decay": 0.0})
-    extra = {"fused": True} if cfg.fused else {}  # else torch's own default
-    if cfg.name == "sgd":
+    fused = {"fused": True} if cfg.fused else {}  # else torch's own default
+    if cfg.name == "sgd":  # no step count to keep
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, **extra)
+                               weight_decay=cfg.weight_decay, **fused)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    if capturable and not cfg.fused:
-        extra = {"capturable": True}
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **extra)
+    on_device = fused or ({"capturable": True} if capturable else {})
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **on_device)
 
 
 def lr_factor(cfg: ScheduleConfig, epochs: int, epoch: int) -> float:

@@ -56,6 +56,7 @@ from .checkpoint import capture_rng, recipe_sha256
 from .config import OptimizerConfig, ScheduleConfig, TrainingConfig, coerce
 from .evaluation import delta_m, evaluate, improved_best
 from .extra_batches import ExtraBatches
+from .graph_step import GraphedStep, wants_graphs
 from .loggers import Logger
 from .precision import Precision, compiled, prepare_model
 from .precision import resolve as resolve_auto
@@ -66,7 +67,6 @@ from .sampling import Seeds, Stream, collate_by_domain, make_loader, seed_everyt
 from .signals import StopSignals
 from .snapshot import restore_trainer, save_trainer
 from .stages import Stages
-from .graph_step import GraphedStep, wants_graphs
 from .step import TrainStep
 
 __all__ = ["Trainer", "seed_everything"]
