@@ -163,9 +163,8 @@ class GraphedStep:
 
     def _capture(self, key: tuple, batch: Mapping, domain: Any, epoch: int, step: int) -> _Graph | None:
         device = self.step.ctx.device
+        # the graph's own inputs: each replay (this step's first) copies its batch into them
         inputs = {k: torch.empty_like(v, device=device) for k, v in batch.items() if isinstance(v, Tensor)}
-        for k, t in inputs.items():
-            t.copy_(batch[k], non_blocking=True)
         static = {**batch, **inputs}
         self.step.precision.autocast_cache = False  # cached casts must not outlive the capture
         # the gradients are made inside the graph, in its memory pool
