@@ -48,7 +48,8 @@ def test_graph_obstacles_name_the_reason():
     cases = [
         ((cfg(), eq, torch.device("cpu"), False, False), "CUDA device"),
         ((cfg(), eq, CUDA, True, False), "torchrun"),
-        ((cfg(compile=True), eq, CUDA, False, False), "training.compile"),
+        ((cfg(compile=True, compile_mode="reduce-overhead"), eq, CUDA, False, False), "reduce-overhead"),
+        ((cfg(compile=True, compile_mode="max-autotune"), eq, CUDA, False, False), "max-autotune"),
         ((cfg(precision="fp16"), eq, CUDA, False, False), "fp16"),
         ((cfg(domain_order="mixed"), eq, CUDA, False, True), "mixed"),
         ((cfg(), weighting("pcgrad"), CUDA, False, False), "PCGrad"),
@@ -56,6 +57,9 @@ def test_graph_obstacles_name_the_reason():
     for args, word in cases:
         reason = graph_obstacle(*args)
         assert reason is not None and word in reason, (args, reason)
+    # compiled kernels without torch.compile's own graphs are captured like any others
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        assert graph_obstacle(cfg(compile=True, compile_mode=mode), eq, CUDA, False, False) is None
     # "mixed" matters only many-to-many
     assert graph_obstacle(cfg(domain_order="mixed"), eq, CUDA, False, False) is None
 
@@ -144,13 +148,17 @@ class Recorder:
     def __init__(self, fail: bool = False) -> None:
         self.events: list[str] = []
         self.fail = fail
+        self.step = None  # a step whose autocast cache state is recorded at each warm / capture
+        self.caches: list = []
 
     def warm(self, run):
         self.events.append("warm")
+        self.caches.append(self.step.precision.autocast_cache if self.step else None)
         return run()
 
     def capture(self, run, device):
         self.events.append("capture")
+        self.caches.append(self.step.precision.autocast_cache if self.step else None)
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
         outputs = run()
@@ -187,12 +195,14 @@ def batch(value: float, n: int = 2) -> dict:
 
 def test_warm_up_capture_and_replays_use_each_new_batch():
     rec, step = Recorder(), FakeStep()
+    rec.step = step
     g = GraphedStep(step, backend=rec)
     losses = [g(batch(float(i)), None, 0, i)[0]["a"] for i in range(6)]
     assert rec.events == ["warm"] * WARMUP + ["capture"] + ["replay"] * (6 - WARMUP)
     assert [float(v) for v in losses] == [6.0 * i for i in range(6)]  # each step its own batch
     assert g.captures == 1 and g.replays == 6 - WARMUP
-    assert step.precision.autocast_cache is True  # switched off for the capture only
+    # autocast's cache off for the warm-up and the capture alike, on again after each
+    assert rec.caches == [False] * (WARMUP + 1) and step.precision.autocast_cache is True
     # returned values are copies: the next replay does not change them
     kept = losses[-1]
     g(batch(100.0), None, 0, 6)

@@ -93,8 +93,9 @@ class TrainingConfig(Params):
     cuda_graph: Literal["off", "on", "auto"] = Field(
         "off", description="Replay each training step as one CUDA graph (forward, losses, backward, optimiser "
         "update in one launch): for small batches whose step is bound by launching kernels. on: a one-line "
-        "error where it cannot run (not CUDA, torchrun, fp16, compile, mixed domains, or a weighting that is "
-        "not graph-safe); auto: graphs where they can run, else the eager step. Captured anew each epoch; "
+        "error where it cannot run (not CUDA, torchrun, fp16, a compile_mode with graphs of its own, mixed "
+        "domains, or a weighting that is not graph-safe); with compile in the default mode the compiled "
+        "kernels are captured; auto: graphs where they can run, else the eager step. Captured anew each epoch; "
         "each graph keeps its own activations' memory.")
     channels_last: bool = Field(False, description="Keep the network and its input in channels-last memory "
                                 "format (measure first: on an H200 MTAN's step was slower with it, and on "

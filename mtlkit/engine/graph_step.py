@@ -14,8 +14,11 @@ What a graph needs, and how this module provides it:
   taken up; a batch of another shape (an epoch's last, smaller batch) runs eagerly;
 - no host read inside the step, and no host-side state that changes from step to step:
   only weightings that declare ``graph_safe`` qualify, not under torchrun, fp16 (its loss
-  scaler decides on the host), torch.compile (``compile_mode = "reduce-overhead"`` is
-  torch's own graph route) or ``domain_order = "mixed"``;
+  scaler decides on the host), torch.compile in a mode that makes graphs of its own
+  (``reduce-overhead``, ``max-autotune``: graphs inside a graph) or ``domain_order = "mixed"``.
+  torch.compile without its own graphs (``default``, ``max-autotune-no-cudagraphs``) does
+  qualify: inductor compiles during the eager warm-up steps, and its fused kernels are then
+  captured like any others;
 - fixed addresses: each batch is copied into the graph's own input tensors; the optimiser
   keeps its state on the device (``capturable``, set by the trainer);
 - warm-up: the first ``WARMUP`` steps of each graph's key run eagerly on a side stream
@@ -28,6 +31,7 @@ are overwritten by the next replay).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +41,7 @@ from torch import Tensor
 
 from ..contracts import Weighting
 from ..errors import ConfigError, TrainingError
+from .step import CUDA_GRAPH_MODES
 
 WARMUP = 2  # eager steps per graph key before its capture
 
@@ -48,8 +53,9 @@ def graph_obstacle(cfg: Any, weighting: Weighting, device: torch.device, distrib
         return f"it needs a CUDA device (training runs on {device.type})"
     if distributed:
         return "it is not supported under torchrun (DDP's gradient buckets run outside the graph)"
-    if cfg.compile:
-        return "training.compile is on (use compile_mode = \"reduce-overhead\" for torch.compile's own graphs)"
+    if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+        return (f"training.compile_mode = \"{cfg.compile_mode}\" replays torch.compile's own CUDA graphs "
+                f"(use compile_mode = \"default\" for compiled kernels inside the step's graph)")
     if cfg.precision == "fp16":
         return "fp16's loss scaler decides on the host whether a step is skipped (use bf16)"
     if many_to_many and cfg.domain_order == "mixed":
@@ -140,7 +146,8 @@ class GraphedStep:
         if graph is None:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= WARMUP:
-                return self.backend.warm(lambda: self.step(batch, domain, epoch, step))
+                with self._no_autocast_cache():
+                    return self.backend.warm(lambda: self.step(batch, domain, epoch, step))
             graph = self._capture(key, batch, domain, epoch, step)
             if graph is None:  # "auto" and the capture failed: eager from now on
                 return self.step(batch, domain, epoch, step)
@@ -166,11 +173,11 @@ class GraphedStep:
         # the graph's own inputs: each replay (this step's first) copies its batch into them
         inputs = {k: torch.empty_like(v, device=device) for k, v in batch.items() if isinstance(v, Tensor)}
         static = {**batch, **inputs}
-        self.step.precision.autocast_cache = False  # cached casts must not outlive the capture
         # the gradients are made inside the graph, in its memory pool
         self.step.optimizer.zero_grad(set_to_none=True)
         try:
-            graph, outputs = self.backend.capture(lambda: self.step(static, domain, epoch, step), device)
+            with self._no_autocast_cache():
+                graph, outputs = self.backend.capture(lambda: self.step(static, domain, epoch, step), device)
         except Exception as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not self.fallback_on_error:
@@ -181,11 +188,20 @@ class GraphedStep:
             self.disabled = True
             self.step.optimizer.zero_grad(set_to_none=True)
             return None
-        finally:
-            self.step.precision.autocast_cache = True
         self.captures += 1
         self.graphs[key] = _Graph(inputs, graph, outputs)
         return self.graphs[key]
+
+    @contextlib.contextmanager
+    def _no_autocast_cache(self):
+        """Autocast's cache of cast weights off for warm-up and capture alike: cached casts must
+        not outlive a capture, and a compiled network sees the same autocast state in both
+        (no recompilation inside the capture)."""
+        self.step.precision.autocast_cache = False
+        try:
+            yield
+        finally:
+            self.step.precision.autocast_cache = True
 
     def _drop(self) -> None:
         if self.graphs:
