@@ -10,7 +10,9 @@ Rows (training steps: forward, loss, backward, Adam step):
   CUDA graphs), and fast + channels-last + bf16.
 - mtlkit's own training step of the shipped MTAN recipe (recipes/nyuv2/mtan.toml: task
   losses, equal weighting, Adam) on the same shapes, eager and with ``training.cuda_graph``
-  (the whole step replayed as one CUDA graph), in fp32 and bf16.
+  (the whole step replayed as one CUDA graph), in fp32 and bf16; with the recipe's
+  overrides of ``ENGINE``: batched branches (fast), channels-last, and torch.compile
+  (inductor) whose kernels are captured in the step's graph.
 - Split, Wide on SegNet at the same shapes, fp32 / bf16, eager / compiled.
 - Visual Decathlon: WRN-28-4 + MTAN, 10 domains, 72x72, batch 128, one domain per step:
   training images/s in fp32 and in bf16 + channels-last.
@@ -104,26 +106,42 @@ def dense_loss(out, target, domain):
     return sum(o.float().mean() for o in out.values())
 
 
+# mtlkit's own step of the shipped MTAN recipe, with these overrides on top of it
+ENGINE = {
+    "engine": {},
+    "engine-fast": {"model.attention.params.fast": True},
+    "engine-fast-cl": {"model.attention.params.fast": True, "training.channels_last": True},
+    "engine-fast-cl-compile": {"model.attention.params.fast": True, "training.channels_last": True,
+                               "training.compile": True},
+    "engine-compile": {"training.compile": True},
+}
+
 # (model, arch, variant, precision, compile mode or None, channels_last), most telling first:
-# rows that would start after --budget are skipped, so a short session measures these first
+# rows that would start after --budget are skipped, so a short session measures these first.
+# For mtlkit's step rows, "cuda-graph" is training.cuda_graph = "on" (torch.compile, where the
+# variant has it, compiles the network inside the graph: inductor's kernels, one launch).
 PLAN = [
     ("MTAN SegNet", "mtan", "plain", "fp32", None, False),  # the authors' computation: the baseline
-    ("MTAN SegNet", "mtan", "plain", "bf16", None, False),
-    ("MTAN SegNet", "_fast", "fast", "bf16", None, False),
-    # mtlkit's own step of the shipped recipe (losses, weighting, Adam), eager and as one CUDA graph
-    ("MTAN SegNet", "engine", "mtlkit step", "fp32", None, False),
-    ("MTAN SegNet", "engine", "mtlkit step", "bf16", None, False),
-    ("MTAN SegNet", "engine", "mtlkit step", "fp32", "cuda-graph", False),
     ("MTAN SegNet", "engine", "mtlkit step", "bf16", "cuda-graph", False),
     ("MTAN SegNet", "engine-fast", "mtlkit step, fast", "bf16", "cuda-graph", False),
-    ("MTAN SegNet", "mtan", "plain", "bf16", "reduce-overhead", False),  # CUDA graphs: the launch-bound step
+    ("MTAN SegNet", "engine-fast-cl", "mtlkit step, fast + channels-last", "bf16", "cuda-graph", True),
+    ("MTAN SegNet", "engine-fast-cl-compile", "mtlkit step, fast + channels-last + inductor", "bf16",
+     "cuda-graph", True),
+    ("MTAN SegNet", "engine-fast-cl-compile", "mtlkit step, fast + channels-last + inductor", "bf16", None, True),
+    ("MTAN SegNet", "engine-compile", "mtlkit step, inductor", "bf16", "cuda-graph", False),
     ("MTAN SegNet", "_fast", "fast", "bf16", "reduce-overhead", False),
+    ("MTAN SegNet", "engine", "mtlkit step", "bf16", None, False),
+    ("MTAN SegNet", "engine", "mtlkit step", "fp32", "cuda-graph", False),
+    ("MTAN SegNet", "engine", "mtlkit step", "fp32", None, False),
+    ("MTAN SegNet", "mtan", "plain", "bf16", None, False),
+    ("MTAN SegNet", "_fast", "fast", "bf16", None, False),
     ("Split Wide SegNet", "split-wide", "plain", "fp32", None, False),
     ("Split Wide SegNet", "split-wide", "plain", "bf16", None, False),  # then the Decathlon and loading rows
     ("MTAN SegNet", "_lean", "memory_efficient", "fp32", None, False),
     ("MTAN SegNet", "_lean", "memory_efficient", "bf16", None, False),
     ("MTAN SegNet", "_fast", "fast", "fp32", None, False),
     ("MTAN SegNet", "_fast", "fast + channels-last", "bf16", None, True),
+    ("MTAN SegNet", "mtan", "plain", "bf16", "reduce-overhead", False),
     ("MTAN SegNet", "mtan", "plain", "fp32", "reduce-overhead", False),
     ("Split Wide SegNet", "split-wide", "plain", "bf16", "reduce-overhead", False),
     ("MTAN SegNet", "mtan", "plain", "bf16", "default", False),
@@ -149,14 +167,13 @@ def segnet_row(arch: str, precision: str, compiled: str | None, steps: int, chan
 
 def engine_row(arch: str, precision: str, graph: bool, steps: int) -> dict:
     """The shipped MTAN recipe's own training step (mtlkit's TrainStep: the task losses,
-    the weighting, Adam), ``training.cuda_graph`` on or off, on one fixed synthetic batch."""
+    the weighting, Adam) with ``ENGINE[arch]``'s overrides, ``training.cuda_graph`` on or off,
+    on one fixed synthetic batch."""
     import mtlkit
     from mtlkit.engine.graph_step import WARMUP
 
     overrides = {"training.device": "cuda", "training.precision": precision,
-                 "training.cuda_graph": "on" if graph else "off"}
-    if arch == "engine-fast":
-        overrides["model.attention.params.fast"] = True
+                 "training.cuda_graph": "on" if graph else "off", **ENGINE[arch]}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = mtlkit.build_trainer("nyuv2/mtan", synthetic=True, run_dir=Path(tmp) / "run",
                                        overrides=overrides).trainer

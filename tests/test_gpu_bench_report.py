@@ -22,6 +22,10 @@ def test_the_plan_measures_the_baseline_first_and_the_cuda_graph_rows_early():
     # mtlkit's own step, eager and graphed, in the same precisions: the graph's gain side by side
     engine = {(p[3], p[4]) for p in plan if p[1] == "engine"}
     assert {("fp32", None), ("fp32", "cuda-graph"), ("bf16", None), ("bf16", "cuda-graph")} <= engine
+    # every step row names a known override set; the compiled ones run inductor inside the graph too
+    steps = [p for p in plan if p[1].startswith("engine")]
+    assert {p[1] for p in steps} == set(gpu_bench.ENGINE)
+    assert any(gpu_bench.ENGINE[p[1]].get("training.compile") and p[4] == "cuda-graph" for p in steps)
 
 
 def test_the_report_gives_ratios_against_the_baseline_and_lists_skipped_rows():
