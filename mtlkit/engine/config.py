@@ -3,7 +3,7 @@ sections of a recipe. Field descriptions feed the generated recipe reference."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -83,7 +83,8 @@ class TrainingConfig(Params):
         "fp32", description="fp32: no autocast; bf16 / fp16: the forward pass under torch.autocast in that "
         "dtype (losses in fp32); fp16 also scales the loss (GradScaler, its state in checkpoints); auto: bf16 "
         "on a CUDA device that supports it, else fp32.")
-    compile: bool = Field(False, description="torch.compile the network for training (evaluation runs eager).")
+    compile: Union[bool, Literal["auto"]] = Field(False, description="torch.compile the network for training "
+                                                  "(evaluation runs eager); auto: on CUDA devices only.")
     compile_backend: str = Field("inductor", description="torch.compile backend (\"eager\" / \"aot_eager\" "
                                  "check the capture without generating code).")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
@@ -97,9 +98,9 @@ class TrainingConfig(Params):
         "domains, or a weighting that is not graph-safe); with compile in the default mode the compiled "
         "kernels are captured; auto: graphs where they can run, else the eager step. Captured anew each epoch; "
         "each graph keeps its own activations' memory.")
-    channels_last: bool = Field(False, description="Keep the network and its input in channels-last memory "
-                                "format (measure first: on an H200 MTAN's step was slower with it, and on "
-                                "CPUs 3x3 convolution backward often is).")
+    channels_last: Union[bool, Literal["auto"]] = Field(
+        False, description="Keep the network and its input in channels-last memory format (measure first: on "
+        "CPUs 3x3 convolution backward often is slower with it); auto: on CUDA devices only.")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms and no cuDNN "
                                 "autotuning: bit-identical runs and resumes on CUDA, at some speed. "
                                 "Off: cuDNN picks its fastest kernels (cudnn.benchmark).")

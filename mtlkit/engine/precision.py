@@ -93,14 +93,19 @@ def outputs_fp32(out: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def resolve(cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
-    """``cfg`` with ``precision = "auto"`` decided for ``device``: bf16 on a CUDA device with
-    bf16 support (on an H200 it halved MTAN's peak memory at an equal or shorter step), else
-    fp32 (CPUs without bf16 units run it slower); and the loader's worker count."""
+    """``cfg`` with its "auto" settings decided for ``device``: ``precision`` bf16 on a CUDA
+    device with bf16 support (on an H200 it halved MTAN's peak memory at an equal or shorter
+    step), else fp32 (CPUs without bf16 units run it slower); ``compile`` and
+    ``channels_last`` on CUDA only (on CPUs inductor's compile takes minutes, and channels-last
+    3x3 convolution backward was slower on the CPUs measured); the loader's worker count."""
     update: dict[str, Any] = {}
     if cfg.precision == "auto":
         update["precision"] = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    for name in ("compile", "channels_last"):
+        if getattr(cfg, name) == "auto":
+            update[name] = device.type == "cuda"
     if cfg.num_workers is None:
-        update["num_workers"] = loader_workers(None, device, cfg.compile)
+        update["num_workers"] = loader_workers(None, device, update.get("compile", cfg.compile))
     return cfg.model_copy(update=update) if update else cfg
 
 
