@@ -6,6 +6,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import gpu_bench  # noqa: E402
@@ -26,6 +28,21 @@ def test_the_plan_measures_the_baseline_first_and_the_cuda_graph_rows_early():
     steps = [p for p in plan if p[1].startswith("engine")]
     assert {p[1] for p in steps} == set(gpu_bench.ENGINE)
     assert any(gpu_bench.ENGINE[p[1]].get("training.compile") and p[4] == "cuda-graph" for p in steps)
+    # the row marked shipped is the NYUv2 recipe's own CUDA choice, measured before any other
+    # mtlkit step row is left out by the time budget
+    shipped = [i for i, p in enumerate(plan) if "(shipped)" in p[2]]
+    assert len(shipped) == 1 and shipped[0] < 8
+    model, arch, _, precision, graph, cl = plan[shipped[0]]
+    assert (precision, graph, cl) == ("bf16", "cuda-graph", True)
+    from mtlkit.engine.precision import resolve
+    from mtlkit.recipe.loader import load_recipe
+
+    recipe = load_recipe("nyuv2/mtan").recipe
+    on_cuda = resolve(recipe.training, torch.device("cuda", 0))
+    overrides = gpu_bench.ENGINE[arch]
+    assert overrides["training.channels_last"] == on_cuda.channels_last is True
+    assert overrides["training.compile"] == on_cuda.compile is True
+    assert overrides["model.attention.params.fast"] is True and recipe.model.attention.params["fast"] == "auto"
 
 
 def test_the_report_gives_ratios_against_the_baseline_and_lists_skipped_rows():

@@ -38,3 +38,24 @@ def test_shipped_recipe_builds_with_its_parameter_count(name):
         synthetic = load_recipe(name, synthetic=True).recipe
         with torch.device("meta"):
             build_model(synthetic)
+
+
+def test_nyuv2_mtan_takes_the_plain_path_on_cpus_and_the_measured_one_on_cuda(monkeypatch):
+    """The recipe's speed choices are "auto": on a CPU they resolve to the plain path (fp32,
+    NCHW, eager, the per-task loop, no graph); on CUDA to what bench/gpu_bench.py measured
+    fastest on an H200 (docs/performance.md): bf16, channels-last, inductor, batched branches,
+    the step as one CUDA graph."""
+    from mtlkit.engine.precision import resolve
+
+    recipe = load_recipe("nyuv2/mtan").recipe
+    cpu = resolve(recipe.training, torch.device("cpu"))
+    assert (cpu.precision, cpu.channels_last, cpu.compile) == ("fp32", False, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = resolve(recipe.training, torch.device("cuda", 0))
+    assert (cuda.precision, cuda.channels_last, cuda.compile, cuda.compile_mode) == ("bf16", True, True, "default")
+    assert recipe.training.cuda_graph == "auto"
+    # the batched branches under "auto" run on CUDA inputs only (the dispatch itself:
+    # tests/test_mtan_fast_path.py); no recomputation by default
+    with torch.device("meta"):
+        model, _ = build_model(recipe)
+    assert model.params.fast == "auto" and not model.params.memory_efficient
