@@ -296,24 +296,39 @@ def strict_run(tmp_path, monkeypatch, weighting: str, overrides: dict) -> None:
     finite_run(result)
 
 
+@pytest.mark.timeout(300)  # three short runs, two of them compiled
 def test_cuda_graph_training_follows_eager(tmp_path):
-    """compile_mode = "reduce-overhead" (the step replayed as CUDA graphs) trains the same
-    network as eager, up to float rounding, and its losses stay finite."""
+    """compile_mode = "reduce-overhead" (the compiled step replayed as CUDA graphs) trains the
+    same network as the compiled step without graphs and as eager, and its losses stay finite.
+
+    On an H200 (2026-11-27) eager and compiled losses drifted apart by up to 0.3 % within two
+    epochs (inductor's fused kernels round differently, and training carries the difference
+    on), so the three runs are held to what each pair can promise: the first step (the same
+    weights, the same batch) agrees to 1e-3 for all; graphs against no graphs (the same
+    kernels, launched differently) to 5e-3 at every step; compiled against eager to 5e-2."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
         base = {"training.deterministic": True, "training.epochs": 2, "training.batch_size": 2}
         runs = {}
-        for name, extra in (("eager", {}), ("graphs", {"training.compile": True,
-                                                         "training.compile_mode": "reduce-overhead"})):
+        for name, extra in (("eager", {}), ("compiled", {"training.compile": True}),
+                            ("graphs", {"training.compile": True, "training.compile_mode": "reduce-overhead"})):
             torch._dynamo.reset()
             result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan")), run_dir=tmp_path / name,
                                        overrides={**base, **extra})
             finite_run(result)
             runs[name] = [r["losses"] for r in read_log(result.run_dir) if r["type"] == "step"]
-        assert len(runs["eager"]) == len(runs["graphs"]) > 4
+        assert len(runs["eager"]) == len(runs["compiled"]) == len(runs["graphs"]) > 4
+
+        def close(a: dict, b: dict, rel: float) -> bool:
+            return all(abs(a[t] - b[t]) <= rel * max(1.0, abs(a[t])) for t in a)
+
+        first = [runs[n][0] for n in ("eager", "compiled", "graphs")]
+        assert close(first[0], first[1], 1e-3) and close(first[0], first[2], 1e-3), first
+        for a, b in zip(runs["compiled"], runs["graphs"]):
+            assert close(a, b, 5e-3), (a, b)
         for a, b in zip(runs["eager"], runs["graphs"]):
-            assert all(abs(a[t] - b[t]) <= 1e-3 * max(1.0, abs(a[t])) for t in a), (a, b)
+            assert close(a, b, 5e-2), (a, b)
     finally:
         torch.backends.cudnn.allow_tf32 = True
 
