@@ -113,9 +113,13 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    # Ctrl-C is the main process's business: it finishes the step, saves and shuts the
-    # workers down; a worker dying on SIGINT would turn that into a DataLoader error.
+    # Ctrl-C and SIGTERM are the main process's business: it finishes the step, saves and
+    # shuts the workers down; a worker dying of either would turn that into a DataLoader error.
+    # Both reach the workers when sent to the whole process group (a terminal's Ctrl-C, GNU
+    # timeout, a batch scheduler's preemption). A worker whose main process is gone exits by
+    # itself (DataLoader's watchdog).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # DataLoader seeds torch per worker from its (seeded) generator; numpy and random follow.
     s = torch.initial_seed()
     np.random.seed(s % 2**32)
@@ -201,7 +205,7 @@ def set_data_epoch(train_data, epoch: int) -> None:
 
 def make_loader(dataset: Dataset, cfg: TrainingConfig, device: torch.device, seed: int, **kw) -> DataLoader:
     # the loader's own generator: making one never draws from the global RNG (dropout stream)
-    return DataLoader(dataset, num_workers=loader_workers(cfg.num_workers, device, cfg.compile), pin_memory=device.type == "cuda",
+    return DataLoader(dataset, num_workers=loader_workers(cfg.num_workers, device), pin_memory=device.type == "cuda",
                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), **kw)
 
 
