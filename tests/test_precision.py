@@ -232,16 +232,15 @@ def test_auto_settings_resolve_per_device(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     cuda = resolve(cfg, torch.device("cuda", 0))
     assert (cuda.precision, cuda.num_workers) == ("bf16", 8)
-    # compiling with live loader workers failed on an H200: compile keeps the loading in-process
-    assert resolve(TrainingConfig(compile=True), torch.device("cuda", 0)).num_workers == 0
+    # compile keeps the loader's workers (tests/test_stop_signal_workers.py: what killed them)
+    assert resolve(TrainingConfig(compile=True), torch.device("cuda", 0)).num_workers == 8
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve(cfg, torch.device("cuda", 0)).precision == "fp32"
     # compile and channels-last "auto": on CUDA only; compile's worker rule follows the decision
     both = TrainingConfig(compile="auto", channels_last="auto")
     on_cpu, on_cuda = resolve(both, torch.device("cpu")), resolve(both, torch.device("cuda", 0))
     assert (on_cpu.compile, on_cpu.channels_last) == (False, False)
-    assert (on_cuda.compile, on_cuda.channels_last, on_cuda.num_workers) == (True, True, 0)
-    assert resolve(TrainingConfig(channels_last="auto"), torch.device("cuda", 0)).num_workers == 8
+    assert (on_cuda.compile, on_cuda.channels_last, on_cuda.num_workers) == (True, True, 8)
     explicit = TrainingConfig(precision="fp16", channels_last=False, num_workers=2)
     assert resolve(explicit, torch.device("cuda", 0)) == explicit  # explicit choices stay
 

@@ -76,9 +76,8 @@ class TrainingConfig(Params):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu.")
     eval_interval: int = Field(1, ge=1, description="Evaluate every this many epochs (and after the last).")
     num_workers: Optional[int] = Field(None, ge=0, description="DataLoader worker processes. Default: 0 on "
-                                       "the CPU (workers compete with the step for the same cores) and with "
-                                       "training.compile; on CUDA min(8, this process's CPUs - 1), the CPUs "
-                                       "shared among local ranks.")
+                                       "the CPU (workers compete with the step for the same cores); on CUDA "
+                                       "min(8, this process's CPUs - 1), the CPUs shared among local ranks.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32: no autocast; bf16 / fp16: the forward pass under torch.autocast in that "
         "dtype (losses in fp32); fp16 also scales the loss (GradScaler, its state in checkpoints); auto: bf16 "

@@ -105,7 +105,7 @@ def resolve(cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
         if getattr(cfg, name) == "auto":
             update[name] = device.type == "cuda"
     if cfg.num_workers is None:
-        update["num_workers"] = loader_workers(None, device, update.get("compile", cfg.compile))
+        update["num_workers"] = loader_workers(None, device)
     return cfg.model_copy(update=update) if update else cfg
 
 
@@ -136,14 +136,12 @@ def compiled(model: nn.Module, cfg: TrainingConfig) -> nn.Module:
         raise ConfigError(f"training.compile: torch.compile failed: {str(exc).splitlines()[0]}") from None
 
 
-def loader_workers(requested: int | None, device: torch.device, compile: bool = False) -> int:
+def loader_workers(requested: int | None, device: torch.device) -> int:
     """``training.num_workers``, or the default: 0 on the CPU; on CUDA min(8, CPUs - 1)
-    with this process's CPUs shared among the node's ranks (LOCAL_WORLD_SIZE); 0 with
-    ``training.compile`` (on an H200, inductor compiling the first step while DataLoader
-    workers ran failed with a worker killed by SIGTERM)."""
+    with this process's CPUs shared among the node's ranks (LOCAL_WORLD_SIZE)."""
     if requested is not None:
         return requested
-    if device.type != "cuda" or compile:
+    if device.type != "cuda":
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))
