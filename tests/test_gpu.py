@@ -132,8 +132,9 @@ def test_compiled_network_matches_eager():
 
 @pytest.mark.timeout(300)  # inductor compiles the MTAN step first: over 100 s on an H200 machine
 def test_compiled_training_runs(tmp_path):
-    # num_workers is left to its default: 0 under compile (with live DataLoader workers, an
-    # H200 run of this test failed: a worker killed by SIGTERM while inductor compiled)
+    # num_workers is left to its CUDA default (workers): inductor compiles the first step while
+    # they load (an H200 run once failed here when the script's timeout signalled the whole
+    # process group, workers included; they now ignore SIGTERM)
     result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan")), run_dir=tmp_path / "run",
                                overrides={"training.compile": True, "training.precision": "bf16"})
     finite_run(result)
