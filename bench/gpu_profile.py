@@ -51,6 +51,12 @@ def device_time(evt, device: str) -> float:
     return 0.0
 
 
+def is_annotation(name: str) -> bool:
+    """A profiler range on the device timeline (``record_function``: the optimiser's
+    ``Optimizer.step#Adam.step``), not a kernel: it spans kernels that are counted already."""
+    return "#" in name and " " not in name.split("#", 1)[0] or name.startswith("ProfilerStep")
+
+
 def make_step(arch: str, precision: str, channels_last: bool, device: str, hw: tuple[int, int],
               width_mult: float, batch: int):
     torch.manual_seed(0)
@@ -102,7 +108,7 @@ def profile_config(name: str, device: str, hw, width_mult: float, batch: int, st
     kernel_type = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
     # kernels: device-side events; operators: CPU-side aten ops, charged with their own kernels
     kernels = [(e.key, device_time(e, device) / 1e3 / steps, e.count // steps) for e in events
-               if e.device_type == kernel_type and device == "cuda"]
+               if e.device_type == kernel_type and device == "cuda" and not is_annotation(e.key)]
     ops = [(e.key, device_time(e, device) / 1e3 / steps, e.count // steps) for e in events
            if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::")]
     total = sum(t for _, t, _ in kernels) if kernels else sum(t for _, t, _ in ops)

@@ -90,3 +90,25 @@ def test_the_tests_gpu_check_runs_first_exist():
         tree = ast.parse((BENCH.parent / file).read_text())
         names = {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
         assert func in names, node
+
+
+def test_the_profile_ranks_ops_by_their_own_time_and_leaves_annotations_out(tmp_path):
+    """bench/gpu_profile.py on the CPU at a tiny size: per-step op times ranked, shares of the
+    total that add up to at most 1; device-timeline annotations are not kernels."""
+    import json
+
+    import gpu_profile
+
+    assert gpu_profile.is_annotation("Optimizer.step#Adam.step")
+    assert not gpu_profile.is_annotation("void at::native::batch_norm_backward_kernel<c10::BFloat16, float>(int#)")
+    assert not gpu_profile.is_annotation("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc")
+    assert gpu_profile.main(["--device", "cpu", "--height", "32", "--width", "48", "--width-mult", "0.0625",
+                             "--configs", "plain-fp32", "--steps", "1", "--top", "50", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "gpu_profile.json").read_text())
+    assert "error" not in row and row["kernels"] == []  # no device kernels on a CPU
+    times = [op["ms"] for op in row["ops"]]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert 0.5 < sum(op["share"] for op in row["ops"]) <= 1.0 + 1e-6
+    # the network's convolutions are among the most expensive of its own ops
+    assert any("conv" in op["name"] for op in row["ops"][:5])
+    assert (tmp_path / "gpu_profile.md").read_text().startswith("## plain-fp32")
