@@ -88,6 +88,27 @@ def engine_steps(model, tasks, weighting, data):
         step(b, None, 0, i)
 
 
+def assert_device_solver_follows_exact(name: str, params: dict) -> None:
+    """Weighting ``name`` (with ``params``) trained through the engine for a few steps with
+    ``solver = "device"`` ends where the exact host solver does: the same weights (1e-5) and
+    the same task weights (1e-6), after steps that moved the model."""
+    tasks = make_tasks(TASKS)
+    data = batches()
+    runs = []
+    for solver in ("exact", "device"):
+        model = make_model(tasks, seed=1)
+        start = {k: v.detach().clone() for k, v in model.named_parameters()}
+        w = get_registry().get("weighting", name).build({**params, "solver": solver}, task_names=list(tasks))
+        engine_steps(model, tasks, w, data)
+        runs.append((model, w))
+    (exact, w0), (device, w1) = runs
+    assert max(float((p.detach() - start[k]).abs().max()) for k, p in exact.named_parameters()) > 1e-3
+    for (k, a), b in zip(exact.named_parameters(), device.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (name, k, float((a - b).abs().max()))
+    assert w1.weights().keys() == w0.weights().keys()
+    assert [float(v) for v in w1.weights().values()] == pytest.approx(list(w0.weights().values()), rel=1e-6)
+
+
 def methods():
     """Every registered weighting that keeps the default step (its own backward or
     on_step_end is tested by its own defining property)."""

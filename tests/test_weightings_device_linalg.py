@@ -27,8 +27,7 @@ from mtlkit.plugin_manager import get_registry
 sys.path.insert(0, str(Path(__file__).parent))
 from host_reads import no_device_sync  # noqa: E402
 import test_weightings_resume as resume  # noqa: E402
-from test_engine_common import make_model, make_tasks  # noqa: E402
-from test_step_context import TASKS, batches, engine_steps  # noqa: E402
+from test_step_context import assert_device_solver_follows_exact  # noqa: E402
 from test_weightings_solvers import KINDS, make_grads  # noqa: E402
 
 METHODS = ["imtl_g", "imtl", "config", "aligned_mtl"]
@@ -163,21 +162,7 @@ def test_imtl_loss_mode_refuses_the_device_solver():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_engine_steps_with_the_device_solver_follow_the_exact_one(name):
-    tasks = make_tasks(TASKS)
-    data = batches()
-    models = []
-    for solver in ("exact", "device"):
-        model = make_model(tasks, seed=1)
-        start = {k: v.detach().clone() for k, v in model.named_parameters()}
-        w = get_registry().get("weighting", name).build({"solver": solver}, task_names=list(tasks))
-        engine_steps(model, tasks, w, data)
-        models.append((model, w))
-    (exact, w0), (device, w1) = models
-    assert max(float((p.detach() - start[k]).abs().max()) for k, p in exact.named_parameters()) > 1e-3
-    for (k, a), b in zip(exact.named_parameters(), device.parameters()):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (name, k, float((a - b).abs().max()))
-    assert w1.weights().keys() == w0.weights().keys()
-    assert [float(v) for v in w1.weights().values()] == pytest.approx(list(w0.weights().values()), rel=1e-6)
+    assert_device_solver_follows_exact(name, {})
 
 
 @pytest.mark.parametrize("name", METHODS)
