@@ -7,9 +7,9 @@ For each configuration (network variant, precision, memory format) it runs warm-
 (cuDNN's autotuning), then profiles ``--steps`` training steps (forward, the summed loss,
 backward, Adam) and prints, per step: the total device time of the profiled kernels, the
 aten operators ranked by their own device time (the kernels each one launched, children
-excluded) and the kernels ranked likewise, with the share of the total. The step time
-measured without the profiler (CUDA events, median of 10) is printed beside it, so the
-profiler's own overhead shows. Writes DIR/gpu_profile.json (every row) and DIR/gpu_profile.md.
+excluded) and the kernels ranked likewise, with the share of the total. The step's wall
+time without the profiler (host clock around a synchronised step, median of 10) is printed
+beside it: wall time well above device time means the host, not the device, bounds the step. Writes DIR/gpu_profile.json (every row) and DIR/gpu_profile.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from step_time import ARCHS, build as build_segnet_zoo  # noqa: E402
+from step_time import ARCHS, build as build_segnet_zoo, loss_of  # noqa: E402
 
 ARCHS.setdefault("_fast", ("mtan", {"fast": True}, {}))  # batched branches, memory format from the config
 
@@ -71,8 +71,7 @@ def make_step(arch: str, precision: str, channels_last: bool, device: str, hw: t
         opt.zero_grad(set_to_none=True)
         with autocast:
             out = net(x)
-        loss = sum(o.float().mean() for o in out.values())
-        loss.backward()
+        loss_of(out).backward()
         opt.step()
     return step
 
@@ -105,10 +104,10 @@ def profile_config(name: str, device: str, hw, width_mult: float, batch: int, st
             step()
         sync(device)
     events = prof.key_averages()
-    kernel_type = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
-    # kernels: device-side events; operators: CPU-side aten ops, charged with their own kernels
+    # kernels: device-side events (none on a CPU); operators: CPU-side aten ops, charged with
+    # their own kernels on CUDA, their own CPU time on a CPU
     kernels = [(e.key, device_time(e, device) / 1e3 / steps, e.count // steps) for e in events
-               if e.device_type == kernel_type and device == "cuda" and not is_annotation(e.key)]
+               if e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e.key)]
     ops = [(e.key, device_time(e, device) / 1e3 / steps, e.count // steps) for e in events
            if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::")]
     total = sum(t for _, t, _ in kernels) if kernels else sum(t for _, t, _ in ops)
