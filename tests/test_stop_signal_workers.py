@@ -1,8 +1,10 @@
 """A SIGTERM sent to a training run's whole process group (GNU timeout, a batch scheduler's
 preemption) stops it as one sent to the main process alone does: the step finishes, a
-checkpoint is saved, exit 130. DataLoader workers ignore it (the main process shuts them
-down); before, they died of it and the main process failed with "DataLoader worker ... is
-killed by signal: Terminated" (seen on an H200 while inductor compiled the first step)."""
+checkpoint is saved, exit 130. DataLoader workers leave the group, so it never reaches them
+(the main process shuts them down); before, they died of it and the main process failed with
+"DataLoader worker ... is killed by signal: Terminated" (seen on an H200 while inductor
+compiled the first step). They must still die of a SIGTERM sent to them alone: multiprocessing
+ends daemonic workers so at the main process's exit, and waits for them."""
 
 from __future__ import annotations
 
@@ -57,3 +59,30 @@ def test_sigterm_to_the_process_group_stops_after_the_step_with_workers_alive(tm
 
     meta = load_checkpoint(run)[0]
     assert meta["global_step"] >= 1
+
+
+EXIT_WITH_A_LIVE_WORKER_ITERATOR = """
+import torch
+from torch.utils.data import TensorDataset
+from mtlkit.engine.config import TrainingConfig
+from mtlkit.engine.sampling import make_loader
+
+loader = make_loader(TensorDataset(torch.arange(64.0)), TrainingConfig(num_workers=2), torch.device("cpu"),
+                     seed=0, batch_size=4)
+batches = iter(loader)
+first = next(batches)  # the iterator and its two workers are alive when the interpreter exits
+print("batch", first[0].tolist(), flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_process_exits_with_a_worker_iterator_still_alive():
+    # With workers ignoring SIGTERM this exit hung forever (multiprocessing's exit terminates
+    # daemonic children, then joins them): the whole test suite's process never ended.
+    try:
+        done = subprocess.run([sys.executable, "-c", EXIT_WITH_A_LIVE_WORKER_ITERATOR], capture_output=True,
+                              text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit within 90 s: its DataLoader workers outlived the exit")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("batch ")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import random
 import signal
 from collections.abc import Mapping
@@ -116,10 +117,14 @@ def seed_worker(worker_id: int) -> None:
     # Ctrl-C and SIGTERM are the main process's business: it finishes the step, saves and
     # shuts the workers down; a worker dying of either would turn that into a DataLoader error.
     # Both reach the workers when sent to the whole process group (a terminal's Ctrl-C, GNU
-    # timeout, a batch scheduler's preemption). A worker whose main process is gone exits by
-    # itself (DataLoader's watchdog).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # timeout, a batch scheduler's preemption), so each worker leaves that group. It must not
+    # ignore SIGTERM instead: multiprocessing ends daemonic workers with SIGTERM at the main
+    # process's exit and then joins them, and an ignoring worker hangs that exit forever.
+    # A worker whose main process is gone exits by itself (DataLoader's watchdog).
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
+    else:  # no process groups (Windows): a console's Ctrl-C reaches every process attached
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     # DataLoader seeds torch per worker from its (seeded) generator; numpy and random follow.
     s = torch.initial_seed()
     np.random.seed(s % 2**32)
