@@ -29,8 +29,7 @@ PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=100")
 FIRST=$(grep -v '^#' bench/gpu_first.txt | tr '\n' ' ')
 
 # SIGINT, not timeout's SIGTERM: a training run inside a test takes SIGTERM as "stop after this
-# step" and goes on (and its DataLoader workers die of it); SIGINT ends pytest, which still
-# writes its junit report
+# step" and goes on; SIGINT ends pytest, which still writes its junit report
 run_tests() {  # LIMIT JUNIT ARGS...
     local limit=$1 junit=$2
     shift 2
