@@ -7,6 +7,7 @@ traceback a user sees.)"""
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import pathlib
 from pathlib import Path
@@ -155,11 +156,14 @@ num_workers = %d
 def test_data_error_in_the_first_epoch_leaves_no_run_folder(in_tmp, capfd, fresh_pm, workers):
     (in_tmp / "flaky_data.py").write_text(FLAKY)
     recipe = write(in_tmp, FLAKY_RECIPE % ("", workers))
+    before = {p.pid for p in multiprocessing.active_children()}
     # capfd: the workers' own output, too
     line = one_line_error(capfd, ["run", recipe, "--quiet"], folder=in_tmp)
     # with workers, the same line as without: the worker's traceback is not the message
     assert line == "error: flaky data: sample 5 is broken"
     assert not (in_tmp / "runs").exists()
+    # and the workers ended with the run, not whenever the garbage collector frees its traceback
+    assert [p.pid for p in multiprocessing.active_children() if p.pid not in before] == []
 
 
 def test_labels_beyond_the_tasks_classes_found_before_the_run(in_tmp, capsys, fresh_pm):

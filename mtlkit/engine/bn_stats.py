@@ -44,7 +44,7 @@ from . import distributed as D
 from .checkpoint import capture_rng, rng_to_json, set_rng_state
 from .config import TrainingConfig
 from .precision import autocast
-from .sampling import SeededSamples, Seeds, Stream, batch_size, chunks, make_loader
+from .sampling import SeededSamples, Seeds, Stream, batch_size, chunks, loader_batches, make_loader
 from .step import forward
 
 
@@ -75,8 +75,8 @@ def _pass(model: nn.Module, bns: list[_BatchNorm], domain: str, data, tasks: Map
     batches = [[(i, sample_seeds[i]) for i in b] for b in chunks(shard, batch_size(cfg, domain), False)]
     loader = make_loader(SeededSamples(data), cfg, ctx.device, seeds.for_(Stream.BN_STATS, index),
                          batch_sampler=batches)
-    with torch.no_grad():
-        for batch in loader:
+    with torch.no_grad(), loader_batches(loader) as loaded:
+        for batch in loaded:
             with autocast(cfg.precision, ctx.device):  # as the domain is then evaluated
                 forward(model, batch, domain, tasks, ctx.device, f"training data of domain '{domain}'",
                         channels_last=cfg.channels_last)

@@ -18,12 +18,13 @@ rank visits the same domain (mixed: the same domains) at each step.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
 import random
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -206,6 +207,23 @@ def set_data_epoch(train_data, epoch: int) -> None:
     for ds in train_data.values() if isinstance(train_data, Mapping) else [train_data]:
         if callable(getattr(ds, "set_epoch", None)):
             ds.set_epoch(epoch)
+
+
+@contextlib.contextmanager
+def loader_batches(loader: DataLoader) -> Iterator:
+    """The loader's batches; its worker processes end when the ``with`` block does, however
+    it ends. Left to garbage collection, an exception's traceback (a data error, a failed
+    step, a stop request) keeps the iterator and its workers alive for as long as anyone holds
+    the exception: in a notebook, for the rest of the session."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        # DataLoader's multi-process iterator offers no public close; this is what its own
+        # __del__ calls. The single-process iterator has no workers to end.
+        end_workers = getattr(batches, "_shutdown_workers", None)
+        if end_workers is not None:
+            end_workers()
 
 
 def make_loader(dataset: Dataset, cfg: TrainingConfig, device: torch.device, seed: int, **kw) -> DataLoader:

@@ -63,7 +63,8 @@ from .precision import resolve as resolve_auto
 from .progress import ProgressReporter
 from .readout import StepValues
 from .runfiles import RunFiles
-from .sampling import Seeds, Stream, collate_by_domain, make_loader, seed_everything, set_data_epoch, train_dataset
+from .sampling import (Seeds, Stream, collate_by_domain, loader_batches, make_loader, seed_everything, set_data_epoch,
+                       train_dataset)
 from .signals import StopSignals
 from .snapshot import restore_trainer, save_trainer
 from .stages import Stages
@@ -242,23 +243,24 @@ class Trainer:
         self.weighting.train()
         self.reporter.start_epoch(epoch, len(plan), start)
         lr = self.optimizer.param_groups[0]["lr"]
-        for i, batch in enumerate(loader, start):
-            domain = plan[i][0]
-            self._torn = True  # from the first kernel on, an exception leaves the state half-updated
-            losses, weights = self.train_step(batch, domain, epoch, self.global_step)
-            # commit the step: from here a checkpoint includes it
-            self.step_in_epoch = i + 1
-            self.global_step += 1
-            self._torn = False
-            self.values.add({"type": "step", "epoch": epoch + 1, "step": i + 1, "global_step": self.global_step,
-                             "domain": domain, "lr": lr, "time": time.time(),
-                             "elapsed": clock[1] + time.perf_counter() - clock[0]}, losses, weights)
-            due = (i + 1) % self.cfg.log_interval == 0 or i + 1 == len(plan)
-            shown = self._read_out() if due else None
-            self.reporter.step(epoch, i + 1, shown, lr)
-            # one process: stop after this step; torchrun: the ranks agreed in _read_out
-            if self.stop.requested and (due or not self.ctx.enabled):
-                raise KeyboardInterrupt
+        with loader_batches(loader) as batches:
+            for i, batch in enumerate(batches, start):
+                domain = plan[i][0]
+                self._torn = True  # from the first kernel on, an exception leaves the state half-updated
+                losses, weights = self.train_step(batch, domain, epoch, self.global_step)
+                # commit the step: from here a checkpoint includes it
+                self.step_in_epoch = i + 1
+                self.global_step += 1
+                self._torn = False
+                self.values.add({"type": "step", "epoch": epoch + 1, "step": i + 1, "global_step": self.global_step,
+                                 "domain": domain, "lr": lr, "time": time.time(),
+                                 "elapsed": clock[1] + time.perf_counter() - clock[0]}, losses, weights)
+                due = (i + 1) % self.cfg.log_interval == 0 or i + 1 == len(plan)
+                shown = self._read_out() if due else None
+                self.reporter.step(epoch, i + 1, shown, lr)
+                # one process: stop after this step; torchrun: the ranks agreed in _read_out
+                if self.stop.requested and (due or not self.ctx.enabled):
+                    raise KeyboardInterrupt
         self._torn = True  # the epoch's end changes weighting state, counters and files together
         means = self._epoch_means()
         self.weighting.on_epoch_end(epoch, means)
