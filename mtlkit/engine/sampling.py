@@ -122,10 +122,10 @@ def seed_worker(worker_id: int) -> None:
     # ignore SIGTERM instead: multiprocessing ends daemonic workers with SIGTERM at the main
     # process's exit and then joins them, and an ignoring worker hangs that exit forever.
     # A worker whose main process is gone exits by itself (DataLoader's watchdog).
-    if hasattr(os, "setpgid"):
+    try:
         os.setpgid(0, 0)
-    else:  # no process groups (Windows): a console's Ctrl-C reaches every process attached
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (AttributeError, OSError):  # no process groups (Windows), or a session leader (EPERM)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # at least a console's Ctrl-C spares it
     # DataLoader seeds torch per worker from its (seeded) generator; numpy and random follow.
     s = torch.initial_seed()
     np.random.seed(s % 2**32)
