@@ -28,8 +28,8 @@ class BrokenAt(torch.utils.data.Dataset):
         return torch.tensor(float(i))
 
 
-def workers_loader(bad: int = -1):
-    return make_loader(BrokenAt(bad), TrainingConfig(num_workers=2), torch.device("cpu"), seed=0, batch_size=2)
+# two workers, batches of two, as the engine makes its loaders
+WORKERS = dict(cfg=TrainingConfig(num_workers=2), device=torch.device("cpu"), seed=0, batch_size=2)
 
 
 def live_workers(before: set[int]) -> list[int]:
@@ -41,7 +41,7 @@ def test_workers_end_when_a_sample_fails_while_the_error_is_held():
     before = {p.pid for p in multiprocessing.active_children()}
     seen = []
     with pytest.raises(ValueError, match="sample 9 is broken") as held:
-        with loader_batches(workers_loader(bad=9)) as batches:
+        with loader_batches(BrokenAt(9), **WORKERS) as batches:
             for batch in batches:
                 seen.append(batch)
     assert held.value.__traceback__ is not None  # the traceback, frames and all, is still alive
@@ -53,20 +53,20 @@ def test_workers_end_when_a_sample_fails_while_the_error_is_held():
 def test_workers_end_when_the_loop_body_fails_or_breaks():
     before = {p.pid for p in multiprocessing.active_children()}
     with pytest.raises(RuntimeError) as held:
-        with loader_batches(workers_loader()) as batches:
+        with loader_batches(BrokenAt(-1), **WORKERS) as batches:
             for batch in batches:
                 assert live_workers(before), "the loader runs two workers while it is read"
                 raise RuntimeError("the step failed")
     assert held.value.__traceback__ is not None
     assert live_workers(before) == []
-    with loader_batches(workers_loader()) as batches:
+    with loader_batches(BrokenAt(-1), **WORKERS) as batches:
         first = next(batches)
     assert first.numel() == 2  # left after one batch: the workers end all the same
     assert live_workers(before) == []
 
 
 def test_batches_are_those_of_the_plain_loop():
-    with loader_batches(workers_loader()) as batches:
+    with loader_batches(BrokenAt(-1), **WORKERS) as batches:
         through_with = [b.clone() for b in batches]
-    assert [b.tolist() for b in through_with] == [b.tolist() for b in workers_loader()]
+    assert [b.tolist() for b in through_with] == [b.tolist() for b in make_loader(BrokenAt(-1), **WORKERS)]
     assert sorted(v for b in through_with for v in b.tolist()) == [float(i) for i in range(32)]

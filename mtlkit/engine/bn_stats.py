@@ -44,7 +44,7 @@ from . import distributed as D
 from .checkpoint import capture_rng, rng_to_json, set_rng_state
 from .config import TrainingConfig
 from .precision import autocast
-from .sampling import SeededSamples, Seeds, Stream, batch_size, chunks, loader_batches, make_loader
+from .sampling import SeededSamples, Seeds, Stream, batch_size, chunks, loader_batches
 from .step import forward
 
 
@@ -73,9 +73,8 @@ def _pass(model: nn.Module, bns: list[_BatchNorm], domain: str, data, tasks: Map
     rng = seeds.generator(Stream.BN_STATS, index)
     sample_seeds = rng.integers(0, 2**62, size=len(data)).tolist()  # one per sample, whatever the world size
     batches = [[(i, sample_seeds[i]) for i in b] for b in chunks(shard, batch_size(cfg, domain), False)]
-    loader = make_loader(SeededSamples(data), cfg, ctx.device, seeds.for_(Stream.BN_STATS, index),
-                         batch_sampler=batches)
-    with torch.no_grad(), loader_batches(loader) as loaded:
+    with torch.no_grad(), loader_batches(SeededSamples(data), cfg, ctx.device, seeds.for_(Stream.BN_STATS, index),
+                                         batch_sampler=batches) as loaded:
         for batch in loaded:
             with autocast(cfg.precision, ctx.device):  # as the domain is then evaluated
                 forward(model, batch, domain, tasks, ctx.device, f"training data of domain '{domain}'",

@@ -25,7 +25,7 @@ from . import distributed as D
 from .bn_stats import domain_bn_layers, domain_statistics
 from .config import TrainingConfig
 from .precision import autocast, outputs_fp32
-from .sampling import Seeds, Stream, batch_size, loader_batches, make_loader
+from .sampling import Seeds, Stream, batch_size, loader_batches
 from .step import forward, targets
 
 
@@ -50,20 +50,19 @@ def evaluate(model: nn.Module, tasks: Mapping[str, Task], data, cfg: TrainingCon
     try:
         for domain, ds, names in items:
             own = train_data.get(domain) if bns else None  # bns: train_data is a dict of domains
-            with domain_statistics(model, bns, domain, own, tasks, cfg, ctx), torch.no_grad():
-                shard = list(range(ctx.rank, len(ds), ctx.world_size))
-                loader = make_loader(Subset(ds, shard), cfg, ctx.device, Seeds(cfg.seed).for_(Stream.EVAL_LOADER),
-                                     batch_size=batch_size(cfg, domain), shuffle=False)
-                states = {t: tasks[t].metrics() for t in names}
-                with loader_batches(loader) as batches:
-                    for batch in batches:
-                        with autocast(cfg.precision, ctx.device):  # the training precision
-                            out = forward(model, batch, domain, tasks, ctx.device, "evaluation data",
-                                          channels_last=cfg.channels_last)
-                        out = outputs_fp32(out)
-                        tgt = targets(batch, names, tasks, ctx.device, "evaluation data")
-                        for t in names:
-                            states[t].update(out[t], tgt[t])
+            shard = list(range(ctx.rank, len(ds), ctx.world_size))
+            states = {t: tasks[t].metrics() for t in names}
+            with domain_statistics(model, bns, domain, own, tasks, cfg, ctx), torch.no_grad(), \
+                    loader_batches(Subset(ds, shard), cfg, ctx.device, Seeds(cfg.seed).for_(Stream.EVAL_LOADER),
+                                   batch_size=batch_size(cfg, domain), shuffle=False) as batches:
+                for batch in batches:
+                    with autocast(cfg.precision, ctx.device):  # the training precision
+                        out = forward(model, batch, domain, tasks, ctx.device, "evaluation data",
+                                      channels_last=cfg.channels_last)
+                    out = outputs_fp32(out)
+                    tgt = targets(batch, names, tasks, ctx.device, "evaluation data")
+                    for t in names:
+                        states[t].update(out[t], tgt[t])
                 summed_on_host(states, ctx)
                 for t in names:
                     results[t] = {k: float(v) for k, v in states[t].compute().items()}

@@ -209,13 +209,20 @@ def set_data_epoch(train_data, epoch: int) -> None:
             ds.set_epoch(epoch)
 
 
+def make_loader(dataset: Dataset, cfg: TrainingConfig, device: torch.device, seed: int, **kw) -> DataLoader:
+    # the loader's own generator: making one never draws from the global RNG (dropout stream)
+    return DataLoader(dataset, num_workers=loader_workers(cfg.num_workers, device), pin_memory=device.type == "cuda",
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), **kw)
+
+
 @contextlib.contextmanager
-def loader_batches(loader: DataLoader) -> Iterator:
-    """The loader's batches; its worker processes end when the ``with`` block does, however
-    it ends. Left to garbage collection, an exception's traceback (a data error, a failed
-    step, a stop request) keeps the iterator and its workers alive for as long as anyone holds
-    the exception: in a notebook, for the rest of the session."""
-    batches = iter(loader)
+def loader_batches(dataset: Dataset, cfg: TrainingConfig, device: torch.device, seed: int, **kw) -> Iterator:
+    """The batches of ``dataset`` through :func:`make_loader`'s loader; its worker processes
+    end when the ``with`` block does, however it ends. Left to garbage collection, an
+    exception's traceback (a data error, a failed step, a stop request) keeps the iterator and
+    its workers alive for as long as anyone holds the exception: in a notebook, for the rest
+    of the session."""
+    batches = iter(make_loader(dataset, cfg, device, seed, **kw))
     try:
         yield batches
     finally:
@@ -224,12 +231,6 @@ def loader_batches(loader: DataLoader) -> Iterator:
         end_workers = getattr(batches, "_shutdown_workers", None)
         if end_workers is not None:
             end_workers()
-
-
-def make_loader(dataset: Dataset, cfg: TrainingConfig, device: torch.device, seed: int, **kw) -> DataLoader:
-    # the loader's own generator: making one never draws from the global RNG (dropout stream)
-    return DataLoader(dataset, num_workers=loader_workers(cfg.num_workers, device), pin_memory=device.type == "cuda",
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 # -- the plan of an epoch --------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from .precision import resolve as resolve_auto
 from .progress import ProgressReporter
 from .readout import StepValues
 from .runfiles import RunFiles
-from .sampling import (Seeds, Stream, collate_by_domain, loader_batches, make_loader, seed_everything, set_data_epoch,
+from .sampling import (Seeds, Stream, collate_by_domain, loader_batches, seed_everything, set_data_epoch,
                        train_dataset)
 from .signals import StopSignals
 from .snapshot import restore_trainer, save_trainer
@@ -236,14 +236,13 @@ class Trainer:
         plan = self.epoch_plan(epoch)
         start = min(self.step_in_epoch, len(plan))
         mixed = self.many_to_many and self.cfg.domain_order == "mixed"  # batches are {domain: batch}
-        loader = make_loader(train_dataset(self.train_data, mixed), self.cfg, self.device,
-                             self.seeds.for_(Stream.LOADER, epoch), batch_sampler=[b for _, b in plan[start:]],
-                             collate_fn=collate_by_domain if mixed else None)
         self.raw_model.train()
         self.weighting.train()
         self.reporter.start_epoch(epoch, len(plan), start)
         lr = self.optimizer.param_groups[0]["lr"]
-        with loader_batches(loader) as batches:
+        with loader_batches(train_dataset(self.train_data, mixed), self.cfg, self.device,
+                            self.seeds.for_(Stream.LOADER, epoch), batch_sampler=[b for _, b in plan[start:]],
+                            collate_fn=collate_by_domain if mixed else None) as batches:
             for i, batch in enumerate(batches, start):
                 domain = plan[i][0]
                 self._torn = True  # from the first kernel on, an exception leaves the state half-updated
