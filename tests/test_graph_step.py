@@ -19,6 +19,7 @@ import torch
 
 import mtlkit
 from mtlkit.contracts import Weighting
+from mtlkit.engine import stages
 from mtlkit.engine.config import OptimizerConfig, TrainingConfig
 from mtlkit.engine.graph_step import WARMUP, GraphedStep, graph_obstacle, wants_graphs
 from mtlkit.engine.optim import build_optimizer
@@ -280,27 +281,49 @@ def restore_determinism():
     torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
 
 
+def always_capturable(*args, capturable: bool = False, **kw) -> torch.optim.Optimizer:
+    """build_optimizer as a graphed run calls it (the trainer passes capturable=False when eager)."""
+    return build_optimizer(*args, capturable=True, **kw)
+
+
+def test_always_capturable_reaches_the_trainers_optimizer(tmp_path, monkeypatch):
+    """The eager side of test_graphed_training_matches_eager really takes capturable Adam."""
+    monkeypatch.setattr(stages, "build_optimizer", always_capturable)
+    built = mtlkit.build_trainer(str(dense_recipe(tmp_path, "mtan")), run_dir=tmp_path / "run",
+                                 overrides={"training.device": "cpu", "optimizer.name": "adam"})
+    assert built.trainer.optimizer.defaults["capturable"] and not built.trainer.graphs
+
+
 def largest_gap(a, b) -> float:
     return max(abs(la[t] - lb[t]) / max(abs(lb[t]), 1e-6) for (_, la), (_, lb) in zip(a, b) for t in la)
 
 
 @gpu
-@pytest.mark.parametrize("weighting_name,precision,optimizer,floor", [
-    ("equal", "fp32", "sgd", 1e-3),  # SGD: the same update kernels with and without graphs
-    ("dwa", "bf16", "adam", 5e-2),  # capturable Adam computes its bias correction on the device
+@pytest.mark.parametrize("weighting_name,precision,optimizer", [
+    ("equal", "fp32", "sgd"),
+    ("dwa", "bf16", "adam"),
 ])
-def test_graphed_training_matches_eager(tmp_path, restore_determinism, weighting_name, precision, optimizer, floor):
+def test_graphed_training_matches_eager(tmp_path, monkeypatch, restore_determinism, weighting_name, precision,
+                                        optimizer):
     """3 epochs of 5 steps (num_train 18, batch 4: 4 full batches and one of 2), the lr halved
     every epoch; DWA's weights move in epoch 3. Every step's losses as the eager run's, to
-    within 10x the gap between two eager runs (nll_loss's atomics make those differ too)."""
+    within 10x the gap between two eager runs (nll_loss's atomics make those differ too).
+
+    The eager runs take the graphed run's optimiser arithmetic (``capturable`` Adam, its bias
+    correction in fp32 on the device, not in Python floats): training is chaotic, so any
+    rounding difference grows. On a CPU a 1e-6 change of the learning rate moved the losses
+    by 1-3 % within these 15 steps (bf16 Adam, fp32 Adam and fp32 SGD alike), and on an H200
+    (2026-11-28) graphed capturable Adam against eager plain Adam differed by 8 % by then."""
     recipe = dense_recipe(tmp_path, "mtan", weighting_name)  # tests/test_gpu.py's tiny MTAN, 32x32
     overrides = {"data.params.num_train": 18, "training.epochs": 3, "training.deterministic": True,
                  "training.log_interval": 1, "training.precision": precision, "optimizer.name": optimizer,
                  "optimizer.lr": 1e-3, "schedule.name": "step", "schedule.step_size": 1, "schedule.gamma": 0.5}
     trainer, graphed = train(tmp_path, recipe, "on", "graph", overrides)
-    _, eager = train(tmp_path, recipe, "off", "eager", overrides)
+    monkeypatch.setattr(stages, "build_optimizer", always_capturable)
+    eager_trainer, eager = train(tmp_path, recipe, "off", "eager", overrides)
     _, eager2 = train(tmp_path, recipe, "off", "eager2", overrides)
-    same_losses(graphed, eager, rtol=max(floor, 10 * largest_gap(eager2, eager)))
+    assert optimizer == "sgd" or eager_trainer.optimizer.defaults["capturable"]
+    same_losses(graphed, eager, rtol=max(1e-3, 10 * largest_gap(eager2, eager)))
     step = trainer.train_step
     assert isinstance(step, GraphedStep)
     # each epoch: WARMUP eager steps, a capture, replays of the other full batches; the last
