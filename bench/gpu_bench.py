@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -234,18 +233,28 @@ def loading_rows() -> list[dict]:
 
 
 def junit_summary(*paths: Path) -> dict:
-    """Counts and failing test names from pytest --junitxml files (a test in several: the last)."""
+    """Counts and failing test names from pytest --junitxml files (a test in several: the last).
+    Where a run was killed before it wrote its junit file, the results it printed (pytest -v,
+    in the .log beside it) stand in for it, and the report says so."""
+    import re
     import xml.etree.ElementTree as ET
 
     status, missing = {}, []
     for path in map(Path, paths):
-        if not path.exists():
-            missing.append(f"{path.name} not written (the test run was killed?)")
+        if path.exists():
+            for c in ET.parse(path).getroot().iter("testcase"):
+                name = f"{c.get('classname', '').split('.')[-1]}::{c.get('name')}"
+                kinds = {child.tag for child in c}
+                status[name] = ("failed" if {"failure", "error"} & kinds else
+                                "skipped" if "skipped" in kinds else "passed")
             continue
-        for c in ET.parse(path).getroot().iter("testcase"):
-            name = f"{c.get('classname', '').split('.')[-1]}::{c.get('name')}"
-            kinds = {child.tag for child in c}
-            status[name] = "failed" if {"failure", "error"} & kinds else "skipped" if "skipped" in kinds else "passed"
+        log = path.with_suffix(".log")
+        printed = re.findall(r"^(?:\S+/)?(\w+)\.py::(\S+) (PASSED|FAILED|ERROR|SKIPPED)",
+                             log.read_text(errors="replace") if log.exists() else "", re.M)
+        for module, test, result in printed:
+            status[f"{module}::{test}"] = {"PASSED": "passed", "SKIPPED": "skipped"}.get(result, "failed")
+        missing.append(f"{path.name} not written (the test run was killed?)"
+                       + (f"; {len(printed)} result(s) read from {log.name}" if printed else ""))
     counts = {k: sum(v == k for v in status.values()) for k in ("passed", "failed", "skipped")}
     out = {**counts, "failed_tests": [n for n, v in status.items() if v == "failed"]}
     if missing:

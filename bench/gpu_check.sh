@@ -4,7 +4,7 @@
 # In three phases, most telling first, each with its own time limit so that one that
 # overruns never costs the others:
 # 1. (to 240 s) the gpu tests listed in bench/gpu_first.txt: those not yet seen passing on a
-#    GPU since their code changed (docs/gpu.md, "Checked on a GPU"; today two that compile);
+#    GPU since their code changed (docs/gpu.md, "Checked on a GPU"; today three);
 # 2. (to 420 s) bench/gpu_bench.py's first rows of PLAN: MTAN SegNet plain fp32 = the authors'
 #    computation, the shipped recipe's step (bf16, fast, channels-last, inductor inside one
 #    CUDA graph), the step as a graph without inductor, Split Wide (then the Decathlon
@@ -29,22 +29,25 @@ PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=100")
 FIRST=$(grep -v '^#' bench/gpu_first.txt | tr '\n' ' ')
 
 # SIGINT, not timeout's SIGTERM: a training run inside a test takes SIGTERM as "stop after this
-# step" and goes on; SIGINT ends pytest, which still writes its junit report
-run_tests() {  # LIMIT JUNIT ARGS...
-    local limit=$1 junit=$2
+# step" and goes on; SIGINT ends pytest, which still writes its junit report. While inductor
+# compiles, SIGINT may not end it before the kill: then the -v lines of NAME.log (each test's
+# result as it ends) stand in for the junit file in the report.
+run_tests() {  # LIMIT NAME ARGS...: OUT_DIR/NAME.xml, the whole output in OUT_DIR/NAME.log
+    local limit=$1 name=$2
     shift 2
-    timeout -s INT -k 20 "$limit" $PY -m pytest -m gpu -q -p no:cacheprovider $PER_TEST \
-        --junitxml="$junit" "$@" 2>&1 | tail -30
+    timeout -s INT -k 20 "$limit" $PY -m pytest -m gpu -v -p no:cacheprovider $PER_TEST \
+        --junitxml="$OUT_DIR/$name.xml" "$@" >"$OUT_DIR/$name.log" 2>&1
+    tail -30 "$OUT_DIR/$name.log"
 }
 
-run_tests "$(left 240)" "$OUT_DIR/gpu_tests_first.xml" $FIRST | tee "$OUT_DIR/gpu_tests_first.log"
+run_tests "$(left 240)" gpu_tests_first $FIRST
 
 timeout -k 10 "$(left 420)" $PY bench/gpu_bench.py --out "$OUT_DIR" --rows all --first 12 \
     --budget "$(( $(left 420) - 100 ))" 2>&1 | tail -30 | tee "$OUT_DIR/bench.log"
 
 GPU_FILES="$(grep -l 'mark.gpu' tests/test_*.py | grep -v '^tests/test_gpu.py$' | tr '\n' ' ') tests/test_gpu.py"
 DESELECT=$(for t in $FIRST; do echo "--deselect $t"; done)
-run_tests "$(left 470)" "$OUT_DIR/gpu_tests_rest.xml" $GPU_FILES $DESELECT | tee "$OUT_DIR/gpu_tests_rest.log"
+run_tests "$(left 470)" gpu_tests_rest $GPU_FILES $DESELECT
 
 # the report with the test results even when the bench was killed
 $PY - "$OUT_DIR" <<'PYEOF'

@@ -76,6 +76,14 @@ def test_junit_summaries_of_the_test_phases_are_merged(tmp_path):
     assert (s["passed"], s["failed"], s["skipped"]) == (2, 1, 1) and s["failed_tests"] == ["test_gpu::b"]
     s = gpu_bench.junit_summary(first, tmp_path / "killed.xml")
     assert s["passed"] == 1 and "killed.xml not written" in s["error"]
+    # a killed run's -v lines stand in for its junit file; the interrupted test is not counted
+    (tmp_path / "killed.log").write_text(
+        "tests/test_gpu.py::test_x PASSED                              [ 33%]\n"
+        "tests/test_graph_step.py::test_y[dwa-bf16] FAILED             [ 66%]\n"
+        "tests/test_gpu.py::test_z \n")
+    s = gpu_bench.junit_summary(first, tmp_path / "killed.xml")
+    assert (s["passed"], s["failed"]) == (2, 2) and s["failed_tests"] == ["test_gpu::b", "test_graph_step::test_y[dwa-bf16]"]
+    assert "2 result(s) read from killed.log" in s["error"]
 
 
 def test_the_tests_gpu_check_runs_first_exist():
@@ -87,6 +95,7 @@ def test_the_tests_gpu_check_runs_first_exist():
     assert ids
     for node in ids:
         file, func = node.split("::")
+        func = func.split("[")[0]  # a parametrised test's case
         tree = ast.parse((BENCH.parent / file).read_text())
         names = {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
         assert func in names, node
