@@ -134,7 +134,8 @@ def test_compiled_network_matches_eager():
 def test_compiled_training_runs(tmp_path):
     # num_workers is left to its CUDA default (workers): inductor compiles the first step while
     # they load (an H200 run once failed here when the script's timeout signalled the whole
-    # process group, workers included; they now ignore SIGTERM)
+    # process group, workers included; workers now leave that group, so such a signal reaches
+    # the main process alone)
     result = mtlkit.run_recipe(str(dense_recipe(tmp_path, "mtan")), run_dir=tmp_path / "run",
                                overrides={"training.compile": True, "training.precision": "bf16"})
     finite_run(result)
