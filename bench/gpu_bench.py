@@ -232,10 +232,11 @@ def loading_rows() -> list[dict]:
     return rows
 
 
-def junit_summary(*paths: Path) -> dict:
+def junit_summary(*paths: Path, planned: list[str] | None = None) -> dict:
     """Counts and failing test names from pytest --junitxml files (a test in several: the last).
     Where a run was killed before it wrote its junit file, the results it printed (pytest -v,
-    in the .log beside it) stand in for it, and the report says so."""
+    in the .log beside it) stand in for it, and the report says so. ``planned``: the node ids
+    the runs were given; those with no result (a run's time limit ended it first) are listed."""
     import re
     import xml.etree.ElementTree as ET
 
@@ -257,6 +258,8 @@ def junit_summary(*paths: Path) -> dict:
                        + (f"; {len(printed)} result(s) read from {log.name}" if printed else ""))
     counts = {k: sum(v == k for v in status.values()) for k in ("passed", "failed", "skipped")}
     out = {**counts, "failed_tests": [n for n, v in status.items() if v == "failed"]}
+    if planned is not None:  # node id "tests/test_gpu.py::test_x[a]" is junit's "test_gpu::test_x[a]"
+        out["not_run"] = [n for n in planned if f"{Path(n.split('::')[0]).stem}::{n.split('::', 1)[1]}" not in status]
     if missing:
         out["error"] = "; " + "; ".join(missing)
     return out
@@ -292,6 +295,8 @@ def markdown(res: dict) -> str:
         lines.append(f"\ngpu tests (pytest -m gpu): {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
                      f"{t.get('skipped', 0)} skipped" + (f"; failed: {', '.join(t['failed_tests'])}"
                                                         if t.get("failed_tests") else "") + t.get("error", ""))
+        if t.get("not_run"):
+            lines.append(f"\nnot run (a time limit ended their run first): {', '.join(t['not_run'])}")
     return "\n".join(lines) + "\n"
 
 

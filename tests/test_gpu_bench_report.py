@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -121,3 +122,65 @@ def test_the_profile_ranks_ops_by_their_own_time_and_leaves_annotations_out(tmp_
     # the network's convolutions are among the most expensive of its own ops
     assert any("conv" in op["name"] for op in row["ops"][:5])
     assert (tmp_path / "gpu_profile.md").read_text().startswith("## plain-fp32")
+
+
+def test_junit_summary_lists_the_planned_tests_that_never_ran(tmp_path):
+    (tmp_path / "s0.xml").write_text('<testsuites><testsuite name="pytest">'
+                                     '<testcase classname="tests.test_gpu" name="test_a[x-1]"/></testsuite></testsuites>')
+    (tmp_path / "s1.log").write_text("tests/test_graph_step.py::test_b PASSED    [ 50%]\n"
+                                     "tests/test_graph_step.py::test_c \n")  # killed while test_c ran
+    planned = ["tests/test_gpu.py::test_a[x-1]", "tests/test_graph_step.py::test_b",
+               "tests/test_graph_step.py::test_c", "tests/test_gpu.py::test_d"]
+    s = gpu_bench.junit_summary(tmp_path / "s0.xml", tmp_path / "s1.xml", planned=planned)
+    assert s["passed"] == 2 and s["not_run"] == planned[2:]
+    res = {"gpu": "G", "torch": "T", "cpu": "C", "bf16_gemm_tflops": 1.0, "fp32_gemm_tflops": 1.0, "rows": [], "tests": s}
+    assert "not run (a time limit ended their run first): " + ", ".join(planned[2:]) in gpu_bench.markdown(res)
+
+
+def test_shards_take_the_first_tests_first_and_balance_the_expected_seconds():
+    import random
+
+    import gpu_shards
+
+    rng = random.Random(0)
+    for shards in (1, 3, 6):
+        tests = [(f"tests/test_x.py::t{i}", rng.choice([0.1, 10.0, 10.0, 150.0])) for i in range(40)]
+        first = ["tests/test_x.py::t7", "tests/test_x.py::t3"]
+        plan = gpu_shards.plan(tests, shards, first)
+        assert sorted(n for s in plan for n in s) == sorted(n for n, _ in tests)  # each test once
+        heads = [s[0] for s in plan]
+        assert first == heads[:len(first)] if shards >= len(first) else heads[0] == first[0]
+        seconds = dict(tests)
+        loads = [sum(seconds[n] for n in s) for s in plan]
+        # each test went onto the least loaded shard: before its last test, no shard held more
+        # than the least loaded one holds in the end
+        assert all(load - seconds[s[-1]] <= min(loads) + 1e-9 for s, load in zip(plan, loads))
+        if shards > 1:  # longest first: the heavy tests spread over the shards
+            heavy = [sum(seconds[n] == 150.0 for n in s) for s in plan]
+            assert max(heavy) - min(heavy) <= 2
+    assert gpu_shards.plan([], 4, []) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the real checks")
+def test_gpu_check_script_runs_every_gpu_test_in_its_shards_and_reports_without_a_gpu(tmp_path):
+    """bench/gpu_check.sh end to end on a CPU: every gpu test planned into a shard, each shard run
+    (skipped here: no CUDA), the bench's failure survived, the report written with every test."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "GPU_SHARDS": "2", "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    plans = sorted(tmp_path.glob("gpu_tests_shard*.txt"))
+    nodes = [n for p in plans for n in p.read_text().splitlines()]
+    assert len(plans) == 2 and len(nodes) == len(set(nodes))
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
+                                "-p", "no:cacheprovider"], cwd=BENCH.parent, capture_output=True, text=True)
+    assert set(nodes) == {line for line in collected.stdout.splitlines() if "::" in line}
+    first = [line for line in (BENCH / "gpu_first.txt").read_text().splitlines() if line and line[0] != "#"]
+    assert [p.read_text().splitlines()[0] for p in plans] == first[:2]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())["tests"]
+    assert report["skipped"] == len(nodes) and report["not_run"] == [] and report["failed"] == 0
+    assert f"0 passed, 0 failed, {len(nodes)} skipped" in (tmp_path / "gpu_bench.md").read_text()
