@@ -26,8 +26,8 @@ activations); the warm-up's peak, which holds the autotuner's trial workspaces, 
 TFLOP/s counts the useful FLOPs of the plain network (torch.utils.flop_counter on the meta
 device; the same function for every variant), against the card's bf16 dense GEMM peak
 measured in the same run (8192^3 torch.mm). Rows run in the order of ``PLAN`` (the most
-telling first), and a row that would start after ``--budget`` seconds is skipped (and listed
-as skipped), so the script ends in time. Results: DIR/gpu_bench.json and DIR/gpu_bench.md, written after every row.
+telling first; bench/gpu_plan.py), and a row whose expected seconds would end it after
+``--budget`` seconds is skipped (and listed as skipped), so the script ends in time. Results: DIR/gpu_bench.json and DIR/gpu_bench.md, written after every row.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from gpu_plan import (CORE, ENGINE, EXPECTED_SECONDS, PLAN, compiles, expected_seconds,  # noqa: E402
+                      row_key)
+from gpu_report import markdown, write_report  # noqa: E402
 from machine import cpu_description, gemm_peak, gpu_description  # noqa: E402
 from step_time import build as build_segnet_zoo, count_flops  # noqa: E402
 
@@ -103,56 +106,6 @@ def time_steps(net, make_batch, loss_fn, precision: str, steps: int, warmup: int
 
 def dense_loss(out, target, domain):
     return sum(o.float().mean() for o in out.values())
-
-
-# mtlkit's own step of the NYUv2 MTAN recipe, with these overrides on top of it (each set
-# explicit, so that a row means the same whatever the recipe ships)
-_PLAIN = {"model.attention.params.fast": False, "training.channels_last": False, "training.compile": False}
-ENGINE = {
-    "engine": _PLAIN,
-    "engine-fast": {**_PLAIN, "model.attention.params.fast": True},
-    "engine-fast-cl": {**_PLAIN, "model.attention.params.fast": True, "training.channels_last": True},
-    # what the recipe ships for CUDA
-    "engine-fast-cl-compile": {"model.attention.params.fast": True, "training.channels_last": True,
-                               "training.compile": True},
-    "engine-compile": {**_PLAIN, "training.compile": True},
-}
-
-# (model, arch, variant, precision, compile mode or None, channels_last), most telling first
-# (the baseline, the shipped step, then what no session has measured yet): rows that would
-# start after --budget are skipped, so a short session measures these first.
-# For mtlkit's step rows, "cuda-graph" is training.cuda_graph = "on" (torch.compile, where the
-# variant has it, compiles the network inside the graph: inductor's kernels, one launch).
-PLAN = [
-    ("MTAN SegNet", "mtan", "plain", "fp32", None, False),  # the authors' computation: the baseline
-    ("MTAN SegNet", "engine-fast-cl-compile", "mtlkit step, fast + channels-last + inductor (shipped)",
-     "bf16", "cuda-graph", True),
-    ("MTAN SegNet", "engine", "mtlkit step", "bf16", "cuda-graph", False),
-    ("Split Wide SegNet", "split-wide", "plain", "fp32", None, False),
-    ("Split Wide SegNet", "split-wide", "plain", "bf16", None, False),  # then the Decathlon and loading rows
-    ("MTAN SegNet", "engine-fast-cl-compile", "mtlkit step, fast + channels-last + inductor", "bf16", None, True),
-    ("MTAN SegNet", "engine-compile", "mtlkit step, inductor", "bf16", "cuda-graph", False),
-    ("MTAN SegNet", "_fast", "fast", "bf16", "reduce-overhead", False),
-    ("MTAN SegNet", "engine-fast", "mtlkit step, fast", "bf16", "cuda-graph", False),
-    ("MTAN SegNet", "engine-fast-cl", "mtlkit step, fast + channels-last", "bf16", "cuda-graph", True),
-    ("MTAN SegNet", "engine", "mtlkit step", "bf16", None, False),
-    ("MTAN SegNet", "engine", "mtlkit step", "fp32", "cuda-graph", False),
-    ("MTAN SegNet", "engine", "mtlkit step", "fp32", None, False),
-    ("MTAN SegNet", "mtan", "plain", "bf16", None, False),
-    ("MTAN SegNet", "_fast", "fast", "bf16", None, False),
-    ("MTAN SegNet", "_lean", "memory_efficient", "fp32", None, False),
-    ("MTAN SegNet", "_lean", "memory_efficient", "bf16", None, False),
-    ("MTAN SegNet", "_fast", "fast", "fp32", None, False),
-    ("MTAN SegNet", "_fast", "fast + channels-last", "bf16", None, True),
-    ("MTAN SegNet", "mtan", "plain", "bf16", "reduce-overhead", False),
-    ("MTAN SegNet", "mtan", "plain", "fp32", "reduce-overhead", False),
-    ("Split Wide SegNet", "split-wide", "plain", "bf16", "reduce-overhead", False),
-    ("MTAN SegNet", "mtan", "plain", "bf16", "default", False),
-    ("MTAN SegNet", "_fast", "fast", "bf16", "default", False),
-    ("MTAN SegNet", "_lean", "memory_efficient", "bf16", "reduce-overhead", False),
-    ("Split Wide SegNet", "split-wide", "plain", "fp32", "reduce-overhead", False),
-]
-CORE = 12  # --core: the first rows of PLAN
 
 
 def segnet_row(arch: str, precision: str, compiled: str | None, steps: int, channels_last: bool = False) -> dict:
@@ -232,89 +185,62 @@ def loading_rows() -> list[dict]:
     return rows
 
 
-def junit_summary(*paths: Path, planned: list[str] | None = None) -> dict:
-    """Counts and failing test names from pytest --junitxml files (a test in several: the last).
-    Where a run was killed before it wrote its junit file, the results it printed (pytest -v,
-    in the .log beside it) stand in for it, and the report says so. ``planned``: the node ids
-    the runs were given; those with no result (a run's time limit ended it first) are listed."""
-    import re
-    import xml.etree.ElementTree as ET
-
-    status, missing = {}, []
-    for path in map(Path, paths):
-        if path.exists():
-            for c in ET.parse(path).getroot().iter("testcase"):
-                name = f"{c.get('classname', '').split('.')[-1]}::{c.get('name')}"
-                kinds = {child.tag for child in c}
-                status[name] = ("failed" if {"failure", "error"} & kinds else
-                                "skipped" if "skipped" in kinds else "passed")
-            continue
-        log = path.with_suffix(".log")
-        printed = re.findall(r"^(?:\S+/)?(\w+)\.py::(\S+) (PASSED|FAILED|ERROR|SKIPPED)",
-                             log.read_text(errors="replace") if log.exists() else "", re.M)
-        for module, test, result in printed:
-            status[f"{module}::{test}"] = {"PASSED": "passed", "SKIPPED": "skipped"}.get(result, "failed")
-        missing.append(f"{path.name} not written (the test run was killed?)"
-                       + (f"; {len(printed)} result(s) read from {log.name}" if printed else ""))
-    counts = {k: sum(v == k for v in status.values()) for k in ("passed", "failed", "skipped")}
-    out = {**counts, "failed_tests": [n for n, v in status.items() if v == "failed"]}
-    if planned is not None:  # node id "tests/test_gpu.py::test_x[a]" is junit's "test_gpu::test_x[a]"
-        out["not_run"] = [n for n in planned if f"{Path(n.split('::')[0]).stem}::{n.split('::', 1)[1]}" not in status]
-    if missing:
-        out["error"] = "; " + "; ".join(missing)
-    return out
+def measure(row: tuple, steps: int) -> dict:
+    """One PLAN row's figures (``timed``'s dict)."""
+    _, arch, _, prec, comp, cl = row
+    torch._dynamo.reset()
+    if arch.startswith("engine"):
+        return engine_row(arch, prec, comp == "cuda-graph", steps)
+    return segnet_row(arch, prec, comp, steps, cl)
 
 
-def markdown(res: dict) -> str:
-    peak = res["bf16_gemm_tflops"]
-    lines = [f"GPU: {res['gpu']}; torch {res['torch']}; CPU: {res['cpu']}",
-             f"bf16 dense GEMM peak measured in this run (8192^3 torch.mm, median): {peak:.0f} TFLOP/s; "
-             f"fp32 (no TF32): {res['fp32_gemm_tflops']:.1f} TFLOP/s", "",
-             "| model | variant | precision | compile | ms/step (median) | vs authors' fp32 | peak GB | TFLOP/s | of bf16 peak |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    base = {r["model"]: r for r in res["rows"] if r.get("baseline")}
-    for r in res["rows"]:
-        if "ms" not in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile'] or 'eager'} | "
-                         f"{r.get('error', 'skipped')} | | | | |")
-            continue
-        b = base.get(r["model"])
-        ratio = f"{b['ms'] / r['ms']:.2f}x" if b else ""
-        tflops = r["tflop_per_step"] / (r["ms"] / 1e3)
-        lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile'] or 'eager'} | {r['ms']:.1f} "
-                     f"({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {ratio} | {r['peak_gb']:.2f} | {tflops:.1f} | "
-                     f"{tflops / peak:.3f} |")
-    for d in res.get("decathlon", []):
-        if "images_per_s" in d:
-            lines.append(f"\nDecathlon WRN-28-4 MTAN, batch 128, 72x72, {d['variant']}: "
-                         f"{d['images_per_s']:.0f} images/s ({d['ms']:.1f} ms/step, peak {d['peak_gb']:.2f} GB)")
-    for d in res.get("loading", []):
-        lines.append(f"\nDecathlon JPEG loading, num_workers={d['workers']}: {d['images_per_s']:.0f} images/s")
-    t = res.get("tests")
-    if t:
-        lines.append(f"\ngpu tests (pytest -m gpu): {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
-                     f"{t.get('skipped', 0)} skipped" + (f"; failed: {', '.join(t['failed_tests'])}"
-                                                        if t.get("failed_tests") else "") + t.get("error", ""))
-        if t.get("not_run"):
-            lines.append(f"\nnot run (a time limit ended their run first): {', '.join(t['not_run'])}")
-    return "\n".join(lines) + "\n"
+def warm(plan: list[tuple], out: Path) -> None:
+    """Compile each compiled row once (one timed step after its warm-up), so that inductor's
+    on-disk caches hold its kernels when the timed run comes; bench/gpu_check.sh runs this
+    beside the gpu tests, whose time goes to compiling on the host CPUs, not to the card.
+    OUT/gpu_bench_warm.json lists the rows warmed so far."""
+    from mtlkit.atomic import atomic_write_json
+
+    done = []
+    for row in filter(compiles, plan):
+        t = time.perf_counter()
+        try:
+            measure(row, steps=1)
+            done.append(row_key(row))
+            atomic_write_json(out / "gpu_bench_warm.json", done)
+            print(f"warmed in {time.perf_counter() - t:.0f} s: {row}", flush=True)
+        except Exception as exc:  # the timed run reports it
+            print(f"warming failed: {row}: {type(exc).__name__}: {exc}", flush=True)
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--budget", type=float, default=330.0, help="seconds; rows that would start later are skipped")
+    ap.add_argument("--budget", type=float, default=330.0,
+                    help="seconds to end by: a row starts only if its expected seconds fit")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", choices=["eager", "compiled", "all"], default="all",
                     help="compiled: append the torch.compile rows to DIR/gpu_bench.json of an eager run")
     ap.add_argument("--core", action="store_true", help="only MTAN plain fp32/bf16, fast bf16 and Split Wide")
     ap.add_argument("--first", type=int, help="only the first N rows of PLAN")
-    ap.add_argument("--tests-junit", help="a pytest --junitxml file of the gpu tests, folded into the report")
+    ap.add_argument("--warm", action="store_true", help="only compile the compiled rows once (see warm())")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     torch.backends.cudnn.benchmark = True
+    plan = [p for p in PLAN if args.rows == "all" or (p[4] is None) == (args.rows == "eager")]
+    if args.core or args.first:
+        plan = [p for p in plan if p in PLAN[:args.first or CORE]]
+    from step_time import ARCHS
+
+    ARCHS["_fast"] = ("mtan", {"fast": True}, {})
+    ARCHS["_lean"] = ("mtan", {"memory_efficient": True}, {})
+    if args.warm:  # the same backend settings as the timed run: part of inductor's cache keys
+        torch.backends.cuda.matmul.allow_tf32 = False
+        warm(plan, out)
+        return 0
     if args.rows == "compiled" and (out / "gpu_bench.json").exists():
         res = json.loads((out / "gpu_bench.json").read_text())
     else:
@@ -323,41 +249,35 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         res["fp32_gemm_tflops"] = gemm_peak(8192, 3, "cuda", torch.float32)["median"] / 1e3
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32 (cuDNN convs: torch's default)
-    if args.tests_junit:
-        res["tests"] = junit_summary(Path(args.tests_junit))
+    warm_file = out / "gpu_bench_warm.json"
+    warmed = set(json.loads(warm_file.read_text())) if warm_file.exists() else set()
 
-    def save():
-        (out / "gpu_bench.json").write_text(json.dumps(res, indent=2))
-        (out / "gpu_bench.md").write_text(markdown(res))
+    def fits(seconds: float) -> bool:
+        return time.perf_counter() - t0 + seconds <= args.budget
 
     flops = {m: sum(count_flops(m, H, W, BATCH, 1.0)) / 1e12 for m in ("mtan", "split-wide")}
-    plan = [p for p in PLAN if args.rows == "all" or (p[4] is None) == (args.rows == "eager")]
-    if args.core or args.first:
-        plan = [p for p in plan if p in PLAN[:args.first or CORE]]
-    from step_time import ARCHS
-
-    ARCHS["_fast"] = ("mtan", {"fast": True}, {})
-    ARCHS["_lean"] = ("mtan", {"memory_efficient": True}, {})
-    for model, arch, variant, prec, comp, cl in plan:
+    for p in plan:
+        model, _, variant, prec, comp, cl = p
         row = {"model": model, "variant": variant, "precision": prec, "compile": comp, "channels_last": cl,
                "tflop_per_step": flops["mtan" if model.startswith("MTAN") else "split-wide"],
                "baseline": variant == "plain" and prec == "fp32" and comp is None}
-        if time.perf_counter() - t0 > args.budget:
+        if compiles(p):
+            row["cache_warmed"] = row_key(p) in warmed
+        if not fits(expected_seconds(p, warmed)):
             row["error"] = "skipped (time budget)"
         else:
             try:
-                torch._dynamo.reset()
-                if arch.startswith("engine"):
-                    row.update(engine_row(arch, prec, comp == "cuda-graph", args.steps))
-                else:
-                    row.update(segnet_row(arch, prec, comp, args.steps, cl))
+                row.update(measure(p, args.steps))
             except Exception as exc:  # one failing row must not lose the others
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             torch.cuda.empty_cache()
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
-        save()
+        write_report(out, res)
         if not args.core and comp is None and (model, variant, prec) == ("Split Wide SegNet", "plain", "bf16"):
+            if not fits(EXPECTED_SECONDS["decathlon"]):
+                res["decathlon"] = [{"variant": "all", "error": "skipped (time budget)"}]
+                continue
             res["decathlon"] = []
             for prec2, cl2, name in (("fp32", False, "fp32 NCHW"), ("bf16", True, "bf16 + channels-last")):
                 try:
@@ -367,15 +287,15 @@ def main(argv=None) -> int:
                 d["variant"] = name
                 res["decathlon"].append(d)
                 print(json.dumps(d), flush=True)
-                save()
+                write_report(out, res)
                 torch.cuda.empty_cache()
             try:
                 res["loading"] = loading_rows()
             except Exception as exc:
                 res["loading_error"] = f"{type(exc).__name__}: {exc}"
-            save()
+            write_report(out, res)
     res.setdefault("seconds", {})[args.rows] = time.perf_counter() - t0
-    save()
+    write_report(out, res)
     print(markdown(res))
     return 0
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from mtlkit.atomic import atomic_write_text
+
 LIGHT_SECONDS = 10.0  # a gpu test with no timeout mark of its own: one short training run
 
 
@@ -80,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()
     shards = plan(tests, args.shards, first)
     for i, nodes in enumerate(shards):
-        tmp = args.out / f".gpu_tests_shard{i}.txt.tmp"
-        tmp.write_text("".join(f"{n}\n" for n in nodes))
-        tmp.replace(args.out / f"gpu_tests_shard{i}.txt")
+        atomic_write_text(args.out / f"gpu_tests_shard{i}.txt", "".join(f"{n}\n" for n in nodes))
     print(f"gpu_shards: {len(tests)} gpu tests in {len(shards)} shards")
     return 0
 

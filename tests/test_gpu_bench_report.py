@@ -1,4 +1,5 @@
-"""bench/gpu_bench.py's plan and report, checked on the CPU (the bench itself needs CUDA)."""
+"""bench/gpu_check.sh's parts (the bench's plan, the report, the test shards), checked on the CPU
+(the bench itself needs CUDA)."""
 
 from __future__ import annotations
 
@@ -11,24 +12,25 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
-import gpu_bench  # noqa: E402
+import gpu_plan  # noqa: E402
+import gpu_report  # noqa: E402
 
 
 def test_the_plan_measures_the_baseline_first_and_the_cuda_graph_rows_early():
-    plan = gpu_bench.PLAN
+    plan = gpu_plan.PLAN
     assert plan[0][2:5] == ("plain", "fp32", None)  # the authors' computation: every ratio's base
     assert len(set(plan)) == len(plan)
     for mode in ("reduce-overhead", "cuda-graph"):  # torch.compile's graphs; mtlkit's whole-step graph
         graphs = [i for i, p in enumerate(plan) if p[4] == mode]
-        assert graphs and graphs[0] < gpu_bench.CORE  # a short session still measures a CUDA-graph row
+        assert graphs and graphs[0] < gpu_plan.CORE  # a short session still measures a CUDA-graph row
     assert {p[4] for p in plan} == {None, "default", "reduce-overhead", "cuda-graph"}
     # mtlkit's own step, eager and graphed, in the same precisions: the graph's gain side by side
     engine = {(p[3], p[4]) for p in plan if p[1] == "engine"}
     assert {("fp32", None), ("fp32", "cuda-graph"), ("bf16", None), ("bf16", "cuda-graph")} <= engine
     # every step row names a known override set; the compiled ones run inductor inside the graph too
     steps = [p for p in plan if p[1].startswith("engine")]
-    assert {p[1] for p in steps} == set(gpu_bench.ENGINE)
-    assert any(gpu_bench.ENGINE[p[1]].get("training.compile") and p[4] == "cuda-graph" for p in steps)
+    assert {p[1] for p in steps} == set(gpu_plan.ENGINE)
+    assert any(gpu_plan.ENGINE[p[1]].get("training.compile") and p[4] == "cuda-graph" for p in steps)
     # the row marked shipped is the NYUv2 recipe's own CUDA choice, measured before any other
     # mtlkit step row is left out by the time budget
     shipped = [i for i, p in enumerate(plan) if "(shipped)" in p[2]]
@@ -40,10 +42,33 @@ def test_the_plan_measures_the_baseline_first_and_the_cuda_graph_rows_early():
 
     recipe = load_recipe("nyuv2/mtan").recipe
     on_cuda = resolve(recipe.training, torch.device("cuda", 0))
-    overrides = gpu_bench.ENGINE[arch]
+    overrides = gpu_plan.ENGINE[arch]
     assert overrides["training.channels_last"] == on_cuda.channels_last is True
     assert overrides["training.compile"] == on_cuda.compile is True
     assert overrides["model.attention.params.fast"] is True and recipe.model.attention.params["fast"] == "auto"
+
+
+def test_rows_that_compile_are_known_and_warm_caches_let_the_unmeasured_rows_fit_the_script():
+    import re
+
+    plan = gpu_plan.PLAN
+    assert gpu_plan.compiles(plan[1]) and not gpu_plan.compiles(plan[0])  # shipped: inductor; baseline: eager
+    for row in plan:  # torch.compile in a mode, or the engine's training.compile override
+        expect = row[4] in ("default", "reduce-overhead") or "compile" in row[1]
+        assert gpu_plan.compiles(row) == expect, row
+    keys = {gpu_plan.row_key(r) for r in plan}
+    assert len(keys) == len(plan)
+    warm = {gpu_plan.row_key(r) for r in plan if gpu_plan.compiles(r)}
+    cold_total = sum(gpu_plan.expected_seconds(r, set()) for r in plan)
+    assert sum(gpu_plan.expected_seconds(r, warm) for r in plan) < cold_total
+    # bench/gpu_check.sh: tests to T1 (+20 s for a kill), the bench to T2 less 15 s, its GEMM
+    # peaks about 10 s: with warm caches the rows through Split Wide and the Decathlon block fit
+    script = (BENCH / "gpu_check.sh").read_text()
+    t1 = int(re.search(r"LIMIT=\$\(left (\d+)\)", script).group(1))
+    t2 = int(re.search(r"--first 12 \\\n\s+--budget \"\$\(\( \$\(left (\d+)\)", script).group(1))
+    through_decathlon = plan[:[r[0] for r in plan].index("Split Wide SegNet") + 2]
+    need = sum(gpu_plan.expected_seconds(r, warm) for r in through_decathlon) + gpu_plan.EXPECTED_SECONDS["decathlon"]
+    assert need <= t2 - 15 - (t1 + 20) - 10
 
 
 def test_the_report_gives_ratios_against_the_baseline_and_lists_skipped_rows():
@@ -55,7 +80,7 @@ def test_the_report_gives_ratios_against_the_baseline_and_lists_skipped_rows():
              "error": "skipped (time budget)"}]
     res = {"gpu": "G", "torch": "T", "cpu": "C", "bf16_gemm_tflops": 500.0, "fp32_gemm_tflops": 50.0, "rows": rows,
            "tests": {"passed": 3, "failed": 1, "skipped": 0, "failed_tests": ["t::x"]}}
-    lines = gpu_bench.markdown(res).splitlines()
+    lines = gpu_report.markdown(res).splitlines()
     graph_row = next(line for line in lines if "reduce-overhead" in line)
     cells = [c.strip() for c in graph_row.split("|")]
     assert cells[6] == f"{60.0 / 24.0:.2f}x"  # side by side with the eager fp32 row
@@ -73,16 +98,16 @@ def test_junit_summaries_of_the_test_phases_are_merged(tmp_path):
 
     first = junit("first.xml", [("a", ""), ("b", '<failure message="x"/>')])
     rest = junit("rest.xml", [("c", '<skipped message="no"/>'), ("d", "")])
-    s = gpu_bench.junit_summary(first, rest)
+    s = gpu_report.junit_summary(first, rest)
     assert (s["passed"], s["failed"], s["skipped"]) == (2, 1, 1) and s["failed_tests"] == ["test_gpu::b"]
-    s = gpu_bench.junit_summary(first, tmp_path / "killed.xml")
+    s = gpu_report.junit_summary(first, tmp_path / "killed.xml")
     assert s["passed"] == 1 and "killed.xml not written" in s["error"]
     # a killed run's -v lines stand in for its junit file; the interrupted test is not counted
     (tmp_path / "killed.log").write_text(
         "tests/test_gpu.py::test_x PASSED                              [ 33%]\n"
         "tests/test_graph_step.py::test_y[dwa-bf16] FAILED             [ 66%]\n"
         "tests/test_gpu.py::test_z \n")
-    s = gpu_bench.junit_summary(first, tmp_path / "killed.xml")
+    s = gpu_report.junit_summary(first, tmp_path / "killed.xml")
     assert (s["passed"], s["failed"]) == (2, 2) and s["failed_tests"] == ["test_gpu::b", "test_graph_step::test_y[dwa-bf16]"]
     assert "2 result(s) read from killed.log" in s["error"]
 
@@ -131,10 +156,10 @@ def test_junit_summary_lists_the_planned_tests_that_never_ran(tmp_path):
                                      "tests/test_graph_step.py::test_c \n")  # killed while test_c ran
     planned = ["tests/test_gpu.py::test_a[x-1]", "tests/test_graph_step.py::test_b",
                "tests/test_graph_step.py::test_c", "tests/test_gpu.py::test_d"]
-    s = gpu_bench.junit_summary(tmp_path / "s0.xml", tmp_path / "s1.xml", planned=planned)
+    s = gpu_report.junit_summary(tmp_path / "s0.xml", tmp_path / "s1.xml", planned=planned)
     assert s["passed"] == 2 and s["not_run"] == planned[2:]
     res = {"gpu": "G", "torch": "T", "cpu": "C", "bf16_gemm_tflops": 1.0, "fp32_gemm_tflops": 1.0, "rows": [], "tests": s}
-    assert "not run (a time limit ended their run first): " + ", ".join(planned[2:]) in gpu_bench.markdown(res)
+    assert "not run (a time limit ended their run first): " + ", ".join(planned[2:]) in gpu_report.markdown(res)
 
 
 def test_shards_take_the_first_tests_first_and_balance_the_expected_seconds():
@@ -184,3 +209,70 @@ def test_gpu_check_script_runs_every_gpu_test_in_its_shards_and_reports_without_
     report = json.loads((tmp_path / "gpu_bench.json").read_text())["tests"]
     assert report["skipped"] == len(nodes) and report["not_run"] == [] and report["failed"] == 0
     assert f"0 passed, 0 failed, {len(nodes)} skipped" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_the_bench_skips_rows_whose_expected_seconds_do_not_fit_and_counts_warm_caches(tmp_path, monkeypatch):
+    """gpu_bench.main with the measuring stubbed (no CUDA here): which rows run, in PLAN order,
+    is decided by their expected seconds against --budget; a row warmed by --warm expects less."""
+    import json
+
+    import gpu_bench
+
+    clock, warm, measured = [0.0], set(), []
+    monkeypatch.setattr(gpu_bench.time, "perf_counter", lambda: clock[0])
+
+    def fake_measure(row, steps):  # each row takes exactly its expected seconds
+        measured.append(row)
+        clock[0] += gpu_plan.expected_seconds(row, warm)
+        return {"ms": 10.0, "ms_min": 9.0, "ms_max": 11.0, "peak_gb": 1.0, "peak_gb_warmup": 1.0, "loss_finite": True}
+
+    monkeypatch.setattr(gpu_bench, "measure", fake_measure)
+    monkeypatch.setattr(gpu_bench, "gemm_peak", lambda *a, **k: {"median": 1e5})
+    monkeypatch.setattr(gpu_bench, "gpu_description", lambda: "no GPU (stubbed)")
+    monkeypatch.setattr(gpu_bench, "decathlon_row", lambda *a, **k: {"ms": 1.0, "images_per_s": 1.0, "peak_gb": 1.0})
+    monkeypatch.setattr(gpu_bench, "loading_rows", lambda: [{"workers": 0, "images_per_s": 5.0}])
+    first = gpu_plan.PLAN[:5]
+    shipped = gpu_plan.row_key(first[1])
+    # the baseline, the shipped step with warm caches, the step as a graph: this budget and no more
+    budget = str(sum(gpu_plan.expected_seconds(r, {shipped}) for r in first[:3]) + 1)
+
+    def run(warmed: list[str]) -> dict:
+        clock[0] = 0.0
+        measured.clear()
+        warm.clear()
+        warm.update(warmed)
+        (tmp_path / "gpu_bench_warm.json").write_text(json.dumps(warmed))
+        assert gpu_bench.main(["--out", str(tmp_path), "--first", "5", "--budget", budget]) == 0
+        return json.loads((tmp_path / "gpu_bench.json").read_text())
+
+    res = run([])  # cold: the shipped row's compile does not fit; the shorter rows after it do
+    assert measured == [first[0], *first[2:]] and res["rows"][1]["cache_warmed"] is False
+    assert [r.get("error") for r in res["rows"]] == [None, "skipped (time budget)", None, None, None]
+    assert res["decathlon"] == [{"variant": "all", "error": "skipped (time budget)"}]
+    assert "skipped (time budget)" in (tmp_path / "gpu_bench.md").read_text()
+    res = run([shipped])  # warm: the first three rows, in order
+    assert measured == first[:3] and res["rows"][1]["cache_warmed"] is True
+    assert [r.get("error") for r in res["rows"]][3:] == ["skipped (time budget)"] * 2
+
+
+def test_warming_compiles_only_the_compiled_rows_and_lists_those_that_succeeded(tmp_path, monkeypatch):
+    import json
+
+    import gpu_bench
+
+    plan = gpu_plan.PLAN[:12]
+    compiled = [r for r in plan if gpu_plan.compiles(r)]
+    assert len(compiled) >= 3
+    seen = []
+
+    def fake_measure(row, steps):
+        seen.append((row, steps))
+        if row == compiled[1]:
+            raise RuntimeError("inductor failed")
+        return {}
+
+    monkeypatch.setattr(gpu_bench, "measure", fake_measure)
+    gpu_bench.warm(plan, tmp_path)
+    assert seen == [(r, 1) for r in compiled]  # one step each, in PLAN order, eager rows left out
+    listed = json.loads((tmp_path / "gpu_bench_warm.json").read_text())
+    assert listed == [gpu_plan.row_key(r) for r in compiled if r != compiled[1]]
