@@ -151,6 +151,25 @@ def test_torchrun_cli_two_processes(tmp_path):
         assert logged[task]["loss"] == pytest.approx(values["loss"], rel=1e-5)
 
 
+def test_torchrun_with_one_process_joins_gloo_and_trains_exactly_as_one_plain_process(tmp_path, capsys):
+    """`torchrun --nproc_per_node=1`: the distributed path over one rank (a gloo group, DDP, the
+    collectives; on CUDA the same path joins nccl, which a one-GPU machine can test so), and the
+    same weights, bit for bit, as a plain process: DDP over one rank changes nothing."""
+    env = dict(os.environ, MTLKIT_LOAD_ENTRY_POINTS="0", OMP_NUM_THREADS="1")
+    args = ["run", "shapes", *TINY, "--set", "training.epochs=2", "--set", "training.device=cpu", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone",
+                           "-m", "mtlkit", *args, "--run-dir", str(tmp_path / "torchrun")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rc, _, err = run_main([*args, "--run-dir", str(tmp_path / "plain")], capsys)
+    assert rc == 0, err
+    (meta_t, state_t, _), (meta_p, state_p, _) = (load_checkpoint(tmp_path / name) for name in ("torchrun", "plain"))
+    assert (meta_t["process_group"], meta_t["world_size"]) == ("gloo", 1)
+    assert meta_p["process_group"] is None and meta_t["global_step"] == meta_p["global_step"] > 0
+    assert state_t.keys() == state_p.keys()
+    assert [k for k in state_t if not torch.equal(state_t[k], state_p[k])] == []
+
+
 def test_params_prints_the_papers_column(capsys):
     rc, out, err = run_main(["params", "nyuv2/mtan", "nyuv2/split_wide"], capsys)
     assert rc == 0, err

@@ -100,8 +100,9 @@ def test_ddp_two_ranks(tmp_path, kind):
         assert single[t]["loss"] == pytest.approx(r0["metrics"][t]["loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("world", [2, 1])  # torchrun --nproc_per_node=1 joins a group of one too
 @pytest.mark.parametrize("device, backend, index", [("auto", "nccl", 1), ("cuda", "nccl", 1), ("cpu", "gloo", None)])
-def test_torchrun_joins_nccl_on_its_local_gpu_and_gloo_on_cpus(monkeypatch, device, backend, index):
+def test_torchrun_joins_nccl_on_its_local_gpu_and_gloo_on_cpus(monkeypatch, device, backend, index, world):
     """Under torchrun the one setup path picks the backend by device (nccl for CUDA), and
     local rank r trains on GPU r (mod the node's GPUs). The process group and the GPUs are
     stood in for: their calls are recorded."""
@@ -110,7 +111,8 @@ def test_torchrun_joins_nccl_on_its_local_gpu_and_gloo_on_cpus(monkeypatch, devi
     from mtlkit.engine import distributed as D
 
     calls, joined = {}, []
-    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", str(world)), monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r1")  # what torchrun sets (torch's is_torchelastic_launched)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
@@ -118,8 +120,21 @@ def test_torchrun_joins_nccl_on_its_local_gpu_and_gloo_on_cpus(monkeypatch, devi
     monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
     monkeypatch.setattr(dist, "get_rank", lambda: 3)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(dist, "get_backend", lambda: joined[0])
     ctx = D.setup(device)
-    assert joined == [backend]
+    assert joined == [backend] and ctx.backend == backend and ctx.enabled
     assert (ctx.rank, ctx.world_size, ctx.local_rank) == (3, 4, 3)
     assert ctx.device == (torch.device("cuda", index) if index is not None else torch.device("cpu"))
     assert calls.get("set_device") == index
+
+
+def test_a_plain_process_joins_no_group(monkeypatch):
+    import torch.distributed as dist
+
+    from mtlkit.engine import distributed as D
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: pytest.fail("joined a group"))
+    ctx = D.setup("cpu")
+    assert (ctx.backend, ctx.enabled, ctx.world_size, ctx.rank) == (None, False, 1, 0)

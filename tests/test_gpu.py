@@ -187,6 +187,27 @@ def test_ddp_over_nccl(tmp_path):
     assert meta["world_size"] == 2
 
 
+def test_one_rank_torchrun_joins_nccl_and_trains_exactly_as_a_plain_process(tmp_path):
+    """`torchrun --nproc_per_node=1` on CUDA: the distributed path over nccl (DDP with its device,
+    the metric states' all-reduce, the buffers' broadcast, the barrier) on a one-GPU machine, and
+    with deterministic algorithms the same weights, bit for bit, as a plain process."""
+    recipe = dense_recipe(tmp_path, "mtan")
+    sets = ["--set", "training.epochs=2", "--set", "training.deterministic=true", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", "-m", "mtlkit",
+           "run", str(recipe), "--run-dir", str(tmp_path / "torchrun"), *sets]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        deterministic_run(tmp_path, recipe, "plain", 2)
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    (meta_t, a, _), (meta_p, b, _) = load_checkpoint(tmp_path / "torchrun"), load_checkpoint(tmp_path / "plain")
+    assert (meta_t["process_group"], meta_t["world_size"], meta_p["process_group"]) == ("nccl", 1, None)
+    assert meta_t["global_step"] == meta_p["global_step"] > 0 and a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 M2M_RECIPE = """
 [model.backbone]
 name = "small_cnn"

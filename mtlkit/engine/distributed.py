@@ -1,8 +1,11 @@
 """torchrun support: process group, device choice, collective helpers.
 
 Under ``torchrun`` (env ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) the trainer calls
-:func:`setup` which initialises the default process group (gloo on CPU, nccl on CUDA) once.
-Every helper here is a no-op in a single process, so the training loop has one code path.
+:func:`setup` which initialises the default process group (gloo on CPU, nccl on CUDA) once,
+with one process as with many: ``torchrun --nproc_per_node=1`` runs the distributed path
+(DDP, the collectives) over one rank, which is how nccl is exercised on a one-GPU machine.
+Every helper here is a no-op in a process outside a group, so the training loop has one
+code path.
 
 Data sharding is done by the engine itself (see ``sampling.epoch_plan``), equivalent to
 ``DistributedSampler(shuffle=True, seed=...)`` with ``set_epoch(epoch)``: each epoch's
@@ -30,10 +33,12 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    backend: str | None = None  # the process group's ("gloo", "nccl"); None outside one
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """In a process group (one rank or more): DDP and the collectives run."""
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -64,14 +69,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def setup(device_name: str) -> DistContext:
-    """Pick the device and, under torchrun with WORLD_SIZE > 1, join the process group."""
+    """Pick the device and, under torchrun (any number of processes), join the process group."""
     rank, world, local = env_world()
     device = resolve_device(device_name, local)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or dist.is_torchelastic_launched()) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
+    if not dist.is_initialized():
+        return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
+                       backend=str(dist.get_backend()))
 
 
 def shutdown() -> None:

@@ -49,7 +49,7 @@ def save_trainer(trainer: Trainer, stems: list[str], rng: dict[str, Any]) -> boo
     tensors, opt_meta = pack_state(t.raw_model, t.optimizer, t.weighting)
     meta = {
         "epoch": t.epoch, "step_in_epoch": t.step_in_epoch, "global_step": t.global_step,
-        "world_size": t.ctx.world_size, "seed": t.cfg.seed,
+        "world_size": t.ctx.world_size, "process_group": t.ctx.backend, "seed": t.cfg.seed,
         "loss_sums": t.loss_sums, "loss_counts": t.loss_counts,
         "rng": rngs, "weighting_state": t.weighting.get_state(),
         "schedule": {"name": t.sched_cfg.name, "base_lrs": t.base_lrs, "epoch": t.epoch,
