@@ -1,6 +1,6 @@
 """GPU training-step benchmark, every row measured side by side in one process on one card.
 
-    python bench/gpu_bench.py --out DIR [--budget 330] [--steps 20]
+    python bench/gpu_bench.py --out DIR [--budget 330] [--steps 20] [--first N] [--warm]
 
 Rows (training steps: forward, loss, backward, Adam step):
 - MTAN on SegNet, NYUv2 shapes (13-class segmentation, depth, normals), 288x384, batch 2:
@@ -27,7 +27,8 @@ TFLOP/s counts the useful FLOPs of the plain network (torch.utils.flop_counter o
 device; the same function for every variant), against the card's bf16 dense GEMM peak
 measured in the same run (8192^3 torch.mm). Rows run in the order of ``PLAN`` (the most
 telling first; bench/gpu_plan.py), and a row whose expected seconds would end it after
-``--budget`` seconds is skipped (and listed as skipped), so the script ends in time. Results: DIR/gpu_bench.json and DIR/gpu_bench.md, written after every row.
+``--budget`` seconds is skipped (and listed as skipped), so the script ends in time.
+Results: DIR/gpu_bench.json and DIR/gpu_bench.md, written after every row.
 """
 
 from __future__ import annotations
