@@ -2,7 +2,7 @@
 # The GPU checks, as one prepared script: under 8 minutes on one H100/H200.
 #   bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_out)
 # In two phases, each with its own time limit so that one that overruns never costs the other:
-# 1. (to 250 s) every gpu test (pytest -m gpu), in GPU_SHARDS pytest processes side by side
+# 1. (to 260 s) every gpu test (pytest -m gpu), in GPU_SHARDS pytest processes side by side
 #    (default: half the CPUs, at most 6; bench/gpu_shards.py splits them): what takes the time
 #    is inductor compiling on the host's CPUs, not the card. The tests of bench/gpu_first.txt,
 #    not yet seen passing on a GPU since their code changed (docs/gpu.md, "Checked on a GPU"),
@@ -49,7 +49,7 @@ if ! $PY bench/gpu_shards.py --shards "$SHARDS" --first bench/gpu_first.txt --ou
     tail -5 "$OUT_DIR/gpu_shards.log"
     echo tests >"$OUT_DIR/gpu_tests_shard0.txt"
 fi
-LIMIT=$(left 250)
+LIMIT=$(left 260)
 SHARD_PIDS=()
 for plan in "$OUT_DIR"/gpu_tests_shard*.txt; do
     mapfile -t nodes <"$plan"  # node ids hold brackets: never through word splitting and globbing
