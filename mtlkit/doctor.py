@@ -75,7 +75,8 @@ def threads() -> dict[str, Any]:
 
 
 def devices() -> dict[str, Any]:
-    """CUDA devices (name, memory, compute capability) and whether MPS is there."""
+    """CUDA devices (name, memory, compute capability), whether MPS is there, and the
+    distributed backends."""
     import torch
 
     cuda = []
@@ -87,7 +88,25 @@ def devices() -> dict[str, Any]:
     mps = getattr(torch.backends, "mps", None)
     return {"cuda": cuda, "cuda_runtime": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "mps": bool(mps is not None and mps.is_available())}
+            "mps": bool(mps is not None and mps.is_available()), "distributed": distributed_backends()}
+
+
+def distributed_backends() -> dict[str, Any]:
+    """Which torch.distributed backends this torch build has (torchrun uses gloo on CPUs,
+    nccl on CUDA), and the NCCL version it was built with."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return {"gloo": False, "nccl": False, "nccl_version": None}
+    nccl = dist.is_nccl_available()
+    version = None
+    if nccl:
+        try:
+            version = ".".join(map(str, torch.cuda.nccl.version()))
+        except (RuntimeError, AttributeError):  # a build without NCCL's library
+            pass
+    return {"gloo": dist.is_gloo_available(), "nccl": nccl, "nccl_version": version}
 
 
 def plugins(pm=None) -> dict[str, Any]:

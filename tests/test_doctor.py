@@ -27,6 +27,12 @@ def test_report_fields_and_a_shortened_probe():
     if cpu["flags"] is not None and cpu["torch_cpu_capability"] in ("AVX2", "AVX512"):
         assert cpu["flags"]["avx2"]  # torch's dispatch and the CPU's own flags agree
     assert report["devices"]["cuda"] == [] if not torch.cuda.is_available() else len(report["devices"]["cuda"]) >= 1
+    import torch.distributed as dist
+
+    backends = report["devices"]["distributed"]
+    assert backends["gloo"] == dist.is_gloo_available() and backends["nccl"] == dist.is_nccl_available()
+    if backends["nccl"] and backends["nccl_version"]:  # "major.minor.patch", as torch.cuda.nccl reports it
+        assert tuple(map(int, backends["nccl_version"].split("."))) == tuple(torch.cuda.nccl.version())
     plugins = report["plugins"]
     assert plugins["error"] is None and "tensorboard" in plugins["components"]["logger"]
     assert "mtan" in plugins["components"]["attention"]

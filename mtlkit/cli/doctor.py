@@ -65,6 +65,9 @@ def render(report: dict) -> Table:
                      for g in d["cuda"]) or "none"
     row("devices", f"CUDA: {cuda} (runtime {_fmt(d['cuda_runtime'])}, cuDNN {_fmt(d['cudnn'])}); "
                    f"MPS: {'yes' if d['mps'] else 'no'}")
+    b = d["distributed"]
+    row("torchrun", f"gloo {'yes' if b['gloo'] else 'no'}; nccl " + (
+        f"yes ({b['nccl_version'] or 'version unknown'})" if b["nccl"] else "no"))
     table.add_section()
     p = report["plugins"]
     if p["error"]:
