@@ -82,10 +82,11 @@ def timed(step, steps: int, warmup: int) -> dict:
 
 
 def time_steps(net, make_batch, loss_fn, precision: str, steps: int, warmup: int = 3,
-               channels_last: bool = False, domains: list[str] | None = None, graphs: bool = False) -> dict:
+               channels_last: bool = False, domains: list[str] | None = None, graphs: bool = False,
+               device: str = "cuda") -> dict:
     """Median step time (ms) and peak memory (GB) of ``steps`` training steps of ``net``."""
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     x, target = make_batch()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -142,27 +143,31 @@ def engine_row(arch: str, precision: str, graph: bool, steps: int) -> dict:
         return {**row, "replays": getattr(trainer.train_step, "replays", 0)}
 
 
-def decathlon_row(precision: str, channels_last: bool, steps: int) -> dict:
+def decathlon_row(precision: str, channels_last: bool, steps: int, batch: int = 128, device: str = "cuda") -> dict:
+    """WRN-28-4 MTAN over the ten domains, one domain per step in turn, 72x72 (the facts')."""
     from decathlon_throughput import build_model  # noqa: E402
     from mtlkit.plugins.decathlon.domains import DOMAINS
 
     torch.manual_seed(0)
     _, net, tasks = build_model("mtan", dict(DOMAINS), {})
-    net = net.train().cuda()
+    net = net.train().to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    labels = {d: torch.randint(t.out_channels, (128,), device="cuda") for d, t in tasks.items()}
+    labels = {d: torch.randint(t.out_channels, (batch,), device=device) for d, t in tasks.items()}
 
     def loss(out, target, domain):
         return tasks[domain].loss(out[domain].float(), labels[domain])
 
-    batch = lambda: (torch.randn(128, 3, 72, 72, device="cuda"), None)  # noqa: E731
-    row = time_steps(net, batch, loss, precision, steps, channels_last=channels_last, domains=list(tasks))
-    row["images_per_s"] = 128 / (row["ms"] / 1e3)
+    images = lambda: (torch.randn(batch, 3, 72, 72, device=device), None)  # noqa: E731
+    row = time_steps(net, images, loss, precision, steps, channels_last=channels_last, domains=list(tasks),
+                     device=device)
+    row["images_per_s"] = batch / (row["ms"] / 1e3)
     return row
 
 
-def loading_rows() -> list[dict]:
+def loading_rows(images: int = 2048, device: str = "cuda") -> list[dict]:
+    """The decathlon data set's train split (JPEG decode, crop, flip, normalise) through a
+    pinned DataLoader at batch 128 onto ``device``: with 0 workers and the engine's default."""
     from torch.utils.data import DataLoader
 
     from mtlkit.engine.precision import loader_workers
@@ -172,17 +177,19 @@ def loading_rows() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "decathlon"
-        write_decathlon_layout(root, 2048, 1, 1, image_size=72, domains=["cifar100"])
+        write_decathlon_layout(root, images, 1, 1, image_size=72, domains=["cifar100"])
         ds = get_registry().get("dataset", "decathlon").build({"root": str(root), "domain": "cifar100"},
                                                               split="train")
-        for workers in sorted({0, loader_workers(None, torch.device("cuda"))}):
-            loader = DataLoader(ds, batch_size=128, shuffle=True, num_workers=workers, pin_memory=True)
+        on_cuda = torch.device(device).type == "cuda"
+        for workers in sorted({0, loader_workers(None, torch.device(device))}):
+            loader = DataLoader(ds, batch_size=128, shuffle=True, num_workers=workers, pin_memory=on_cuda)
             t, n = time.perf_counter(), 0
             for b in loader:
-                b["image"].to("cuda", non_blocking=True)
+                b["image"].to(device, non_blocking=True)
                 n += b["image"].shape[0]
-            torch.cuda.synchronize()
-            rows.append({"workers": workers, "images_per_s": n / (time.perf_counter() - t)})
+            if on_cuda:
+                torch.cuda.synchronize()
+            rows.append({"workers": workers, "images": n, "images_per_s": n / (time.perf_counter() - t)})
     return rows
 
 

@@ -276,3 +276,41 @@ def test_warming_compiles_only_the_compiled_rows_and_lists_those_that_succeeded(
     assert seen == [(r, 1) for r in compiled]  # one step each, in PLAN order, eager rows left out
     listed = json.loads((tmp_path / "gpu_bench_warm.json").read_text())
     assert listed == [gpu_plan.row_key(r) for r in compiled if r != compiled[1]]
+
+
+def test_the_decathlon_and_loading_rows_run_their_real_model_and_data_on_a_cpu(monkeypatch):
+    """The bench's Decathlon rows (never yet reached on a GPU) on the CPU, at batch 2: the real
+    WRN-28-4 MTAN, one domain per step in turn, in bf16 + channels-last (the fp32 row is the
+    same code without both), and the JPEG loading row; only the CUDA-event timer is replaced by
+    a host-side loop."""
+    import time
+
+    import decathlon_throughput
+    import gpu_bench
+
+    asked = []
+    real_build = decathlon_throughput.build_model
+
+    def recording_build(*args):
+        attention, net, tasks = real_build(*args)
+        forward = net.forward
+        net.forward = lambda x, tasks=None: asked.append(tasks) or forward(x, tasks=tasks)
+        return attention, net, tasks
+
+    def cpu_timed(step, steps, warmup):
+        t = time.perf_counter()
+        losses = [v for i in range(warmup + steps) for v in step(i)]
+        ms = (time.perf_counter() - t) * 1e3 / (warmup + steps)
+        return {"ms": ms, "ms_min": ms, "ms_max": ms, "peak_gb": 0.0, "peak_gb_warmup": 0.0,
+                "loss_finite": all(bool(torch.isfinite(v)) for v in losses)}
+
+    monkeypatch.setattr(decathlon_throughput, "build_model", recording_build)
+    monkeypatch.setattr(gpu_bench, "timed", cpu_timed)
+    row = gpu_bench.decathlon_row("bf16", True, steps=1, batch=2, device="cpu")
+    assert row["loss_finite"] and row["images_per_s"] == pytest.approx(2 / (row["ms"] / 1e3))
+    from mtlkit.plugins.decathlon.domains import DOMAINS
+
+    assert asked == [[d] for d in list(dict(DOMAINS))[:4]]  # 3 warm-up steps and one timed, a domain each
+    rows = gpu_bench.loading_rows(images=40, device="cpu")
+    assert [r["workers"] for r in rows] == [0]  # the engine's CPU default is 0 workers
+    assert rows[0]["images"] == 40 and rows[0]["images_per_s"] > 0
