@@ -65,7 +65,7 @@ def test_rows_that_compile_are_known_and_warm_caches_let_the_unmeasured_rows_fit
     # peaks about 10 s: with warm caches the rows through Split Wide and the Decathlon block fit
     script = (BENCH / "gpu_check.sh").read_text()
     t1 = int(re.search(r"LIMIT=\$\(left (\d+)\)", script).group(1))
-    t2 = int(re.search(r"--first 12 \\\n\s+--budget \"\$\(\( \$\(left (\d+)\)", script).group(1))
+    t2 = int(re.search(r"--rows all \\\n\s+--budget \"\$\(\( \$\(left (\d+)\)", script).group(1))
     through_decathlon = plan[:[r[0] for r in plan].index("Split Wide SegNet") + 2]
     need = sum(gpu_plan.expected_seconds(r, warm) for r in through_decathlon) + gpu_plan.EXPECTED_SECONDS["decathlon"]
     assert need <= t2 - 15 - (t1 + 20) - 10
