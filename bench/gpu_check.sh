@@ -43,8 +43,10 @@ run_tests() {  # LIMIT NAME ARGS...: OUT_DIR/NAME.xml, the whole output in OUT_D
         --junitxml="$OUT_DIR/$name.xml" "$@" >"$OUT_DIR/$name.log" 2>&1
 }
 
-# phase 1: the shards side by side; without a plan (collection failed), every gpu test in one
-rm -f "$OUT_DIR"/gpu_tests_shard*
+# phase 1: the shards side by side; without a plan (collection failed), every gpu test in one.
+# Nothing of an earlier run in OUT_DIR may pass for this one's.
+rm -f "$OUT_DIR"/gpu_tests_shard* "$OUT_DIR"/gpu_bench.json "$OUT_DIR"/gpu_bench.md \
+    "$OUT_DIR"/gpu_bench_warm.json
 if ! $PY bench/gpu_shards.py --shards "$SHARDS" --first bench/gpu_first.txt --out "$OUT_DIR" \
         >"$OUT_DIR/gpu_shards.log" 2>&1; then
     tail -5 "$OUT_DIR/gpu_shards.log"
@@ -58,8 +60,7 @@ for plan in "$OUT_DIR"/gpu_tests_shard*.txt; do
     SHARD_PIDS+=($!)
 done
 # beside them, the bench's compiled rows compile once, untimed, into inductor's on-disk caches
-# (the timed run then spends seconds, not minutes, on each); stopped when the tests end
-rm -f "$OUT_DIR/gpu_bench_warm.json"
+# (so that the timed run need not compile from nothing); stopped when the tests end
 timeout -k 10 "$LIMIT" $PY bench/gpu_bench.py --out "$OUT_DIR" --warm >"$OUT_DIR/bench_warm.log" 2>&1 &
 WARM_PID=$!
 wait "${SHARD_PIDS[@]}"

@@ -195,6 +195,9 @@ def test_gpu_check_script_runs_every_gpu_test_in_its_shards_and_reports_without_
     import subprocess
 
     env = {**os.environ, "GPU_SHARDS": "2", "PYTHON": sys.executable}
+    stale = {"gpu": "an earlier run's", "rows": [{"model": "MTAN SegNet", "ms": 1.0}]}
+    (tmp_path / "gpu_bench.json").write_text(json.dumps(stale))  # must not pass for this run's
+    (tmp_path / "gpu_tests_shard7.txt").write_text("tests/test_gpu.py::test_gone\n")
     res = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -206,7 +209,9 @@ def test_gpu_check_script_runs_every_gpu_test_in_its_shards_and_reports_without_
     assert set(nodes) == {line for line in collected.stdout.splitlines() if "::" in line}
     first = [line for line in (BENCH / "gpu_first.txt").read_text().splitlines() if line and line[0] != "#"]
     assert [p.read_text().splitlines()[0] for p in plans] == first[:2]
-    report = json.loads((tmp_path / "gpu_bench.json").read_text())["tests"]
+    res = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert res["gpu"] == "?" and res["rows"] == []  # the bench failed here: no rows, none stale
+    report = res["tests"]
     assert report["skipped"] == len(nodes) and report["not_run"] == [] and report["failed"] == 0
     assert f"0 passed, 0 failed, {len(nodes)} skipped" in (tmp_path / "gpu_bench.md").read_text()
 
