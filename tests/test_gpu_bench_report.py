@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,8 +133,6 @@ def test_the_tests_gpu_check_runs_first_exist():
 def test_the_profile_ranks_ops_by_their_own_time_and_leaves_annotations_out(tmp_path):
     """bench/gpu_profile.py on the CPU at a tiny size: per-step op times ranked, shares of the
     total that add up to at most 1; device-timeline annotations are not kernels."""
-    import json
-
     import gpu_profile
 
     assert gpu_profile.is_annotation("Optimizer.step#Adam.step")
@@ -190,9 +191,6 @@ def test_shards_take_the_first_tests_first_and_balance_the_expected_seconds():
 def test_gpu_check_script_runs_every_gpu_test_in_its_shards_and_reports_without_a_gpu(tmp_path):
     """bench/gpu_check.sh end to end on a CPU: every gpu test planned into a shard, each shard run
     (skipped here: no CUDA), the bench's failure survived, the report written with every test."""
-    import json
-    import os
-    import subprocess
 
     env = {**os.environ, "GPU_SHARDS": "2", "PYTHON": sys.executable}
     stale = {"gpu": "an earlier run's", "rows": [{"model": "MTAN SegNet", "ms": 1.0}]}
@@ -219,8 +217,6 @@ def test_gpu_check_script_runs_every_gpu_test_in_its_shards_and_reports_without_
 def test_the_bench_skips_rows_whose_expected_seconds_do_not_fit_and_counts_warm_caches(tmp_path, monkeypatch):
     """gpu_bench.main with the measuring stubbed (no CUDA here): which rows run, in PLAN order,
     is decided by their expected seconds against --budget; a row warmed by --warm expects less."""
-    import json
-
     import gpu_bench
 
     clock, warm, measured = [0.0], set(), []
@@ -261,8 +257,6 @@ def test_the_bench_skips_rows_whose_expected_seconds_do_not_fit_and_counts_warm_
 
 
 def test_warming_compiles_only_the_compiled_rows_and_lists_those_that_succeeded(tmp_path, monkeypatch):
-    import json
-
     import gpu_bench
 
     plan = gpu_plan.PLAN[:12]
