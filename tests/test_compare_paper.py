@@ -55,7 +55,8 @@ def test_recipes_quoting_numbers_name_their_protocol(name):
 
 @pytest.mark.parametrize("name, table_score", [("decathlon/mtan", 2941), ("mtan_decathlon", 2941),
                                                ("decathlon/scratch_resnet26", 1625),
-                                               ("decathlon/series_adapters", 2118)])
+                                               ("decathlon/series_adapters", 2118),
+                                               ("decathlon/feature_resnet26", 544)])
 def test_quoted_decathlon_accuracies_give_the_tables_score(name, table_score):
     # the paper's Score column, from its rounded accuracies: within a few points
     from mtlkit.plugins.decathlon.score import decathlon_score

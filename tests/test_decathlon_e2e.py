@@ -269,3 +269,50 @@ def test_compare_shows_per_domain_accuracy_mean_and_score(mtan_run, tmp_path, ca
     assert float(row[header.index("score")]) == pytest.approx(decathlon_score(acc), abs=0.5)
     md = (tmp_path / "table.md").read_text()
     assert "| mean | score |" in md and "real data only" in md
+
+
+def test_submit_notes_what_the_server_will_miss(mtan_run, tmp_path, capsys):
+    """The run predicts 3 of the ten domains on 4-image test splits: the notes name the 7
+    domains the server will score 0 and each domain whose count is not the release's."""
+    from mtlkit.plugins.decathlon.domains import TEST_SIZES
+
+    assert main(["decathlon", "submit", str(mtan_run), "--out", str(tmp_path / "sub.zip")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wrote {4 * len(RUN_DOMAINS)} predictions ({len(RUN_DOMAINS)} domains) to {tmp_path / 'sub.zip'}"
+    notes = [line for line in lines if line.startswith("note: ")]
+    missing = [d for d in DOMAINS if d not in RUN_DOMAINS]
+    assert notes[0] == f"note: no predictions for 7 of the ten domains ({', '.join(missing)}): the server scores them 0"
+    assert notes[1:] == [f"note: {d}: 4 predictions, the release's test split has {TEST_SIZES[d]} images"
+                         for d in RUN_DOMAINS]
+
+
+def test_submit_refuses_a_run_on_an_imagefolder_copy_whose_ids_are_not_the_servers(written, tmp_path, capsys):
+    """A run trained on an ImageFolder copy of the same images: that layout's image ids are
+    file positions, so a submission from it would score nothing; submit says so in one line
+    naming the domain, exits non-zero and writes no zip."""
+    import shutil
+
+    from mtlkit.plugins.decathlon.dataset import DecathlonDataset, DecathlonParams
+
+    copy = tmp_path / "imagefolder"
+    for domain in RUN_DOMAINS:
+        for split in ("train", "val", "test"):
+            ds = DecathlonDataset(DecathlonParams(root=str(written), domain=domain), split=split)
+            for path, label in zip(ds.paths, ds.labels):
+                dst = copy / domain / split / ("" if label < 0 else str(label)) / path.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, dst)
+    recipe = tmp_path / "tiny_imagefolder.toml"
+    tasks = "".join(_task_toml(d, n, copy).replace("pad = 2", 'pad = 2, layout = "imagefolder"')
+                    for d, n in RUN_DOMAINS.items())
+    recipe.write_text('name = "tiny_imagefolder"\n\n[model.backbone]\nname = "wrn"\n'
+                      'params = { depth = 10, widen_factor = 1 }\n\n[model.attention]\nname = "split"\n\n'
+                      + tasks + COMMON)
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--quiet", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "sub.zip"
+    assert main(["decathlon", "submit", str(run), "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "domain 'svhn'" in err[0] and "ImageFolder" in err[0] and "official layout" in err[0], err
+    assert sorted(tmp_path.iterdir()) == sorted([copy, recipe, run])  # no zip, no temp file

@@ -8,17 +8,33 @@ import zipfile
 import pytest
 
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.plugins.decathlon.domains import DOMAINS, default_category_offsets
+from mtlkit.plugins.decathlon.domains import DOMAINS, TEST_SIZES, default_category_offsets
 from mtlkit.plugins.decathlon.score import BASELINE_ACCURACY, decathlon_score, domain_score, domain_scores
 from mtlkit.plugins.decathlon.submission import write_submission
 
 
-def test_domains_and_class_counts():
+# decathlon.md's "Domains (10)" sentence as written there: test split size (classes).
+REFERENCE_DOMAINS = ("aircraft 3333 (100), cifar100 10000 (100), daimlerpedcls 19600 (2), dtd 1880 (47), "
+                     "gtsrb 12630 (43), imagenet12 48238 (1000), omniglot 8115 (1623), svhn 26032 (10), "
+                     "ucf101 3783 (101), vgg-flowers 6149 (102)")
+# decathlon.md's baseline top-1 accuracies (the paper's "Finetune" row), in its own order.
+REFERENCE_BASELINE = ("imagenet12 59.87, aircraft 60.34, cifar100 82.12, daimlerpedcls 92.82, dtd 55.53, "
+                      "gtsrb 97.53, vgg-flowers 81.41, omniglot 87.69, svhn 96.55, ucf101 51.20")
+
+
+def test_domains_class_counts_and_test_sizes_are_the_references():
     assert list(DOMAINS) == ["aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "imagenet12",
                              "omniglot", "svhn", "ucf101", "vgg-flowers"]
-    assert DOMAINS["omniglot"] == 1623 and DOMAINS["imagenet12"] == 1000 and sum(DOMAINS.values()) == 3128
+    parsed = [item.split() for item in REFERENCE_DOMAINS.split(", ")]
+    assert DOMAINS == {name: int(classes.strip("()")) for name, _, classes in parsed}
+    assert TEST_SIZES == {name: int(size) for name, size, _ in parsed}
+    assert sum(DOMAINS.values()) == 3128
     offsets = default_category_offsets()
     assert offsets["aircraft"] == 10000001 and offsets["vgg-flowers"] == 100000001
+
+
+def test_baseline_accuracies_are_the_references():
+    assert BASELINE_ACCURACY == {name: float(acc) for name, acc in (i.split() for i in REFERENCE_BASELINE.split(", "))}
 
 
 def test_baseline_scores_250_per_domain_and_2500_in_all():
@@ -93,3 +109,13 @@ def test_write_submission_refuses_bad_predictions(tmp_path):
     with pytest.raises(DataError, match="predicted twice"):
         write_submission({"svhn": [(1, 1), (1, 2)]}, None, out)
     assert not out.exists()
+
+
+def test_coverage_gaps_name_missing_domains_and_short_test_splits():
+    from mtlkit.plugins.decathlon.submission import coverage_gaps
+
+    assert coverage_gaps(dict(TEST_SIZES)) == []  # all ten domains, every test image
+    counts = {d: n for d, n in TEST_SIZES.items() if d != "dtd"}
+    counts["svhn"] -= 1
+    assert coverage_gaps(counts) == ["no predictions for 1 of the ten domains (dtd): the server scores them 0",
+                                     "svhn: 26031 predictions, the release's test split has 26032 images"]

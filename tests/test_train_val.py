@@ -92,7 +92,7 @@ def test_a_train_val_run_trains_on_both_splits_and_submits_its_last_checkpoint(t
     assert results["best"] is None and results["final"] is None  # best_metric has nothing to select by
     assert not (run / "checkpoints" / "best.json").exists()
     # the submission takes the last checkpoint; the shared BatchNorm is recomputed on train+val
-    n = submit_run(run, tmp_path / "sub.zip")
+    n = sum(submit_run(run, tmp_path / "sub.zip").values())
     assert n == 2 * N  # the test splits (n images each)
     with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
         assert len(json.loads(zf.read("results.json"))) == n

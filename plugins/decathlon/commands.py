@@ -34,12 +34,14 @@ def _configure_submit(p) -> None:
 def submit_command(args) -> int:
     from mtlkit.rundir import check_run_dir
 
-    from .submission import submit_run
+    from .submission import coverage_gaps, submit_run
 
     run = check_run_dir(Path(args.run))
     out = Path(args.out) if args.out else run / "submission.zip"
-    n = submit_run(run, out, checkpoint=args.checkpoint)
-    print(f"wrote {n} predictions to {out}")
+    counts = submit_run(run, out, checkpoint=args.checkpoint)
+    print(f"wrote {sum(counts.values())} predictions ({len(counts)} domains) to {out}")
+    for gap in coverage_gaps(counts):  # written all the same: the notes say what the server will miss
+        print(f"note: {gap}")
     return 0
 
 

@@ -10,7 +10,8 @@ Layouts (``layout``):
 - ``"imagefolder"``: ``root/<domain>/<split>/<class>/*.jpg``. Classes are the train split's
   class folders (sorted numerically if all names are integers, else by name) so that every
   split shares one class order; a test split may be flat (no class folders, no labels).
-  Image ids are positions in the sorted file list.
+  Image ids are positions in the sorted file list: they are not the test server's ids,
+  so a submission needs the official layout.
 
 Preprocessing (``augmentation``, see :mod:`.geometry`): every image is decoded once to
 RGB with its short side resized to ``image_size`` (72, the release's size); the network
@@ -252,6 +253,8 @@ class DecathlonDataset(Dataset):
         self.paths: list[Path] = index["paths"]
         self.labels: list[int] = index["labels"]
         self.image_ids: list[int] = index["ids"]
+        # only the official annotations carry the ids the test server scores submissions by
+        self.server_image_ids: bool = params.layout == "official"
         self.category_offset: int = index["offset"]
         self.num_classes: int = index["num_classes"]
         self.class_names: list[str] = index["class_names"]

@@ -15,7 +15,7 @@ from mtlkit.errors import ConfigError, DataError, did_you_mean
 from mtlkit.atomic import atomic_write
 from mtlkit.hookspecs import hookimpl
 
-from .domains import DOMAINS, default_category_offsets
+from .domains import DOMAINS, TEST_SIZES, default_category_offsets
 
 SUBMISSION_MEMBER = "results.json"
 
@@ -101,8 +101,14 @@ def split_predictions(run, split: str = "test") -> tuple[dict[str, list[tuple[in
     cfg = resolve(recipe.training, torch.device("cpu"))  # predictions run on the CPU
     bns = domain_bn_layers(run.model, cfg, dict.fromkeys(recipe.tasks))
     predictions, offsets = {}, {}
+    datasets = {domain: run.dataset(domain, split) for domain in recipe.tasks}
+    for domain, data in datasets.items():
+        if getattr(data, "server_image_ids", True) is False:
+            raise ConfigError(f"domain '{domain}': {getattr(data, 'source', 'its data')} is an ImageFolder copy, "
+                              "whose image ids are file positions, not the test server's: a submission needs the "
+                              "official layout (annotations/<domain>_test_stripped.json)")
     for domain, task in recipe.tasks.items():
-        data = run.dataset(domain, split)
+        data = datasets[domain]
         train = run.dataset(domain, training_split(recipe, task.data)) if bns else None
         dataset_domain = getattr(data, "domain", domain)
         with domain_statistics(run.model, bns, domain, train, run.tasks, cfg, DistContext()):
@@ -119,14 +125,30 @@ def write_results(run, split: str, out_dir: Path) -> list[Path]:
     return [write_submission(predictions, offsets, Path(out_dir) / "submission.zip")]
 
 
-def submit_run(run: Path, out: Path, checkpoint: str = "best") -> int:
+def submit_run(run: Path, out: Path, checkpoint: str = "best") -> dict[str, int]:
     """Predict the test split of every domain of the run's recipe with its ``checkpoint``
-    (``best``, else ``last``) and write the submission zip ``out``; returns the count."""
+    (``best``, else ``last``) and write the submission zip ``out``; returns the number of
+    predictions per domain."""
     from mtlkit.loaded_run import load_run
 
     predictions, offsets = split_predictions(load_run(run, checkpoint), "test")
     write_submission(predictions, offsets, out)
-    return sum(len(v) for v in predictions.values())
+    return {domain: len(rows) for domain, rows in predictions.items()}
+
+
+def coverage_gaps(counts: Mapping[str, int]) -> list[str]:
+    """Why a submission with ``counts`` (domain -> test predictions) is not the whole test set
+    the server scores: the Decathlon score sums all ten domains, each over its full test split
+    (the release's sizes, ``TEST_SIZES``). Empty when it is complete."""
+    gaps = []
+    missing = [d for d in DOMAINS if d not in counts]
+    if missing:
+        gaps.append(f"no predictions for {len(missing)} of the ten domains ({', '.join(missing)}): "
+                    "the server scores them 0")
+    for domain, n in counts.items():
+        if domain in TEST_SIZES and n != TEST_SIZES[domain]:
+            gaps.append(f"{domain}: {n} predictions, the release's test split has {TEST_SIZES[domain]} images")
+    return gaps
 
 
 class _DomainView:
