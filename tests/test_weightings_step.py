@@ -198,10 +198,11 @@ def test_auto_lambda_hypergradient_on_quadratic_losses():
     model = Quadratic()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01)
     w = build("auto_lambda", {"lr": 0.05})
+    drawn = []
     theta = model.theta.detach().clone()
     losses = quad_losses(model, train)
     ctx = SimpleNamespace(raw_model=model, optimizer=opt, losses=losses, batch=train, dist=DistContext(),
-                          draw_batch=lambda split: val, losses_on=lambda batch: quad_losses(model, batch),
+                          draw_batch=lambda split: drawn.append(split) or val, losses_on=lambda batch: quad_losses(model, batch),
                           backward_loss=lambda loss: loss.backward(), present_tasks=lambda **kw: ["a", "b"])
     grad = w.meta_gradient(ctx)
     # closed form: theta' = theta - a (g + wd theta); dL_val(theta')/dlambda_k = -a grad L_k(theta) . grad L_val(theta')
@@ -212,6 +213,9 @@ def test_auto_lambda_hypergradient_on_quadratic_losses():
     expected = torch.stack([-0.1 * gk[t] @ d for t in "ab"])
     assert torch.allclose(grad.float(), expected, rtol=1e-3, atol=1e-6)
     assert torch.equal(model.theta.detach(), theta)  # the parameters are back
+    # by default the meta batch is another training batch (the authors' dense-prediction code),
+    # never the split the trainer evaluates on
+    assert drawn == ["train"]
     # the step: one Adam step on lambda, then the model's gradient of sum lambda_k L_k
     w.backward(ctx)
     lam = w.lambdas.clone()

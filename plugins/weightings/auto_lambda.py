@@ -7,7 +7,9 @@ validation loss after one virtual training step. Each step, before the model's u
   1. virtual step: theta' = theta - a (m + g + wd theta), g = grad_theta sum_k lambda_k L_k on
      the training batch, a the optimiser's current learning rate, wd its weight decay, m
      SGD's momentum buffer times the momentum (0 for other optimisers);
-  2. d = grad_theta' of the primary tasks' loss on a validation batch (``ctx.draw_batch``);
+  2. d = grad_theta' of the primary tasks' loss on a meta batch (``ctx.draw_batch``): by
+     default another draw from the training data, as in the authors' dense-prediction code
+     (``split = "val"`` draws from the evaluation split instead);
   3. the hypergradient of that loss in lambda, -a grad^2_{lambda,theta} L_train . d, by central
      differences: -a (L_k(theta + e d) - L_k(theta - e d)) / (2 e), e = 0.01 / |d|;
   4. one Adam step on lambda (learning rate ``lr``, 1e-4 as in the authors' dense-prediction
@@ -54,7 +56,10 @@ class AutoLambdaParams(Params):
     init: float = Field(0.1, gt=0)  # lambda at the start
     lr: float = Field(1e-4, gt=0)  # Adam's learning rate for lambda
     primary: list[str] | None = None  # tasks of the validation objective (None: all)
-    split: Literal["val", "train"] = "val"  # where the meta batch is drawn from
+    # where the meta batch is drawn from. "train" (the authors' dense-prediction code: a copy of
+    # the training loader in another order): the trainer's val split is the split it evaluates
+    # on (NYUv2's is the test set), so "val" learns the weights on the data they are scored on
+    split: Literal["train", "val"] = "train"
 
 
 def _flat(grads, params, dist):
