@@ -197,5 +197,5 @@ def register_weightings(register):
         "auto_lambda",
         AutoLambda,
         params=AutoLambdaParams,
-        description="Auto-Lambda (Liu et al. 2022): task weights learned on the validation loss after a virtual step",
+        description="Auto-Lambda (Liu et al. 2022): task weights learned on a meta batch's loss after a virtual step",
     )
