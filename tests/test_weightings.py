@@ -144,7 +144,7 @@ def dwa_expected(history, epoch, tasks, temperature=2.0):
 
 
 def test_dwa_weights_by_hand_for_two_tasks():
-    w = build("dwa", {"temperature": 2.0})
+    w = build("dwa")  # the default temperature is the paper's T = 2 (the hand values below use it)
     seen = []
     for epoch in range(4):
         w.on_epoch_start(epoch)
