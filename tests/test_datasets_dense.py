@@ -211,11 +211,16 @@ def test_cityscapes_label_sets(tmp_path):
 
 def test_cityscapes_reads_the_releases_own_two_class_labels(tmp_path):
     write_cs(tmp_path)
-    for i in range(3):  # labels the mapping could never give: a checkerboard of 0/1 with a void corner
-        l2 = (np.indices((H, W)).sum(0) % 2).astype(np.float32)
-        l2[0, 0] = -1
-        (tmp_path / "train" / "label_2").mkdir(exist_ok=True)
+    # labels the mapping could never give: a checkerboard of 0/1 with a void corner
+    l2 = (np.indices((H, W)).sum(0) % 2).astype(np.float32)
+    l2[0, 0] = -1
+    (tmp_path / "train" / "label_2").mkdir()
+    np.save(tmp_path / "train" / "label_2" / "0.npy", l2)
+    with pytest.raises(DataError, match="label_2/1.npy' is missing"):  # checked when built
+        cs(tmp_path, num_classes=2)
+    for i in range(3):
         np.save(tmp_path / "train" / "label_2" / f"{i}.npy", l2)
+    for i in range(3):
         np.testing.assert_array_equal(cs(tmp_path, num_classes=2)[i]["segmentation"].numpy(), l2.astype(int))
     np.testing.assert_array_equal(cs(tmp_path)[0]["segmentation"].numpy(),  # 7 classes: label_7 as before
                                   np.load(tmp_path / "train" / "label_7" / "0.npy").astype(int))

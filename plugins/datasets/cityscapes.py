@@ -35,6 +35,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from mtlkit.hookspecs import hookimpl
+from mtlkit.plugins.datasets._npy_checks import is_dir
 from mtlkit.plugins.datasets.nyuv2 import DenseNpyDataset
 from mtlkit.registry import Params
 
@@ -74,12 +75,16 @@ class CityScapes(DenseNpyDataset):
     name = "cityscapes"
 
     def __init__(self, params: CityScapesParams, split: str = "train") -> None:
-        label_folder = "label_19" if params.num_classes == 19 else "label_7"
-        self.folders = {"segmentation": label_folder, "depth": "depth"}
         self.depth_scale_power = -1.0 if params.reference_disparity_scaling else 1.0
-        super().__init__(params, split)
+        self.folders = {"segmentation": "label_19" if params.num_classes == 19 else "label_7", "depth": "depth"}
+        super().__init__(params, split)  # calls choose_folders once the split folder is known
+
+    def choose_folders(self, split_dir: Path) -> None:
+        """The label folder for ``num_classes``, chosen before the folders' files are checked."""
         # the release's own 2-class labels win over mtlkit's mapping (see the module docstring)
-        self.release_two_class = params.num_classes == 2 and (self.split_dir / "label_2").is_dir()
+        self.release_two_class = self.num_classes == 2 and is_dir(split_dir / "label_2")
+        if self.release_two_class:
+            self.folders = {**self.folders, "segmentation": "label_2"}
 
     @property
     def class_names(self) -> list[str]:

@@ -9,10 +9,12 @@ image H x W x 3 float in [0, 1]; label H x W (integer values, stored as int or f
 Samples: ``image`` 3HW float32, ``segmentation`` HW int64, ``depth`` 1HW float32,
 ``normal`` 3HW float32; only the targets listed in ``targets`` are loaded.
 
-Validation: the folders and the one-to-one match of index files are checked when the data
-set is built (a missing ``label/7.npy`` next to ``image/7.npy`` is reported then); array
-shapes, dtypes and values are checked as each sample is loaded. Every problem is a
-:class:`~mtlkit.errors.DataError` naming the file.
+Validation: when the data set is built, the folders, the one-to-one match of index files
+(a missing ``label/7.npy`` next to ``image/7.npy``, or an extra ``label/9.npy``, is reported
+then) and, from the .npy headers only, that all images are H x W x 3 floats of one size.
+As each sample is loaded: shapes, dtypes and values (images in [0, 1], finite in float32,
+labels in [-1, C), depth >= 0, normals of unit length or the zero vector). Every problem is
+a :class:`~mtlkit.errors.DataError` naming the file or folder (see :mod:`._npy_checks`).
 
 Augmentation (``augment=True``, meant for training), as in the MTAN facts: a scale s drawn
 from {1.0, 1.2, 1.5}; a random int(H/s) x int(W/s) window resized back to H x W (bilinear,
@@ -26,8 +28,6 @@ per DataLoader worker and epoch by torch); with an integer ``seed``, sample ``i`
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,11 +42,14 @@ from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
+from ._npy_checks import (
+    check_image_headers, check_unit_normals, is_dir, list_indices, load_npy, to_float32,
+)
+
 SCALES = (1.0, 1.2, 1.5)
 # The 13-class NYUv2 labels (class 0 "void" of the 13-class release is -1 here), in label order.
 THIRTEEN_CLASS_NAMES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa",
                         "table", "tv", "wall", "window")
-_INDEX_FILE = re.compile(r"^(\d+)\.npy$")
 
 
 class NYUv2Params(Params):
@@ -70,19 +73,6 @@ class NYUv2Params(Params):
         return v
 
 
-def list_indices(folder: Path) -> set[int]:
-    return {int(m.group(1)) for name in os.listdir(folder) if (m := _INDEX_FILE.match(name))}
-
-
-def load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file is missing") from None
-    except Exception as exc:  # truncated file, pickled object, not an .npy at all
-        raise DataError(f"{path}: cannot read as .npy ({type(exc).__name__}: {exc})") from None
-
-
 class DenseNpyDataset(Dataset):
     """Shared loader for the one-to-many .npy releases (NYUv2, CityScapes).
 
@@ -101,18 +91,19 @@ class DenseNpyDataset(Dataset):
         self.num_classes = params.num_classes
         self.epoch = 0
         root = Path(params.root).expanduser()
-        if not root.is_dir():
+        if not is_dir(root):
             kinds = ",".join(["image", *(self.folders[t] for t in self.targets)])
             layout = f"{{train,val}}/{{{kinds}}}/{{i}}.npy"
             raise DataError(f"{self.name}: root folder '{root}' does not exist (expected {root}/{layout})")
         split_dir = root / split
-        if split == "test" and not split_dir.is_dir():
+        if split == "test" and not is_dir(split_dir):
             split_dir = root / "val"  # the releases ship no test split; papers report val
-        if not split_dir.is_dir():
+        if not is_dir(split_dir):
             raise DataError(f"{self.name}: split folder '{split_dir}' does not exist")
         self.split_dir = split_dir
+        self.choose_folders(split_dir)
         image_dir = split_dir / "image"
-        if not image_dir.is_dir():
+        if not is_dir(image_dir):
             raise DataError(f"{self.name}: folder '{image_dir}' does not exist")
         indices = list_indices(image_dir)
         if not indices:
@@ -123,14 +114,23 @@ class DenseNpyDataset(Dataset):
             raise DataError(f"{self.name}: '{image_dir / f'{missing[0]}.npy'}' is missing (indices must run 0..{n - 1})")
         for target in self.targets:
             folder = split_dir / self.folders[target]
-            if not folder.is_dir():
+            if not is_dir(folder):
                 raise DataError(f"{self.name}: folder '{folder}' (target '{target}') does not exist")
-            absent = sorted(set(range(n)) - list_indices(folder))
+            found = list_indices(folder)
+            absent = sorted(set(range(n)) - found)
             if absent:
                 raise DataError(
                     f"{self.name}: '{folder / f'{absent[0]}.npy'}' is missing (image/{absent[0]}.npy exists)"
                 )
+            extra = sorted(found - indices)
+            if extra:
+                raise DataError(f"{self.name}: '{folder / f'{extra[0]}.npy'}' has no image/{extra[0]}.npy "
+                                f"(folder '{folder}' holds {len(extra)} extra file(s); image/ holds 0..{n - 1})")
+        self.image_hw = check_image_headers([image_dir / f"{i}.npy" for i in range(n)])
         self.length = n if params.limit is None else min(n, params.limit)
+
+    def choose_folders(self, split_dir: Path) -> None:
+        """Hook: set ``self.folders`` from what ``split_dir`` holds (before the folders are checked)."""
 
     def __len__(self) -> int:
         return self.length
@@ -150,9 +150,12 @@ class DenseNpyDataset(Dataset):
             raise DataError(f"{path}: image must be H x W x 3, got shape {a.shape}")
         if not np.issubdtype(a.dtype, np.floating):
             raise DataError(f"{path}: image must be float in [0, 1], got dtype {a.dtype}")
-        if not np.isfinite(a).all():
-            raise DataError(f"{path}: image holds NaN or Inf")
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
+        a = to_float32(a, path, "image")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            hint = " (stored as 0..255? divide by 255)" if hi > 2 else ""
+            raise DataError(f"{path}: image must be float in [0, 1], found values in [{lo:.4g}, {hi:.4g}]{hint}")
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
     def read_label(self, folder: str, index: int, hw: tuple[int, int], num_classes: int | None = None) -> Tensor:
         path = self.path(folder, index)
@@ -165,11 +168,10 @@ class DenseNpyDataset(Dataset):
                 raise DataError(f"{path}: label holds non-integer values")
         elif not np.issubdtype(a.dtype, np.integer):
             raise DataError(f"{path}: label must hold integers, got dtype {a.dtype}")
-        a = a.astype(np.int64)
-        lo, hi = int(a.min()), int(a.max())
+        lo, hi = a.min(), a.max()  # checked before the cast: huge values would wrap in int64
         if lo < -1 or hi >= c:
-            raise DataError(f"{path}: label values must lie in [-1, {c}), found [{lo}, {hi}]")
-        return torch.from_numpy(a)
+            raise DataError(f"{path}: label values must lie in [-1, {c}), found [{lo:g}, {hi:g}]")
+        return torch.from_numpy(a.astype(np.int64))
 
     def read_depth(self, folder: str, index: int, hw: tuple[int, int]) -> Tensor:
         path = self.path(folder, index)
@@ -180,9 +182,10 @@ class DenseNpyDataset(Dataset):
             raise DataError(f"{path}: depth must be H x W (or H x W x 1) with H x W = {hw}, got shape {a.shape}")
         if not np.issubdtype(a.dtype, np.floating):
             raise DataError(f"{path}: depth must be float, got dtype {a.dtype}")
-        if not np.isfinite(a).all() or (a < 0).any():
-            raise DataError(f"{path}: depth holds NaN, Inf or negative values (use 0 for invalid)")
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
+        a = to_float32(a, path, "depth")
+        if (a < 0).any():
+            raise DataError(f"{path}: depth holds negative values (use 0 for invalid)")
+        return torch.from_numpy(np.ascontiguousarray(a))[None]
 
     def read_normal(self, folder: str, index: int, hw: tuple[int, int]) -> Tensor:
         path = self.path(folder, index)
@@ -191,9 +194,11 @@ class DenseNpyDataset(Dataset):
             raise DataError(f"{path}: normal must be H x W x 3 with H x W = {hw}, got shape {a.shape}")
         if not np.issubdtype(a.dtype, np.floating):
             raise DataError(f"{path}: normal must be float, got dtype {a.dtype}")
-        if not np.isfinite(a).all() or np.abs(a).max() > 1.0 + 1e-3:
-            raise DataError(f"{path}: normal holds NaN/Inf or components outside [-1, 1]")
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
+        a = to_float32(a, path, "normal")
+        if np.abs(a).max() > 1.0 + 1e-3:
+            raise DataError(f"{path}: normal holds components outside [-1, 1]")
+        check_unit_normals(a, path)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
     def read_target(self, target: str, index: int, hw: tuple[int, int]) -> Tensor:
         folder = self.folders[target]
