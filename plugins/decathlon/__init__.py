@@ -3,6 +3,7 @@
 - :mod:`.domains`: the ten domains, their class counts and official category ids;
 - :mod:`.score`: the Decathlon score;
 - :mod:`.dataset`: the ``decathlon`` data set (official release or ImageFolder layout);
+- :mod:`.annotations`: the official release's COCO-style annotation files, read and checked;
 - :mod:`.synthetic`: the ``synthetic_decathlon`` data set and the official layout writer;
 - :mod:`.stats`, :mod:`.mean_std`: per-domain normalisation statistics;
 - :mod:`.submission`: the test server's submission zip;

@@ -5,8 +5,9 @@ Layouts (``layout``):
 - ``"official"``: ``root/data/<domain>/{train,val,test}/*.jpg`` and COCO-style
   ``root/annotations/<domain>_{train,val}.json`` / ``<domain>_test_stripped.json``. File
   names in the JSON are taken relative to ``root`` (or ``root/data`` if that is where they
-  resolve). Category ids are offset per domain; the loader subtracts the smallest id in the
-  file's ``categories`` (or the official offset when the list is empty).
+  resolve). Category ids are offset per domain; the file's smallest id must be the domain's
+  official offset (else it is another domain's file) and is subtracted. Parsing and its
+  checks live in :mod:`.annotations`.
 - ``"imagefolder"``: ``root/<domain>/<split>/<class>/*.jpg``. Classes are the train split's
   class folders (sorted numerically if all names are integers, else by name) so that every
   split shares one class order; a test split may be flat (no class folders, no labels).
@@ -36,9 +37,7 @@ Samples: ``{"image": 3HW float, "label": long (-1 for the unlabelled test split)
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -51,6 +50,7 @@ from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
+from .annotations import _as_int, _read_json, _relative_file, entries, is_dir, read_official_index  # noqa: F401
 from .domains import DOMAINS, DomainName, category_offset
 from .geometry import augments, centre_crop, decode_image, fit_image, flips, random_crop
 from .stats import load_stats
@@ -88,109 +88,6 @@ class DecathlonParams(Params):
         return self
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: annotation file does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-
-
-def _as_int(value: Any, path: Path, what: str) -> int:
-    """A non-negative integer id. JSON numbers may arrive as floats (1e3, or Infinity/NaN,
-    which Python's json accepts): integral finite ones are taken, anything else is refused
-    here rather than failing later in int() or sorting."""
-    if isinstance(value, bool):
-        value = None
-    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if not isinstance(value, int) or value < 0:
-        raise DataError(f"{path}: {what} {value!r} is not a non-negative integer")
-    return value
-
-
-def _relative_file(name: Any, path: Path, image_id: int) -> str:
-    """An image's file_name, which must stay inside the data root (no absolute path, no '..')."""
-    if not isinstance(name, str) or not name:
-        raise DataError(f"{path}: image {image_id}: file_name {name!r} is not a file name")
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts or (parts and ":" in parts[0]):
-        raise DataError(f"{path}: image {image_id}: file_name '{name}' points outside the data root")
-    return name
-
-
-def read_official_index(root: Path, domain: str, split: str, check_files: bool = True) -> dict[str, Any]:
-    """Parse one split's annotation file: files, labels (-1 if unlabelled), ids, classes."""
-    ann = root / "annotations" / (f"{domain}_test_stripped.json" if split == "test" else f"{domain}_{split}.json")
-    raw = _read_json(ann)
-    if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
-        raise DataError(f"{ann}: expected a COCO-style object with an 'images' list")
-    categories = raw.get("categories") or []
-    if not isinstance(categories, list):
-        raise DataError(f"{ann}: 'categories' must be a list")
-    ids_names = sorted((_as_int(c.get("id") if isinstance(c, dict) else None, ann, f"categories[{i}].id"),
-                        str(c.get("name", i))) for i, c in enumerate(categories))
-    cat_ids = [cid for cid, _ in ids_names]
-    offset = cat_ids[0] if cat_ids else category_offset(domain)
-    num_classes = len(cat_ids) if cat_ids else DOMAINS[domain]
-    class_names = [name for _, name in ids_names]
-    if cat_ids and cat_ids != list(range(offset, offset + num_classes)):
-        raise DataError(f"{ann}: category ids are not consecutive from {offset}")
-
-    files: list[str] = []
-    ids: list[int] = []
-    position: dict[int, int] = {}
-    for i, entry in enumerate(raw["images"]):
-        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
-            raise DataError(f"{ann}: every image needs 'id' and 'file_name'")
-        image_id = _as_int(entry["id"], ann, f"images[{i}].id")
-        if image_id in position:
-            raise DataError(f"{ann}: image id {image_id} listed twice")
-        position[image_id] = len(files)
-        ids.append(image_id)
-        files.append(_relative_file(entry["file_name"], ann, image_id))
-    if not files:
-        raise DataError(f"{ann}: the {split} split lists no images")
-
-    labels = [-1] * len(files)
-    annotations = raw.get("annotations") or []
-    if not isinstance(annotations, list):
-        raise DataError(f"{ann}: 'annotations' must be a list")
-    for i, a in enumerate(annotations):
-        if not isinstance(a, dict):
-            raise DataError(f"{ann}: every annotation must be an object")
-        image_id = _as_int(a.get("image_id"), ann, f"annotations[{i}].image_id")
-        if image_id not in position:
-            raise DataError(f"{ann}: annotation for image id {image_id}, which is not in 'images'")
-        cid = _as_int(a.get("category_id"), ann, f"annotations[{i}].category_id")
-        cls = cid - offset
-        if not 0 <= cls < num_classes:
-            raise DataError(
-                f"{ann}: category id {cid} of image {image_id} is outside domain '{domain}' "
-                f"(ids {offset}..{offset + num_classes - 1})"
-            )
-        labels[position[image_id]] = cls
-    if split != "test":
-        missing = [ids[i] for i, lab in enumerate(labels) if lab < 0]
-        if missing:
-            raise DataError(f"{ann}: image id {missing[0]} has no annotation ({len(missing)} unlabelled)")
-
-    # File names are relative to the release root; accept them relative to root/data too.
-    base = root
-    if not (root / files[0]).is_file() and (root / "data" / files[0]).is_file():
-        base = root / "data"
-    paths = [base / f for f in files]
-    if check_files:
-        for f, p in zip(files, paths):
-            if not p.is_file():
-                raise DataError(f"{ann}: lists '{f}' but {p} is missing")
-    return {"paths": paths, "labels": labels, "ids": ids, "offset": offset,
-            "num_classes": num_classes, "class_names": class_names, "source": ann}
-
-
 def _sorted_names(names: list[str]) -> list[str]:
     if names and all(n.isdigit() for n in names):
         return sorted(names, key=int)
@@ -198,23 +95,23 @@ def _sorted_names(names: list[str]) -> list[str]:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in entries(folder, folders=False) if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_imagefolder_index(root: Path, domain: str, split: str) -> dict[str, Any]:
     folder = root / domain / split
-    if not folder.is_dir():
+    if not is_dir(folder):
         raise DataError(f"{folder}: split folder does not exist (ImageFolder layout root/<domain>/<split>/<class>/)")
     class_ref = root / domain / "train"
-    if not class_ref.is_dir():
+    if not is_dir(class_ref):
         class_ref = folder
-    classes = _sorted_names([p.name for p in class_ref.iterdir() if p.is_dir()])
+    classes = _sorted_names([p.name for p in entries(class_ref, folders=True)])
     if len(classes) > DOMAINS[domain]:
         raise DataError(f"{class_ref}: {len(classes)} class folders, more than domain '{domain}' has ({DOMAINS[domain]})")
     index = {c: i for i, c in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
-    subdirs = _sorted_names([p.name for p in folder.iterdir() if p.is_dir()])
+    subdirs = _sorted_names([p.name for p in entries(folder, folders=True)])
     if subdirs:
         for name in subdirs:
             if name not in index:
@@ -240,7 +137,7 @@ class DecathlonDataset(Dataset):
         if split not in SPLITS:
             raise DataError(f"decathlon: unknown split '{split}' (splits: {', '.join(SPLITS)})")
         root = Path(params.root).expanduser()
-        if not root.is_dir():
+        if not is_dir(root):
             raise DataError(f"{root}: decathlon root folder does not exist (expected the official layout "
                             f"{root}/data/<domain>/{{train,val,test}}/*.jpg with {root}/annotations/"
                             f"<domain>_{{train,val}}.json and <domain>_test_stripped.json)")

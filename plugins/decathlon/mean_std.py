@@ -44,4 +44,8 @@ def compute_mean_std(
         mean = total / pixels
         std = (total_sq / pixels - mean * mean).clamp_min(0).sqrt()
         out[domain] = {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
+        flat = [c for c, v in zip("RGB", out[domain]["std"]) if not v > 0]
+        if flat:  # a stats file refuses std 0: say here which images cause it
+            raise DataError(f"{root}: domain '{domain}': the {split} images do not vary in channel {flat[0]} "
+                            "(std 0), so they cannot be normalised by it")
     return out

@@ -4,6 +4,8 @@ form (``{"domains": {domain: {"mean": [r, g, b], "std": [r, g, b]}}}``)."""
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,6 +34,8 @@ def load_stats(path: str | os.PathLike | None = None) -> dict[str, dict[str, lis
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise DataError(f"{path}: stats file does not exist") from None
+    except RecursionError:
+        raise DataError(f"{path}: not a readable JSON stats file (nested too deeply)") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable JSON stats file ({exc})") from None
     domains = raw.get("domains") if isinstance(raw, dict) else None
@@ -43,25 +47,43 @@ def load_stats(path: str | os.PathLike | None = None) -> dict[str, dict[str, lis
     if placeholder:
         warnings.warn(f"{path}: marked 'placeholder': its mean/std are stand-ins, not the domains' own "
                       "statistics (compute them with compute_mean_std)", UserWarning, stacklevel=2)
-    out: dict[str, dict[str, list[float]]] = {}
-    for name, entry in domains.items():
-        try:
-            mean = [float(v) for v in entry["mean"]]
-            std = [float(v) for v in entry["std"]]
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: domain '{name}' needs 'mean' and 'std' lists of numbers") from None
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise DataError(f"{path}: domain '{name}' needs 3 means and 3 positive stds")
-        out[name] = {"mean": mean, "std": std}
+    return {name: checked_entry(path, name, entry) for name, entry in domains.items()}
+
+
+def checked_entry(path: str | os.PathLike, name: str, entry: object) -> dict[str, list[float]]:
+    """One domain's ``{"mean": [r, g, b], "std": [r, g, b]}``: three finite numbers each, the
+    stds positive (a NaN or Inf would make every input NaN or zero, failing only later in a
+    NaN loss that names no file). Else a DataError naming the file, the domain and the field."""
+    out: dict[str, list[float]] = {}
+    for field in ("mean", "std"):
+        values = entry.get(field) if isinstance(entry, Mapping) else None
+        if (not isinstance(values, Sequence) or isinstance(values, (str, bytes))
+                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)):
+            raise DataError(f"{path}: domain '{name}' needs 'mean' and 'std' lists of numbers ('{field}': {values!r:.60})")
+        if len(values) != 3:
+            raise DataError(f"{path}: domain '{name}' needs 3 means and 3 stds ('{field}' has {len(values)})")
+        bad = [v for v in values if not _finite(v) or (field == "std" and v <= 0)]
+        if bad:
+            need = "finite positive numbers" if field == "std" else "finite numbers"
+            raise DataError(f"{path}: domain '{name}': '{field}' holds {bad[0]!r:.40}; it must be {need}")
+        out[field] = [float(v) for v in values]
     return out
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def write_stats(stats: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike,
                 source: str = "computed with mtlkit.plugins.decathlon.mean_std.compute_mean_std") -> Path:
     """Write a stats file (the :func:`load_stats` format) atomically."""
-    body = {"source": source, "placeholder": False, "domains": {d: {"mean": list(v["mean"]), "std": list(v["std"])} for d, v in stats.items()}}
-    data = (json.dumps(body, indent=2) + "\n").encode()
     out = Path(path)
+    domains = {d: checked_entry(out, d, {"mean": list(v["mean"]), "std": list(v["std"])}) for d, v in stats.items()}
+    body = {"source": source, "placeholder": False, "domains": domains}
+    data = (json.dumps(body, indent=2) + "\n").encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, data)
     return out
