@@ -50,7 +50,7 @@ from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from .annotations import _as_int, _read_json, _relative_file, entries, is_dir, read_official_index  # noqa: F401
+from .annotations import entries, is_dir, read_official_index
 from .domains import DOMAINS, DomainName, category_offset
 from .geometry import augments, centre_crop, decode_image, fit_image, flips, random_crop
 from .stats import load_stats
