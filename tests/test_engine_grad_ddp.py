@@ -38,6 +38,9 @@ EXTRA_OPTIONS = {"cagrad": [{"c": 0.0}], "nash_mtl": [{"update_weights_every": 2
 # not with one process (which draws other samples).
 BASE_PARAMS = {"auto_lambda": {"split": "train", "lr": 0.05}}
 RANKS_ONLY = {"auto_lambda"}
+# choices of where a method's data comes from, not of how it aggregates: the trainers here
+# have no validation split to draw Auto-Lambda's meta batch from
+DATA_OPTIONS = {("auto_lambda", "split")}
 # A large step makes any difference in the chosen weights show in the parameters. Nash-MTL's
 # update does not shrink with the gradients (g_k . d = 1 / alpha_k): at 0.3 it jumps to
 # where G G^T is near singular and its weights amplify float rounding ~1e3-fold.
@@ -58,6 +61,8 @@ def grad_level_configs() -> list[tuple[str, dict]]:
             continue
         variants = [dict(BASE_PARAMS.get(name, {}))]
         for field, info in comp.params.model_fields.items():
+            if (name, field) in DATA_OPTIONS:
+                continue
             if typing.get_origin(info.annotation) is typing.Literal:
                 variants += [{**variants[0], field: v} for v in typing.get_args(info.annotation) if v != info.default]
         for v in variants + EXTRA_OPTIONS.get(name, []):
