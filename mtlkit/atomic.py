@@ -20,6 +20,22 @@ from typing import Any, BinaryIO, Callable
 from .errors import DataError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path, default: int) -> int:
+    """The mode a written ``path`` gets: an existing file's own, else what ``open`` would give
+    (``default`` less the umask). The temp files are made owner-only (0600/0700); renamed
+    as they are, every result would be unreadable to the user's group."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return default & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """``write(fh)`` fills a binary file handle; ``path`` then appears whole, in one rename."""
     path = Path(path)
@@ -29,6 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _mode_for(path, 0o666))
         os.replace(tmp, path)
     except BaseException:
         remove_quietly(tmp)
@@ -58,6 +75,7 @@ def atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], Any]) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, _mode_for(out, 0o777))
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace a folder on every OS
         os.replace(tmp, out)

@@ -54,3 +54,26 @@ def test_no_module_but_the_atomic_writer_renames_temp_files_into_place():
                     and (node.value.id, node.attr) in owned:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}")
     assert not offenders, offenders
+
+
+def test_written_files_and_folders_get_the_modes_open_and_mkdir_would_give(tmp_path):
+    """The temp files are owner-only; the results must not be: a new file gets 0666 less the
+    umask (as ``open`` gives), a replaced file keeps its own mode, a folder 0777 less the umask."""
+    import os
+    import stat
+
+    from mtlkit.atomic import atomic_folder, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "new.txt", "a")
+        assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o644
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        atomic_write_text(kept, "new")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new"
+        out = atomic_folder(tmp_path / "folder", lambda d: (d / "f").write_text("x"))
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    finally:
+        os.umask(old)
