@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 from .atomic import atomic_write_bytes  # noqa: E402
 from .attention_masks import capture_attention_masks, first_samples as _first_samples  # noqa: E402,F401
-from .errors import CheckpointError  # noqa: E402
+from .errors import CheckpointError, ConfigError  # noqa: E402
 from .rundir import read_log  # noqa: E402
 
 
@@ -32,7 +32,10 @@ def _save(fig, path: Path) -> Path:
 
 def plot_curves(run: Path) -> Path:
     """Per-task mean training loss per epoch, and every evaluated metric per epoch."""
-    records = read_log(run)
+    return _save(_curves_figure(read_log(run)), run / "curves.png")
+
+
+def _curves_figure(records: list[dict]):
     epochs = [r for r in records if r.get("type") == "epoch"]
     evals = [r for r in records if r.get("type") == "eval"]
     metric_keys = []
@@ -62,7 +65,7 @@ def plot_curves(run: Path) -> Path:
         ax.set_xlabel("epoch")
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
-    return _save(fig, run / "curves.png")
+    return fig
 
 
 def load_run_model(run: Path):
@@ -100,7 +103,10 @@ def _display(task, pred: torch.Tensor) -> tuple[str, torch.Tensor]:
 
 
 def plot_predictions(run: Path, n_images: int = 3, parts=None) -> Path:
-    parts = parts or load_run_model(run)
+    return _save(_predictions_figure(run, n_images, parts or load_run_model(run)), run / "predictions.png")
+
+
+def _predictions_figure(run: Path, n_images: int, parts):
     if parts.val_data is None:
         raise CheckpointError(f"{run}: the recipe has no validation split to draw")
     domain, batch = _first_samples(parts.val_data, n_images)
@@ -128,17 +134,29 @@ def plot_predictions(run: Path, n_images: int = 3, parts=None) -> Path:
             if i == 0:
                 ax_t.set_title(f"{t} target")
                 ax_p.set_title(f"{t} prediction")
-    return _save(fig, run / "predictions.png")
+    return fig
 
 
-def plot_attention(run: Path, n_images: int = 2, levels: list[int] | None = None, parts=None) -> Path:
+def plot_attention(run: Path, n_images: int = 2, levels: list[int] | None = None, parts=None,
+                   strict: bool = False) -> Path:
     """The paper's 'attention masks as feature selectors': each task's mask (channel mean)
-    at chosen levels, for a few validation images."""
-    parts = parts or load_run_model(run)
+    at chosen levels, for a few validation images. ``strict``: a level the model does not
+    have is an error (else such levels are left out)."""
+    fig = _attention_figure(n_images, levels, parts or load_run_model(run), strict)
+    return _save(fig, run / "attention.png")
+
+
+def _attention_figure(n_images: int, levels: list[int] | None, parts, strict: bool):
     domain, batch = _first_samples(parts.val_data, n_images)
     tasks = [domain] if domain else list(parts.tasks)
     masks = capture_attention_masks(parts.model, batch["image"], tasks)
-    n_levels = min(len(v) for v in masks.values() if v)
+    n_levels = min((len(v) for v in masks.values() if v), default=0)
+    if n_levels == 0:
+        raise CheckpointError("this model's task-specific modules hold no attention masks to draw")
+    wrong = [lv for lv in levels or [] if not 0 <= lv < n_levels]
+    if strict and wrong:
+        raise ConfigError(f"plot --levels: level {wrong[0]} does not exist, this model has {n_levels} "
+                          f"attention levels (0 to {n_levels - 1})")
     levels = [lv for lv in (levels or [0, n_levels // 2, n_levels - 1]) if 0 <= lv < n_levels] or [0]
     n = batch["image"].shape[0]
     cols = 1 + len(tasks) * len(levels)
@@ -154,19 +172,30 @@ def plot_attention(run: Path, n_images: int = 2, levels: list[int] | None = None
                 if i == 0:
                     ax.set_title(f"{t} L{lv}", fontsize=8)
                 col += 1
-    return _save(fig, run / "attention.png")
+    return fig
 
 
-def plot_run(run: Path, n_images: int = 3, attention: bool = False, levels: list[int] | None = None) -> list[Path]:
-    # Everything that can refuse the run (recipe, log, checkpoint) before the first figure.
+def plot_run(run: Path, n_images: int = 3, attention: bool = False, levels: list[int] | None = None,
+             strict_levels: bool = False) -> list[Path]:
+    """curves.png, predictions.png (and attention.png) in ``run``. Every figure is drawn
+    before the first is written: whatever refuses the run (recipe, log, checkpoint, a level
+    the model lacks) leaves the folder as it was."""
+    if n_images < 1:
+        raise ConfigError(f"plot --images: {n_images}, expected at least 1")
     parts = load_run_model(run)
-    read_log(run)
+    records = read_log(run)
     if parts.val_data is None:
         raise CheckpointError(f"{run}: the recipe has no validation split to draw")
     if attention and not isinstance(getattr(parts.model, "task_specific", None), nn.ModuleDict):
         raise CheckpointError("this model has no task-specific attention modules (use an mtan recipe)")
-    written = [plot_curves(run)]
-    written.append(plot_predictions(run, n_images, parts=parts))
-    if attention:
-        written.append(plot_attention(run, n_images, levels, parts=parts))
-    return written
+    figures = []
+    try:
+        figures.append((_curves_figure(records), run / "curves.png"))
+        figures.append((_predictions_figure(run, n_images, parts), run / "predictions.png"))
+        if attention:
+            figures.append((_attention_figure(n_images, levels, parts, strict_levels), run / "attention.png"))
+    except BaseException:
+        for fig, _ in figures:
+            plt.close(fig)
+        raise
+    return [_save(fig, path) for fig, path in figures]

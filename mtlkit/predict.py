@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,12 +47,14 @@ def read_input(path: str | os.PathLike) -> torch.Tensor:
     3 x H x W; floats in [0, 1] or uint8) as a 3 x H x W float tensor in [0, 1]."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: input file does not exist")
+        raise DataError(f"{p}: input {'is not a file' if p.exists() else 'file does not exist'}")
     if p.suffix.lower() == NPY:
         try:
             a = np.load(p, allow_pickle=False)
         except Exception as exc:  # noqa: BLE001 - truncated, pickled, not an .npy
             raise DataError(f"{p}: cannot read as .npy ({type(exc).__name__}: {exc})") from None
+        if a.size == 0:
+            raise DataError(f"{p}: the input array is empty (shape {a.shape})")
         if a.ndim == 2:
             a = np.repeat(a[:, :, None], 3, axis=2)
         elif a.ndim == 3 and a.shape[0] == 3 and a.shape[2] != 3:
@@ -62,6 +65,8 @@ def read_input(path: str | os.PathLike) -> torch.Tensor:
             a = a / 255.0
         elif not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
             raise DataError(f"{p}: an input array must hold finite floats in [0, 1] or uint8, got {a.dtype}")
+        elif a.min() < 0 or a.max() > 1:
+            raise DataError(f"{p}: an input array of floats must lie in [0, 1], got [{a.min():.4g}, {a.max():.4g}]")
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
     from PIL import Image, UnidentifiedImageError
 
@@ -70,6 +75,8 @@ def read_input(path: str | os.PathLike) -> torch.Tensor:
             a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DataError(f"{p}: cannot read as an image ({type(exc).__name__}: {exc})") from None
+    if a.size == 0:
+        raise DataError(f"{p}: the image is empty ({a.shape[1]} x {a.shape[0]} pixels)")
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
@@ -179,13 +186,25 @@ def panes(run: LoadedRun, image: torch.Tensor, outputs: dict[str, torch.Tensor],
 
 
 def _stems(inputs: Sequence[Path]) -> list[str]:
-    """Output names: each input's stem, made unique with -2, -3, ..."""
-    seen: dict[str, int] = {}
-    out = []
+    """Output names: each input's stem, made unique with -2, -3, ... (never another input's stem)."""
+    plain, used, out = {p.stem for p in inputs}, set(), []
     for p in inputs:
-        n = seen[p.stem] = seen.get(p.stem, 0) + 1
-        out.append(p.stem if n == 1 else f"{p.stem}-{n}")
+        name, n = p.stem, 1
+        while name in used or (n > 1 and name in plain):
+            n += 1
+            name = f"{p.stem}-{n}"
+        used.add(name)
+        out.append(name)
     return out
+
+
+def _refuse_inputs_as_outputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
+    """An output file that is one of the inputs would replace it: refused before any write."""
+    real = {os.path.realpath(p): p for p in inputs}
+    for o in outputs:
+        if os.path.realpath(o) in real:
+            raise DataError(f"{real[os.path.realpath(o)]}: predict would overwrite this input with its output "
+                            f"{o}; choose another --out folder")
 
 
 def _check_out(out: Path) -> None:
@@ -199,39 +218,72 @@ def _check_out(out: Path) -> None:
 def predict_files(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                   which: str = "best", tile: bool = False) -> list[Path]:
     """Predict every input with the run's model; returns the files written (see the module)."""
-    from safetensors.torch import save
-
-    from .panels import draw_panel
-
     paths = [Path(p) for p in inputs]
     if not paths:
         raise ConfigError("predict: give at least one input file (or --split)")
     out_dir = Path(out)
     _check_out(out_dir)
+    stems = _stems(paths)
+    _refuse_inputs_as_outputs(paths, [out_dir / f"{s}{ext}" for s in stems for ext in OUTPUTS])
     run = load_run(run_dir, which)
+    ckpts = Path(os.path.realpath(Path(run.run_dir) / "checkpoints"))
+    if ckpts == Path(os.path.realpath(out_dir)) or ckpts in Path(os.path.realpath(out_dir)).parents:
+        raise DataError(f"{out_dir}: --out lies in the run's checkpoints folder; choose another folder")
     for p in paths:  # every input readable before anything is written
         read_input(p)
     parts = groups(run)
     names = {t: g.class_names(run.tasks[t].target) for g in parts for t in g.tasks}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for stem, p in zip(_stems(paths), paths):  # one input at a time: outputs can be large
-        image = read_input(p)
-        outputs: dict[str, torch.Tensor] = {}
-        for g in parts:
-            outputs.update(run_group(run, g, image, tile=tile))
-        meta = {"input": str(p), "run": str(run.run_dir), "checkpoint": str(run.checkpoint)}
-        atomic_write_bytes(out_dir / f"{stem}.safetensors", save(outputs, metadata=meta))
-        written.append(out_dir / f"{stem}.safetensors")
-        panel, _ = draw_panel(panes(run, image, outputs, names), *image.shape[-2:])
-        atomic_write(out_dir / f"{stem}.png", lambda fh, im=panel: im.save(fh, format="PNG"))
-        written.append(out_dir / f"{stem}.png")
-        classes = {t: top_classes(y, names.get(t, [])) for t, y in outputs.items()
-                   if y.dim() == 1 and run.tasks[t].output_activation == "log_softmax"}
-        if classes:
-            atomic_write_json(out_dir / f"{stem}.top5.json", classes)
-            written.append(out_dir / f"{stem}.top5.json")
+    created = _make_out(out_dir)
+    written: list[Path] = []
+    try:
+        for stem, p in zip(stems, paths):  # one input at a time: outputs can be large
+            _predict_one(run, parts, names, p, out_dir / stem, tile, written)
+    except BaseException:
+        if created is not None:  # a folder this call made holds only this call's files
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return written
+
+
+OUTPUTS = (".safetensors", ".png", ".top5.json")
+
+
+def _make_out(out_dir: Path) -> Path | None:
+    """Create ``out_dir``; return the top-most folder this created (None: it existed)."""
+    if out_dir.is_dir():
+        return None
+    top = Path(os.path.abspath(out_dir))
+    while not os.path.lexists(top.parent):
+        top = top.parent
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+    return top
+
+
+def _predict_one(run: LoadedRun, parts: list[Group], names: dict[str, list[str]], p: Path, base: Path,
+                 tile: bool, written: list[Path]) -> None:
+    """One input's outputs, ``base`` + each of :data:`OUTPUTS`, appended to ``written``."""
+    from safetensors.torch import save
+
+    from .panels import draw_panel
+
+    image = read_input(p)
+    outputs: dict[str, torch.Tensor] = {}
+    for g in parts:
+        outputs.update(run_group(run, g, image, tile=tile))
+    meta = {"input": str(p), "run": str(run.run_dir), "checkpoint": str(run.checkpoint)}
+    atomic_write_bytes(base.with_name(base.name + ".safetensors"), save(outputs, metadata=meta))
+    written.append(base.with_name(base.name + ".safetensors"))
+    panel, _ = draw_panel(panes(run, image, outputs, names), *image.shape[-2:])
+    atomic_write(base.with_name(base.name + ".png"), lambda fh, im=panel: im.save(fh, format="PNG"))
+    written.append(base.with_name(base.name + ".png"))
+    classes = {t: top_classes(y, names.get(t, [])) for t, y in outputs.items()
+               if y.dim() == 1 and run.tasks[t].output_activation == "log_softmax"}
+    if classes:
+        atomic_write_json(base.with_name(base.name + ".top5.json"), classes)
+        written.append(base.with_name(base.name + ".top5.json"))
 
 
 # -- whole splits: the data set's official results file ------------------------------------------

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .atomic import atomic_write_text  # noqa: F401  (re-exported: the one atomic writer)
 
 
@@ -161,27 +161,69 @@ def discard_unfinished(run: Path, created: Path | None) -> bool:
 
 
 def read_log(run: Path) -> list[dict[str, Any]]:
-    """The records of ``run/log.jsonl``. A torn last line (the process died mid-write) is
-    skipped; a bad line before it is an error naming the line."""
+    """The records of ``run/log.jsonl``, each checked to have the shape the readers rely on
+    (:func:`check_record`). A torn last line (the process died mid-write: not JSON) is
+    skipped; any other bad line is a one-line
+    :class:`DataError` naming the file and line."""
     log = run / "log.jsonl"
     if not log.is_file():
         raise CheckpointError(f"{run}: not a run folder (no log.jsonl)")
     try:
-        lines = log.read_bytes().decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{log}: not UTF-8 text (byte {exc.start})") from None
+        data = log.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"{log}: cannot read: {exc.strerror}") from None
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+        raise CheckpointError(f"{log}: cannot read: {exc.strerror or exc}") from None
+    lines = data.split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records = []
-    for k, (i, line) in enumerate(numbered):
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if i == last:
+                break  # torn last line, cut inside a character
+            raise DataError(f"{log}:{i + 1}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = None
-        if not isinstance(rec, dict):
-            if k == len(numbered) - 1:
+        except (json.JSONDecodeError, RecursionError):
+            if i == last:
                 break  # torn last line
-            raise CheckpointError(f"{log}:{i}: not a JSON object line")
+            raise DataError(f"{log}:{i + 1}: not a JSON line") from None
+        problem = check_record(rec)
+        if problem:
+            raise DataError(f"{log}:{i + 1}: {problem}")
         records.append(rec)
     return records
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_record(rec: Any) -> str | None:
+    """What is wrong with a log record, or None: a JSON object whose ``type`` is a string,
+    whose ``epoch`` and ``global_step`` are integers (required in epoch and eval records),
+    whose ``losses`` map names to numbers and (eval records) whose ``metrics`` map each task
+    to {metric: number}."""
+    if not isinstance(rec, dict):
+        return f"a record must be a JSON object, got {type(rec).__name__} {json.dumps(rec)[:40]}"
+    kind = rec.get("type")
+    if "type" in rec and not isinstance(kind, str):
+        return f"field 'type' must be a string, got {json.dumps(kind)[:40]}"
+    if kind in ("epoch", "eval") and "epoch" not in rec:
+        return f"a record of type '{kind}' has no field 'epoch'"
+    for key in ("epoch", "global_step"):
+        if key in rec and (not isinstance(rec[key], int) or isinstance(rec[key], bool)):
+            return f"field '{key}' must be an integer, got {json.dumps(rec[key])[:40]}"
+    losses = rec.get("losses", {})
+    if not isinstance(losses, dict) or not all(_number(v) for v in losses.values()):
+        return "field 'losses' must map task names to numbers"
+    if kind == "eval" or "metrics" in rec:
+        metrics = rec.get("metrics")
+        if not isinstance(metrics, dict):
+            return "an 'eval' record needs field 'metrics', an object {task: {metric: number}}"
+        for task, values in metrics.items():
+            if not isinstance(values, dict) or not all(_number(v) or v is None for v in values.values()):
+                return f"field 'metrics.{task}' must map metric names to numbers, got {json.dumps(values)[:40]}"
+    return None

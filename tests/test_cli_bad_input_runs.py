@@ -73,7 +73,7 @@ def test_compare_counts_what_it_averages_and_writes_only_when_asked(finished, tm
 
 
 def test_torn_last_log_line(finished, tmp_path, capsys):
-    from mtlkit.errors import CheckpointError
+    from mtlkit.errors import DataError
     from mtlkit.rundir import read_log
 
     run = copy_run(finished, tmp_path / "run")
@@ -85,7 +85,7 @@ def test_torn_last_log_line(finished, tmp_path, capsys):
     assert main(["compare", str(run)]) == 0
     lines = log.read_text().splitlines()
     log.write_text("\n".join(lines[:1] + ["{torn"] + lines[1:]) + "\n")
-    with pytest.raises(CheckpointError, match=r"log\.jsonl:2"):
+    with pytest.raises(DataError, match=r"log\.jsonl:2"):
         read_log(run)
 
 

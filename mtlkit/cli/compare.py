@@ -9,6 +9,7 @@ import csv
 import io
 import math
 import os
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any, Callable, Sequence
 from rich.table import Table
 
 from ..errors import CheckpointError, ConfigError, MtlkitError, PluginError
-from ..rundir import check_run_dir, read_log, write_text_file
+from ..atomic import atomic_write_text, promote, remove_quietly
+from ..rundir import check_run_dir, read_log
 from .output import console
 
 
@@ -164,6 +166,15 @@ def compare_runs(runs: Sequence[str | Path], last: int = 10, baselines: Sequence
 
     if last < 1:
         raise ConfigError(f"compare --last: {last}, expected at least 1")
+    # Files only where asked: a table printed in a folder must not leave files behind.
+    targets = []
+    if out:
+        targets += [(Path(out).with_suffix(".md"), "md", "--out"), (Path(out).with_suffix(".csv"), "csv", "--out")]
+    if markdown_path:
+        targets.append((Path(markdown_path), "md", "--markdown"))
+    if csv_path:
+        targets.append((Path(csv_path), "csv", "--csv"))
+    check_targets(targets, [*runs, *baselines])
     summaries = _summaries(runs, last)
     baseline: dict[str, dict[str, float]] = {}
     for b in baselines:
@@ -209,19 +220,54 @@ def compare_runs(runs: Sequence[str | Path], last: int = 10, baselines: Sequence
     md += ["| " + " | ".join(row) + " |" for row in rows]
     buf = io.StringIO()
     csv.writer(buf).writerows([header] + rows)
-    # Files only where asked: a table printed in a folder must not leave files behind.
-    targets = []
-    if out:
-        targets += [(Path(out).with_suffix(".md"), "md"), (Path(out).with_suffix(".csv"), "csv")]
-    if markdown_path:
-        targets.append((Path(markdown_path), "md"))
-    if csv_path:
-        targets.append((Path(csv_path), "csv"))
-    for path, kind in targets:
-        write_text_file(path, "\n".join(md) + "\n" if kind == "md" else buf.getvalue())
+    write_all([(path, "\n".join(md) + "\n" if kind == "md" else buf.getvalue()) for path, kind, _ in targets])
     if targets:
-        print("wrote " + " and ".join(str(p) for p, _ in targets))
+        print("wrote " + " and ".join(str(p) for p, _, _ in targets))
     return 0
+
+
+# -- the written files -----------------------------------------------------------------------
+RUN_FILES = ("recipe.toml", "log.jsonl", "results.json")
+
+
+def check_targets(targets: list[tuple[Path, str, str]], runs: Sequence[str | Path]) -> None:
+    """Before any run is read: two outputs at one path, an output that is a folder or a run
+    folder's own file, or one whose folder is missing, are one-line errors."""
+    seen: dict[str, str] = {}
+    protected = {os.path.realpath(Path(r) / name) for r in runs for name in RUN_FILES}
+    checkpoints = [Path(os.path.realpath(Path(r) / "checkpoints")) for r in runs]
+    for path, _, flag in targets:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ConfigError(f"compare {seen[real]} and {flag}: both would write {path}; give each its own path")
+        seen[real] = flag
+        if real in protected or any(c == Path(real) or c in Path(real).parents for c in checkpoints):
+            raise ConfigError(f"compare {flag}: {path} is a file of a run folder being compared; "
+                              f"refusing to overwrite it")
+        if path.is_dir():
+            raise CheckpointError(f"{path}: cannot write, it is a folder")
+        if not path.parent.is_dir():
+            raise CheckpointError(f"{path}: cannot write, no folder {path.parent}")
+
+
+def write_all(files: list[tuple[Path, str]]) -> None:
+    """Every file appears whole, or none does: each is written in full (the atomic writer)
+    under a temp name beside it (``.NAME.<random>.tmp``), then all are renamed into place."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files:
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            staged.append((tmp, path))
+            try:
+                atomic_write_text(tmp, text)
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        for tmp, path in staged:
+            promote(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            remove_quietly(tmp)
+        raise
 
 
 def _paper_row(s: dict[str, Any], metric_columns: list[tuple[str, str]], extra: list[Column],

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..rundir import read_log
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .loggers import Logger, LoggerSet, Position, kept, named_loggers
 
@@ -31,14 +32,9 @@ class JsonlLog(Logger):
     def open(self, run_dir: Path, resume: Position | None) -> None:
         path = run_dir / "log.jsonl"
         if resume is not None and path.is_file():
-            keep = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line
-                if kept(rec, resume):
-                    keep.append(line)
+            # the one log reader: a torn last line is dropped, any other bad line refused
+            # (one line naming it) before the log is rewritten
+            keep = [json.dumps(r) for r in read_log(run_dir) if kept(r, resume)]
             atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
         if self._fh is None:
             self._fh = open(path, "a", encoding="utf-8")
@@ -64,6 +60,10 @@ class RunFiles:
         # a jsonl logger from the recipe is this same log: one file, written once
         self.loggers = LoggerSet({n: lg for n, lg in named_loggers(loggers).items() if not isinstance(lg, JsonlLog)})
         self._resume: Position | None = None
+        if writes and run_dir is not None and (run_dir / "log.jsonl").is_file():
+            # a log this run will continue (a resume) is checked now, before anything in the
+            # run folder is written: a damaged line is one error naming it, the folder as it was
+            read_log(run_dir)
 
     def open(self) -> None:
         if self.writes:
