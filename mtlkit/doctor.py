@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ConfigError
+
 # distributions whose versions a report names (torch: the imported one)
 PACKAGES = ("torch", "torchvision", "timm", "pluggy", "pydantic", "rich", "safetensors", "numpy", "tensorboard")
 # /proc/cpuinfo flags that decide which kernels torch runs
@@ -189,6 +191,8 @@ def doctor(probe_seconds: float | None = 5.0, pm=None, **probe: Any) -> dict[str
     """The whole report. ``probe_seconds``: the speed probe's total time, split between the
     CPU and the first CUDA device if there is one (None: no probe); ``probe``: further
     :func:`speed_probe` arguments (tests make it tiny)."""
+    if probe_seconds is not None and not (isinstance(probe_seconds, (int, float)) and 0 < probe_seconds < 1e6):
+        raise ConfigError(f"doctor: probe_seconds must be a number of seconds above 0 and below 1e6, got {probe_seconds!r}")
     report = {"versions": versions(), "platform": platform.platform(), "cpu": cpu_info(), "threads": threads(),
               "devices": devices(), "plugins": plugins(pm), "probe": None}
     if probe_seconds is not None:

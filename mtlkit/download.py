@@ -2,8 +2,9 @@
 
 :func:`download` fetches a URL into ``DEST.part`` and resumes it with an HTTP ``Range``
 request, both after a dropped connection (``retries`` times in one call) and in a later
-call (the ``.part`` file is kept and names itself in the error). A server that ignores
-``Range`` (answers 200) is read again from the start. A complete file is checked against
+call (a ``.part`` file that holds some bytes is kept and names itself in the error; a
+download that got nothing keeps none). A server that ignores ``Range`` (answers 200) is
+read again from the start. A complete file is checked against
 the published size and sha256 where they are known; a mismatch removes it, and only then
 is it renamed to ``DEST``.
 """
@@ -24,6 +25,7 @@ from .atomic import promote, remove_quietly
 from .errors import DataError
 
 CHUNK = 1 << 20
+LOCAL_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)  # file:// URLs
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -105,7 +107,10 @@ def download(url: str, dest: str | os.PathLike, size: int | None = None, sha256:
     if dest.is_file():
         _verified_or_removed(dest, size, sha256, f"{dest}")
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{dest.parent}: cannot create the download folder ({exc.strerror or exc})") from None
     part = dest.with_name(dest.name + ".part")
     if part.exists() and size is not None and part.stat().st_size > size:
         remove_quietly(part)  # longer than the published file: not a prefix of it
@@ -122,11 +127,16 @@ def download(url: str, dest: str | os.PathLike, size: int | None = None, sha256:
                 http.client.HTTPException) as exc:
             failures += 1
             got = part.stat().st_size if part.exists() else 0
-            if failures > retries:
-                reason = getattr(exc, "reason", None) or exc
+            if not got:
+                remove_quietly(part)  # nothing to resume from: keep no empty .part
+            reason = getattr(exc, "reason", None) or exc
+            if failures > retries or isinstance(reason, LOCAL_ERRORS):  # a missing file stays missing
+                if not got:
+                    raise DataError(f"{url}: download failed ({reason})") from None
                 raise DataError(f"{url}: download interrupted at byte {got} ({reason}); run the same command "
                                 f"again to resume from {part}") from None
-            log(f"{dest.name}: interrupted at byte {got} ({exc}); resuming ({failures}/{retries})")
+            log(f"{dest.name}: interrupted at byte {got} ({reason}); resuming ({failures}/{retries})" if got else
+                f"{dest.name}: download failed ({reason}); trying again ({failures}/{retries})")
         except OSError as exc:  # the disk, not the network
             raise DataError(f"{part}: cannot write the download ({exc.strerror or exc})") from None
     if not part.exists():

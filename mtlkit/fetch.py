@@ -128,6 +128,20 @@ def _per_archive(values: Sequence[str], source: DataSource, option: str) -> dict
     return out
 
 
+URL_SCHEMES = ("http", "https", "ftp", "file")
+
+
+def _check_url(url: str) -> None:
+    """``--url`` is a URL urllib can fetch, or a one-line ConfigError naming it."""
+    try:
+        parts = urlparse(url)
+    except ValueError as exc:
+        raise ConfigError(f"--url '{url}': not a valid URL ({exc})") from None
+    if parts.scheme not in URL_SCHEMES or not (parts.netloc or parts.scheme == "file" and parts.path):
+        raise ConfigError(f"--url '{url}': not a URL to download (it starts with "
+                          f"{', '.join(s + '://' for s in URL_SCHEMES)})")
+
+
 # -- unpacking ----------------------------------------------------------------------------------
 def _format_of(path: Path) -> str:
     name = path.name.lower()
@@ -247,14 +261,25 @@ def fetch(dataset: str | DataSource, root: str | os.PathLike, urls: Sequence[str
     source = dataset if isinstance(dataset, DataSource) else sources[dataset]
     log = progress or (lambda message: None)
     root = Path(root).expanduser()
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: is a file, not a folder; refusing to unpack {source.dataset} there")
+    if root.exists() and any(root.iterdir()):
         raise DataError(f"{root}: exists and is not empty; refusing to unpack {source.dataset} there")
+    above = next((p for p in root.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise DataError(f"{root}: cannot create the folder: '{above}' is a file")
     url_for = _per_archive(urls, source, "--url")
+    for url in url_for.values():
+        _check_url(url)
     file_for = _per_archive(archives, source, "--from-archive")
     for name, file in file_for.items():
+        if Path(file).is_dir():
+            raise DataError(f"--from-archive {name}: '{file}' is a folder, not an archive file")
         if not Path(file).is_file():
             raise DataError(f"--from-archive {name}: '{file}' does not exist")
     ddir = Path(download_dir) if download_dir is not None else root.with_name(root.name + ".download")
+    if ddir.exists() and not ddir.is_dir():
+        raise DataError(f"--download-dir '{ddir}': is a file, not a folder")
     made_ddir = not ddir.exists()
     local: dict[str, Path] = {}
     downloaded: list[Path] = []
@@ -263,7 +288,11 @@ def fetch(dataset: str | DataSource, root: str | os.PathLike, urls: Sequence[str
             if a.name in file_for:
                 local[a.name] = Path(file_for[a.name])
                 log(f"{a.name}: checking {local[a.name]}")
-                verify(local[a.name], a.size, a.sha256, str(local[a.name]))
+                try:
+                    verify(local[a.name], a.size, a.sha256, str(local[a.name]))
+                except OSError as exc:
+                    raise DataError(f"--from-archive {a.name}: cannot read '{local[a.name]}' "
+                                    f"({exc.strerror or exc})") from None
                 continue
             url = url_for.get(a.name, a.url)
             name = PurePosixPath(urlparse(url).path).name if a.name in url_for else ""
@@ -280,7 +309,10 @@ def fetch(dataset: str | DataSource, root: str | os.PathLike, urls: Sequence[str
             check_layout(source, staging, shown=root)
 
         try:
-            atomic_folder(root, fill)
+            try:
+                atomic_folder(root, fill)
+            except OSError as exc:  # the disk (a read-only or full folder), not the data
+                raise DataError(f"{root}: cannot create the folder ({exc.strerror or exc})") from None
         except MtlkitError as exc:
             if not downloaded:
                 raise

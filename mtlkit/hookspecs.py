@@ -83,7 +83,8 @@ def register_commands(register):
     executes it and returns the exit code (0 on success; raise :class:`mtlkit.errors.MtlkitError`
     for a one-line user error, exit code 2). ``group="data"`` makes ``mtlkit data NAME``;
     without a group the command is ``mtlkit NAME``. A name taken by another plugin, or by a
-    built-in command, is an error naming both."""
+    built-in command, is an error naming both. :mod:`mtlkit.argtypes` has argument types
+    (``type=`` of ``add_argument``) that refuse bad numbers and output folders in one line."""
 
 
 @hookspec

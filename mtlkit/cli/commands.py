@@ -89,8 +89,16 @@ def collect_commands(pm: Any) -> CommandTable:
     return pm.collect(once)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block) and exit code 2. Its
+    sub-parsers are of the same class (argparse makes them with the parent's class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser(table: CommandTable) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtlkit", description="Multi-task learning with swappable parts.")
+    parser = OneLineParser(prog="mtlkit", description="Multi-task learning with swappable parts.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     groups = table.groups()
@@ -99,7 +107,7 @@ def build_parser(table: CommandTable) -> argparse.ArgumentParser:
     for group, members in groups.items():
         names = ", ".join(c.name for c in members)
         gsub = sub.add_parser(group, help=f"{group} commands: {names}").add_subparsers(
-            dest=f"{group}_command", required=True)
+            dest=f"{group}_command", metavar="COMMAND", required=True)
         for command in members:
             _add(gsub, command)
     return parser

@@ -9,7 +9,10 @@ import json
 from rich.table import Table
 from rich.text import Text
 
+from ..argtypes import float_range
 from .output import console
+
+MAX_PROBE_SECONDS = 600.0
 
 
 def register_commands(register) -> None:
@@ -19,15 +22,13 @@ def register_commands(register) -> None:
 
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--seconds", type=float, default=5.0, help="length of the speed probe (0: no probe)")
+    p.add_argument("--seconds", type=float_range(0.0, MAX_PROBE_SECONDS), default=5.0,
+                   help=f"length of the speed probe, up to {MAX_PROBE_SECONDS:g} (0: no probe)")
 
 
 def doctor_command(args: argparse.Namespace) -> int:
     from ..doctor import doctor
-    from ..errors import ConfigError
 
-    if not args.seconds >= 0:
-        raise ConfigError(f"--seconds {args.seconds}: must be 0 or more")
     report = doctor(probe_seconds=args.seconds or None)
     if args.json:
         print(json.dumps(report, indent=1))

@@ -28,14 +28,25 @@ def _configure_params(p: argparse.ArgumentParser) -> None:
 
 
 def list_command(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError, did_you_mean
     from ..plugin_manager import get_registry
     from ..registry import KINDS
 
+    registry = get_registry()
     kind, pattern = args.kind, args.glob or "*"
     if kind is not None and kind not in KINDS:
-        # `mtlkit list seg*` means a glob over all kinds
-        kind, pattern = None, kind if args.glob is None else args.glob
-    rows = get_registry().list(kind, pattern)
+        # `mtlkit list seg*` (or `mtlkit list mtan`) means a glob over all kinds; a word that is
+        # neither a glob nor a component's name, or a second word after it, is a misspelt kind
+        names = {c.name for c in registry.list(None, "*")}
+        if args.glob is not None or not (any(ch in kind for ch in "*?[") or kind in names):
+            if args.glob is not None:
+                raise ConfigError(f"list: unknown kind '{kind}'{did_you_mean(kind, KINDS)} "
+                                  f"(kinds: {', '.join(KINDS)})")
+            hint = did_you_mean(kind, KINDS) or did_you_mean(kind, names)
+            raise ConfigError(f"list: '{kind}' is neither a component kind nor a component's name{hint} "
+                              f"(kinds: {', '.join(KINDS)}; a glob such as '{kind}*' searches the names)")
+        kind, pattern = None, kind
+    rows = registry.list(kind, pattern)
     table = Table(title="mtlkit components")
     for col in ("name", "kind", "plugin", "description", "parameters"):
         table.add_column(col, overflow="fold")

@@ -1,33 +1,38 @@
 """``mtlkit``'s entry point: collect the commands, parse, run, and turn errors into lines.
 
-Every user error is one line on stderr (several lines for several recipe errors) and exit
-code 2, without a traceback unless ``--debug``. Nothing is written before the recipe, the
+Every user error, a usage error too, is one line on stderr (several lines for several
+recipe errors) and exit code 2, without a traceback unless ``--debug``. Nothing is written before the recipe, the
 model and the data have been validated (see :mod:`mtlkit.runner`).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .. import plugin_manager
 from ..errors import MtlkitError
 from ..rundir import is_rank_zero
 from ..runner import RunInterrupted
-from .commands import build_parser, collect_commands
+from .commands import OneLineParser, build_parser, collect_commands
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # --debug must hold while the plugins load (a built-in that fails to import shows its
     # traceback), which happens before the full parser exists: plugins add commands to it.
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(prog="mtlkit", add_help=False)
     pre.add_argument("--debug", action="store_true")
-    debug = pre.parse_known_args(argv)[0].debug
+    try:
+        debug = pre.parse_known_args(argv)[0].debug
+    except SystemExit as stop:  # e.g. --debug=yes: one line, see OneLineParser
+        return _exit_code(stop)
     plugin_manager.DEBUG = debug
     try:
         parser = build_parser(collect_commands(plugin_manager.get_plugin_manager()))
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as stop:  # a usage error (one line, see OneLineParser) or --help
+            return _exit_code(stop)
         return args._command.run(args)
     except MtlkitError as exc:
         if debug:
@@ -45,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         plugin_manager.DEBUG = False  # in-process callers (tests) get the default back
+
+
+def _exit_code(stop: SystemExit) -> int:
+    return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
 
 
 def user_message(exc: BaseException) -> str:

@@ -186,25 +186,55 @@ def register_datasets(register):
 
 
 # -- mtlkit data synth-scenes -----------------------------------------------------------------
+MAX_SIDE = 4096
+
+
 def _configure_synth_scenes(p) -> None:
-    p.add_argument("out")
-    p.add_argument("--n", type=int, default=200, help="training images")
-    p.add_argument("--n-val", type=int, default=None, help="validation images (default: n/4)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=13)
-    p.add_argument("--seed", type=int, default=0)
+    from mtlkit.argtypes import int_range, new_folder, non_negative_int, positive_int
+
+    p.add_argument("out", type=new_folder, help="folder to create (new or empty)")
+    p.add_argument("--n", type=positive_int, default=200, help="training images")
+    p.add_argument("--n-val", type=positive_int, default=None, help="validation images (default: n/4)")
+    p.add_argument("--height", type=int_range(8, MAX_SIDE), default=None,
+                   help="image height (default: 288 for nyuv2, 128 for cityscapes)")
+    p.add_argument("--width", type=int_range(8, MAX_SIDE), default=None,
+                   help="image width (default: 384 for nyuv2, 256 for cityscapes)")
+    p.add_argument("--num-classes", type=_class_count, default=None,
+                   help="segmentation classes, 2 or at least 7 (nyuv2 layout; default 13)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--layout", choices=["nyuv2", "cityscapes"], default="nyuv2")
 
 
+def _class_count(text: str) -> int:
+    import argparse
+
+    from mtlkit.argtypes import int_range
+
+    value = int_range(2, 1000)(text)
+    if value < 7 and value != 2:
+        raise argparse.ArgumentTypeError(f"must be 2 (structure vs objects) or at least 7, got {value}")
+    return value
+
+
 def synth_scenes_command(args) -> int:
+    from mtlkit.errors import ConfigError, DataError
+
     n_val = args.n_val if args.n_val is not None else max(1, args.n // 4)
-    if args.layout == "nyuv2":
-        h, w = args.height or 288, args.width or 384
-        write_nyuv2_layout(args.out, args.n, n_val, height=h, width=w, num_classes=args.num_classes, seed=args.seed)
-    else:
-        h, w = args.height or 128, args.width or 256
-        write_cityscapes_layout(args.out, args.n, n_val, height=h, width=w, seed=args.seed)
+    classes = args.num_classes
+    if args.layout == "cityscapes" and classes is not None:
+        raise ConfigError(f"--num-classes {classes}: the cityscapes layout always has {CITYSCAPES_CLASSES} classes "
+                          "(and their 7-class coarsening)")
+    nyu = args.layout == "nyuv2"
+    h = args.height if args.height is not None else 288 if nyu else 128
+    w = args.width if args.width is not None else 384 if nyu else 256
+    try:
+        if nyu:
+            write_nyuv2_layout(args.out, args.n, n_val, height=h, width=w,
+                               num_classes=13 if classes is None else classes, seed=args.seed)
+        else:
+            write_cityscapes_layout(args.out, args.n, n_val, height=h, width=w, seed=args.seed)
+    except OSError as exc:
+        raise DataError(f"{args.out}: cannot write the output folder ({exc.strerror or exc})") from None
     print(f"wrote {args.n} train + {n_val} val scenes ({h}x{w}, {args.layout} layout) to {args.out}")
     return 0
 

@@ -7,20 +7,30 @@ from pathlib import Path
 from mtlkit.hookspecs import hookimpl
 
 
+MAX_IMAGE_SIZE = 1024
+
+
 def _configure_synth(p) -> None:
-    p.add_argument("out")
-    p.add_argument("--n-train", type=int, default=64)
-    p.add_argument("--n-val", type=int, default=16)
-    p.add_argument("--n-test", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=72)
-    p.add_argument("--seed", type=int, default=0)
+    from mtlkit.argtypes import int_range, new_folder, non_negative_int, positive_int
+
+    p.add_argument("out", type=new_folder, help="folder to create (new or empty)")
+    p.add_argument("--n-train", type=positive_int, default=64, help="training images per domain")
+    p.add_argument("--n-val", type=positive_int, default=16, help="validation images per domain")
+    p.add_argument("--n-test", type=non_negative_int, default=16, help="test images per domain")
+    p.add_argument("--image-size", type=int_range(16, MAX_IMAGE_SIZE), default=72, help="image side in pixels")
+    p.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def synth_decathlon_command(args) -> int:
+    from mtlkit.errors import DataError
+
     from .synthetic import write_decathlon_layout
 
-    write_decathlon_layout(args.out, args.n_train, args.n_val, args.n_test, image_size=args.image_size,
-                           seed=args.seed)
+    try:
+        write_decathlon_layout(args.out, args.n_train, args.n_val, args.n_test, image_size=args.image_size,
+                               seed=args.seed)
+    except OSError as exc:
+        raise DataError(f"{args.out}: cannot write the output folder ({exc.strerror or exc})") from None
     print(f"wrote ten synthetic domains (official layout) to {args.out}")
     return 0
 

@@ -51,8 +51,6 @@ from .domains import DOMAINS, DomainName, category_offset, check_domain
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 
-
-
 def generate(domain: str, split: str, index: int, size: int = 72, seed: int = 0) -> tuple[np.ndarray, int]:
     """Sample ``index`` of a domain's split: (HWC uint8 image, class)."""
     check_domain(domain, where="synthetic_decathlon", error=DataError)
@@ -82,8 +80,14 @@ def write_decathlon_layout(
     from PIL import Image
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not a folder; refusing to write the decathlon layout there")
+    if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: output folder exists and is not empty; refusing to write the decathlon layout there")
+    if not 1 <= image_size <= 4096:
+        raise DataError(f"write_decathlon_layout: image_size must be from 1 to 4096, got {image_size}")
+    if seed < 0:
+        raise DataError(f"write_decathlon_layout: seed must be 0 or more, got {seed}")
     names = list(domains) if domains is not None else list(DOMAINS)
     for d in names:
         check_domain(d, where="write_decathlon_layout", error=DataError)
