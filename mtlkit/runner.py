@@ -106,6 +106,7 @@ def build_trainer(recipe: RecipeLike = None, *, overrides: Overrides = (), synth
     """
     from .preflight import prepare
 
+    check_arguments(recipe, synthetic=synthetic, run_dir=run_dir, runs_dir=runs_dir, resume=resume)
     loaded, resume_dir = _load(recipe, _override_list(overrides), synthetic, resume, list(loggers))
     spec = loaded.recipe
     if resume_dir is None:  # the cheap checks first: a taken or unwritable folder fails at once
@@ -177,6 +178,22 @@ def recipe_identity(resolved: dict) -> dict:
     return ident
 
 
+def check_arguments(recipe: RecipeLike, *, synthetic: bool, run_dir, runs_dir, resume) -> None:
+    """Refuse arguments that contradict each other (one of them would be silently ignored)."""
+    if resume is not None:
+        name = getattr(recipe, "name", recipe)
+        for given, flag, why in (
+                (recipe, f"RECIPE '{name}'", "a resumed run uses its own recipe.toml; --set still applies to it"),
+                (run_dir, f"--run-dir {run_dir}", "a resumed run continues in its own folder"),
+                (runs_dir, f"--runs-dir {runs_dir}", "a resumed run continues in its own folder"),
+                (synthetic or None, "--synthetic", "a resumed run keeps the data its recipe.toml names")):
+            if given is not None:
+                raise ConfigError(f"run: {flag} and --resume {resume}: give one, not both ({why})")
+    if run_dir is not None and runs_dir is not None:
+        raise ConfigError(f"run: --run-dir {run_dir} and --runs-dir {runs_dir}: give one, not both (--run-dir is "
+                          f"the exact run folder, --runs-dir the folder a new run folder is made in)")
+
+
 def _override_list(overrides: Overrides) -> list[str]:
     if isinstance(overrides, Mapping):
         from .recipe.toml_writer import toml_value
@@ -200,8 +217,6 @@ def _load(recipe: RecipeLike, overrides: list[str], synthetic: bool, resume: str
                                   "not to an already loaded recipe")
             return recipe, None
         return load_recipe(recipe, overrides=overrides, synthetic=synthetic, loggers=loggers), None
-    if recipe is not None:
-        raise ConfigError("run: give a RECIPE or a run folder to resume, not both")
     from .engine.checkpoint import check_recipe, checkpoint_meta, recipe_sha256
 
     # Every check before the first write: a refused resume leaves the run folder as it was.

@@ -36,8 +36,8 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from ..runner import run_recipe
 
-    # With --resume the run folder's own recipe is run (a RECIPE given as well is ignored).
-    result = run_recipe(None if args.resume else args.recipe, overrides=args.set or [], synthetic=args.synthetic,
+    # Contradicting arguments (RECIPE with --resume, --run-dir with --runs-dir...) are refused there.
+    result = run_recipe(args.recipe, overrides=args.set or [], synthetic=args.synthetic,
                         run_dir=args.run_dir, runs_dir=args.runs_dir, resume=args.resume, quiet=args.quiet,
                         loggers=args.logger)
     if is_rank_zero():

@@ -1,13 +1,22 @@
-"""``mtlkit sweep``: run recipes over a grid of overrides, then compare the runs."""
+"""``mtlkit sweep``: run recipes over a grid of overrides, then compare the runs.
+
+Every check is made before the first run trains (and by ``--dry-run``): each combination's
+recipe loads and passes what ``mtlkit run`` checks before it writes (model, data, weighting,
+first sample), the run names are plain, distinct folder names whose folders do not exist
+yet, ``--last``, ``--baseline`` and ``--out`` are usable. A bad combination found after
+others had trained would leave a partial sweep folder that a rerun cannot write into.
+"""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import re
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..rundir import check_run_dir
+from ..errors import ConfigError, MtlkitError
+from ..rundir import check_run_dir, precheck_new_run_dir
 
 
 def register_commands(register) -> None:
@@ -32,9 +41,19 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the runs without training")
 
 
-def grid_combinations(grid: list[str]) -> list[list[str]]:
-    """--grid specs -> one list of --set overrides per combination (cartesian product)."""
-    axes = []
+def _key(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split("=", 1)[0].split("."))
+
+
+def _covers(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
+    return inner[:len(outer)] == outer
+
+
+def grid_combinations(grid: list[str], sets: list[str] = ()) -> list[list[str]]:
+    """--grid specs -> one list of --set overrides per combination (cartesian product).
+    A key swept twice (or inside another swept key), or one the --grid would overwrite a
+    --set of, is refused: one of the two would be silently ignored."""
+    axes, swept = [], {}
     for spec in grid:
         if "=" not in spec:
             raise ConfigError(f"--grid '{spec}': expected KEY[+KEY]=V1,V2,...")
@@ -42,35 +61,96 @@ def grid_combinations(grid: list[str]) -> list[list[str]]:
         values = [v for v in values.split(",") if v != ""]
         if not values:
             raise ConfigError(f"--grid '{spec}': no values")
+        for k in keys.split("+"):
+            key = _key(k)
+            if not all(key):
+                raise ConfigError(f"--grid '{spec}': empty key")
+            for other, other_spec in swept.items():
+                if _covers(other, key) or _covers(key, other):
+                    same = "is swept twice" if other == key else f"overlaps '{'.'.join(other)}'"
+                    raise ConfigError(f"--grid '{spec}': key '{'.'.join(key)}' {same} "
+                                      f"(also in --grid '{other_spec}'); give each key once")
+            for s in sets:
+                if _covers(key, _key(s)):
+                    raise ConfigError(f"--grid '{spec}': key '{'.'.join(key)}' would overwrite --set {s}")
+            swept[key] = spec
         axes.append([[f"{k}={v}" for k in keys.split("+")] for v in values])
     return [sum(combo, []) for combo in itertools.product(*axes)] if axes else [[]]
 
 
-def sweep_command(args: argparse.Namespace) -> int:
+def _tag(overrides: list[str]) -> str:
+    """The run-name suffix of a combination: its values (once for keys swept together), with
+    anything that could not stand in one folder name (separators, '..') replaced by '_'."""
+    values = [o.split("=", 1)[1].strip().strip("'\"") for o in overrides]
+    tag = "-".join(dict.fromkeys(values))
+    return re.sub(r"\.\.+", "_", re.sub(r"[^\w.+=-]+", "_", tag))
+
+
+def _check_out(out: Path) -> None:
+    """The table's files (``out``.md, ``out``.csv) can be written: not folders, and their
+    folder exists or can be made (the sweep makes it once the runs are done)."""
+    for path in (out.with_suffix(".md"), out.with_suffix(".csv")):
+        if path.is_dir():
+            raise ConfigError(f"--out {out}: {path} is a folder")
+    anc = Path(os.path.abspath(out.parent))
+    while not os.path.lexists(anc):
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"--out {out}: cannot write there, {anc} is a file")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write there, {anc} is not writable")
+
+
+def plan_sweep(args: argparse.Namespace, runs_dir: Path) -> list[tuple[str, list[str], str, object]]:
+    """``(recipe, overrides, run name, loaded recipe)`` per run, after every check."""
+    from ..preflight import prepare
     from ..recipe.loader import load_recipe
+
+    if args.last < 1:
+        raise ConfigError(f"sweep --last: {args.last}, expected at least 1")
+    combos = grid_combinations(args.grid, args.set)
+    for b in args.baseline:  # before any run: a missing baseline must not waste a sweep
+        check_run_dir(Path(b))
+    plan, errors, names = [], [], {}
+    for spec in args.recipes:
+        for overrides in combos:
+            loaded = load_recipe(spec, overrides=list(args.set), grid=overrides, synthetic=args.synthetic)
+            tag = _tag(overrides)
+            name = f"{loaded.name}{'-' + tag if tag else ''}"
+            given = f"{spec}{''.join(' --grid ' + o for o in overrides)}"
+            label = f"sweep run {name} ({given})"
+            if name in names:
+                errors.append(f"sweep: run name '{name}' twice ({names[name]}; {given}): each run needs its own "
+                              f"name, which the swept values give")
+                continue
+            names[name] = given
+            try:
+                precheck_new_run_dir(runs_dir / "sweep" / name)
+                prepare(loaded, probe=True)  # what `mtlkit run` checks before it writes anything
+            except MtlkitError as exc:
+                errors += [f"{label}: {line}" for line in str(exc).splitlines()]
+            plan.append((spec, list(args.set) + overrides, name, loaded))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    _check_out(Path(args.out) if args.out else runs_dir / "sweep" / "compare")
+    return plan
+
+
+def sweep_command(args: argparse.Namespace) -> int:
     from ..runner import run_recipe
     from .compare import compare_runs
 
-    plan = []
-    for spec in args.recipes:
-        for overrides in grid_combinations(args.grid):
-            all_sets = list(args.set) + overrides
-            loaded = load_recipe(spec, overrides=all_sets, synthetic=args.synthetic)  # validate all first
-            values = [o.split("=", 1)[1].strip("'\"") for o in overrides]
-            tag = "-".join(dict.fromkeys(values))  # keys swept together share one value
-            plan.append((spec, all_sets, f"{loaded.name}{'-' + tag if tag else ''}"))
-    for b in args.baseline:  # before any run: a missing baseline must not waste a sweep
-        check_run_dir(Path(b))
-    for spec, sets, name in plan:
+    runs_dir = Path(args.runs_dir or "runs")
+    plan = plan_sweep(args, runs_dir)
+    for spec, sets, name, _ in plan:
         print(f"{name}: {spec} {' '.join('--set ' + s for s in sets)}")
     if args.dry_run:
         return 0
-    runs_dir = Path(args.runs_dir or "runs")
     finished = []
-    for spec, sets, name in plan:
-        result = run_recipe(spec, overrides=sets, synthetic=args.synthetic, run_dir=runs_dir / "sweep" / name,
-                            quiet=args.quiet)
+    for spec, sets, name, loaded in plan:
+        result = run_recipe(loaded, run_dir=runs_dir / "sweep" / name, quiet=args.quiet)
         print(f"run folder: {result.run_dir}")
         finished.append(result.run_dir)
-    return compare_runs(finished, last=args.last, baselines=args.baseline,
-                        out=args.out or str(runs_dir / "sweep" / "compare"))
+    out = Path(args.out) if args.out else runs_dir / "sweep" / "compare"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return compare_runs(finished, last=args.last, baselines=args.baseline, out=str(out))

@@ -17,6 +17,7 @@ from ..errors import ConfigError, MtlkitError, did_you_mean
 from ..plugin_manager import get_plugin_manager
 from .errors import format_validation_errors
 from .paper import paper_checks
+from .checks import cross_checks, located, logger_paths, plugin_list
 from .schema import Recipe
 from .toml_writer import dumps
 
@@ -60,13 +61,13 @@ def find_recipe(spec: str | Path) -> Path:
     )
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"--set '{text}': expected key.path=value")
+        raise ConfigError(f"{flag} '{text}': expected key.path=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set '{text}': empty key")
+        raise ConfigError(f"{flag} '{text}': empty key")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -74,11 +75,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], flag: str = "--set") -> dict[str, Any]:
     """Set each KEY.PATH=VALUE. A new ``name`` for a component drops the old component's
-    ``params`` (they were its own), so that any params of the new one come from overrides."""
+    ``params`` (they were its own), so that any params of the new one come from overrides.
+    ``flag`` names where the overrides came from in error messages (--set, --grid)."""
     data = copy.deepcopy(data)
-    parsed = [(text, *parse_override(text)) for text in overrides]
+    parsed = [(text, *parse_override(text, flag)) for text in overrides]
     components = {location: ref for _, location, ref in _raw_component_refs(data)}
     for _, keys, value in parsed:
         ref = components.get(".".join(keys[:-1]))
@@ -89,7 +91,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set '{text}': '{k}' is not a table")
+                raise ConfigError(f"{flag} '{text}': '{k}' is not a table")
             node = nxt
         node[keys[-1]] = value
     return data
@@ -142,30 +144,37 @@ def _raw_component_refs(raw: dict[str, Any]):
             yield "logger", f"loggers.{i}", ref
 
 
-def override_origin(overrides: list[str]) -> Callable[[str], str | None]:
-    """``origin(path)``: the last ``--set`` that wrote the field at a dotted TOML path (or a
-    table holding it), for error messages; None when the recipe file did."""
+def override_origin(overrides: list[tuple[str, str]], base: Any = None) -> Callable[[str], str | None]:
+    """``origin(path)``: the last override (``(flag, text)``: ``--set``, ``--grid``) that wrote
+    the field at a dotted TOML path (or a table holding it, or, when the recipe file ``base``
+    lacks the field, a key inside it: ``--set nonexist.x=1`` made ``nonexist``), for error
+    messages; None when the recipe file did."""
     written = []
-    for text in overrides:
+    for flag, text in overrides:
         try:
-            written.append((text, parse_override(text)[0]))
+            written.append((f"{flag} {text}", parse_override(text, flag)[0]))
         except ConfigError:
             continue
 
+    def in_file(parts: list[str]) -> bool:
+        node = base
+        for p in parts:
+            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
+                node = node[int(p)]
+            elif isinstance(node, dict) and p in node:
+                node = node[p]
+            else:
+                return False
+        return True
+
     def origin(path: str) -> str | None:
         parts = path.split(".")
-        for text, keys in reversed(written):
-            if parts[:len(keys)] == keys:
-                return f"--set {text}"
+        for source, keys in reversed(written):
+            if parts[:len(keys)] == keys or (keys[:len(parts)] == parts and not in_file(parts)):
+                return source
         return None
 
     return origin
-
-
-def _line(where: str, origin: Callable[[str], str | None], table: str, field: str, msg: str) -> str:
-    """``where [table] field: msg``, named after the --set that wrote the field if one did."""
-    source = origin(f"{table}.{field}")
-    return f"{source}: [{table}] {field}: {msg}" if source else f"{where} [{table}] {field}: {msg}"
 
 
 def _set_path(d: dict[str, Any], location: str, value: Any) -> None:
@@ -220,13 +229,14 @@ def use_synthetic(data: dict[str, Any]) -> dict[str, Any]:
     overrides = data.pop("synthetic_overrides", []) or []
     if not isinstance(overrides, list):
         raise ConfigError("synthetic_overrides: expected a list of KEY.PATH=VALUE strings")
-    return apply_overrides(data, [str(o) for o in overrides])
+    return apply_overrides(data, [str(o) for o in overrides], "synthetic_overrides")
 
 
 def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, synthetic: bool = False,
-                loggers: list[str] | None = None) -> LoadedRecipe:
+                loggers: list[str] | None = None, grid: list[str] | None = None) -> LoadedRecipe:
     """Read, override, validate. Raises ConfigError listing every problem, one per line.
-    ``loggers``: names of loggers to add (``mtlkit run --logger NAME``)."""
+    ``loggers``: names of loggers to add (``mtlkit run --logger NAME``); ``grid``: overrides
+    applied after ``overrides``, named ``--grid`` in errors (``mtlkit sweep``)."""
     if isinstance(spec, dict):
         path, raw, where = None, spec, "<recipe>"
     else:
@@ -234,21 +244,25 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
         raw, where = read_toml(path), str(spec) if Path(spec).is_file() else str(path)
     if synthetic:  # the stand-in's own overrides first, so that --set still wins
         raw = use_synthetic(raw)
-    raw = apply_overrides(raw, overrides or [])
+    base = raw
+    raw = apply_overrides(apply_overrides(raw, overrides or []), grid or [], "--grid")
+    origin = override_origin([("--set", o) for o in overrides or []] + [("--grid", o) for o in grid or []], base)
 
     pm = get_plugin_manager()
     errors: list[str] = []
-    for i, plugin in enumerate(raw.get("plugins", []) or []):
-        spec_text = str(plugin)
+    plugins = plugin_list(raw, where, origin)
+    plugin_where = f"{origin('plugins')}:" if origin("plugins") else where
+    for plugin in plugins:
+        spec_text = plugin
         if path is not None and (spec_text.endswith(".py") or "/" in spec_text):
             spec_text = str((path.parent / spec_text).resolve()) if not Path(spec_text).is_absolute() else spec_text
         try:
-            pm.load_module(spec_text, where=f"{where} [plugins] {plugin}")
+            pm.load_module(spec_text, where=f"{plugin_where} [plugins] {plugin}")
         except MtlkitError as exc:
             errors.append(str(exc))
 
     recipe = None
-    raw, origin = add_loggers(raw, list(loggers or []), override_origin(overrides or []))
+    raw, origin = add_loggers(raw, list(loggers or []), origin)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -265,7 +279,7 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
         try:
             component = registry.get(kind, name)
         except MtlkitError as exc:
-            errors.append(_line(where, origin, location, "name", str(exc)))
+            errors.append(located(where, origin, location, "name", str(exc)))
             continue
         try:
             validated = component.params.model_validate(params)
@@ -278,54 +292,9 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | None = None, syn
     if recipe is None:
         raise ConfigError("\n".join(errors))
 
-    errors.extend(_cross_checks(recipe, where, origin))
+    errors.extend(cross_checks(recipe, where, origin))
+    errors.extend(logger_paths(resolved, where, origin))
     errors.extend(paper_checks(recipe, where, registry, origin))
     if errors:
         raise ConfigError("\n".join(errors))
     return LoadedRecipe(recipe=recipe, path=path, resolved=resolved)
-
-
-def _cross_checks(recipe: Recipe, where: str, origin: Callable[[str], str | None]) -> list[str]:
-    errors = []
-    tasks = list(recipe.tasks)
-    with_data = [t for t, ref in recipe.tasks.items() if ref.data is not None]
-    if recipe.data is None and len(with_data) != len(tasks):
-        missing = [t for t in tasks if t not in with_data]
-        errors.append(
-            f"{where} [data] missing: give one [data] section (one-to-many) or a [tasks.<name>.data] "
-            f"for every task (many-to-many); tasks without data: {', '.join(missing)}"
-        )
-    if recipe.data is not None and with_data:
-        errors.append(f"{where} [tasks.{with_data[0]}.data]: not allowed together with a top-level [data] section")
-    for t in recipe.model.heads:
-        if t not in recipe.tasks:
-            errors.append(_line(where, origin, "model.heads", t, f"not a task{did_you_mean(t, tasks)}"))
-    best = recipe.training.best_metric
-    if best and best.split("/", 1)[0] not in recipe.tasks:
-        task = best.split("/", 1)[0]
-        errors.append(_line(where, origin, "training", "best_metric", f"'{best}' must be 'task/metric' with a task "
-                            f"of this recipe{did_you_mean(task, tasks)} (tasks: {', '.join(tasks)})"))
-    for t in recipe.baselines:
-        if t not in recipe.tasks:
-            errors.append(_line(where, origin, "baselines", t, f"not a task{did_you_mean(t, tasks)}"))
-    for i, stage in enumerate(recipe.training.stages):
-        for d in stage.domains or []:
-            if recipe.data is not None:
-                errors.append(f"{where} training.stages[{i}].domains: domain subsets apply to many-to-many "
-                              f"recipes (a [tasks.<name>.data] per task) only")
-                break
-            if d not in recipe.tasks:
-                errors.append(f"{where} training.stages[{i}].domains: '{d}' is not a task"
-                              f"{did_you_mean(d, tasks)} (tasks: {', '.join(tasks)})")
-    if recipe.training.train_on == "train+val":
-        refs = [("data", recipe.data)] if recipe.data is not None else \
-            [(f"tasks.{t}.data", r.data) for t, r in recipe.tasks.items() if r.data is not None]
-        for location, ref in refs:
-            if ref.val_split is None:
-                errors.append(_line(where, origin, "training", "train_on", f"'train+val' joins each data set's "
-                                    f"val split to its train split, and [{location}] has none"))
-    names = [ref.name for ref in recipe.loggers]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            errors.append(_line(where, origin, f"loggers.{i}", "name", f"logger '{name}' is listed twice"))
-    return errors

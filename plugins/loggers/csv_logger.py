@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from mtlkit.atomic import atomic_write_text
 from mtlkit.engine.loggers import Logger, Position, kept, scalars
 from mtlkit.hookspecs import hookimpl
+from mtlkit.recipe.schema import run_folder_entry_problem
 from mtlkit.registry import Params
 
 COLUMNS = ("type", "epoch", "global_step", "tag", "value")
@@ -30,8 +31,11 @@ class CsvParams(Params):
     @field_validator("file")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not v.endswith(".csv") or Path(v).name != v or v.startswith("."):
+        if not v.endswith(".csv") or Path(v).name != v or v.startswith(".") or "\\" in v:
             raise ValueError(f"'{v}' must be a plain file name ending in .csv (it is written in the run folder)")
+        problem = run_folder_entry_problem(v, "file name")  # none of the run's own files ends in .csv today
+        if problem:
+            raise ValueError(problem)
         return v
 
 

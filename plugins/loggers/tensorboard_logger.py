@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from mtlkit.engine.loggers import Logger, Position, scalars
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
+from mtlkit.recipe.schema import run_folder_entry_problem
 from mtlkit.registry import Params
 
 
@@ -32,8 +33,9 @@ class TensorBoardParams(Params):
     @field_validator("dir")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not v or Path(v).name != v or v in (".", ".."):
-            raise ValueError(f"'{v}' must be a plain folder name (it is made in the run folder)")
+        problem = run_folder_entry_problem(v, "folder name")
+        if problem or Path(v).name != v:
+            raise ValueError(problem or f"'{v}' must be a plain folder name (it is made in the run folder)")
         return v
 
 
