@@ -204,7 +204,7 @@ class MetaShy(Backbone):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
         self.out_channels, self.out_stride, self.feature_info = 4, 1, []
-        float(self.conv.weight.sum())  # reads a value: impossible on the meta device
+        float(self.conv.weight.detach().sum())  # reads a value: impossible on the meta device
 
     def forward(self, x):
         return self.conv(x)
