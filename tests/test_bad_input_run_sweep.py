@@ -177,3 +177,11 @@ def test_a_field_the_file_has_is_still_blamed_on_the_file(work, capsys):
     recipe.write_text(builtin_recipes()["shapes"].read_text() + "\n[nonexist]\ny = 1\n")
     line = one_line(capsys, ["validate", str(recipe), "--set", "nonexist.x=1"], "nonexist", "unknown field")
     assert line.startswith(f"error: {recipe}")
+
+
+def test_a_folder_given_as_the_recipe_is_named_a_folder(tmp_path, capsys):
+    from mtlkit.cli import main
+
+    assert main(["validate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: recipe '{tmp_path}' is a folder: give a recipe file (.toml) or a built-in recipe's name"]

@@ -55,6 +55,8 @@ def find_recipe(spec: str | Path) -> Path:
     key = str(spec).removesuffix(".toml").removeprefix("recipes/")
     if key in shipped:
         return shipped[key]
+    if path.is_dir():
+        raise ConfigError(f"recipe '{spec}' is a folder: give a recipe file (.toml) or a built-in recipe's name")
     raise ConfigError(
         f"recipe '{spec}' not found: no such file and no built-in recipe of that name"
         f"{did_you_mean(key, shipped)} (built-in: {', '.join(shipped) or 'none'})"
