@@ -134,3 +134,12 @@ def test_usage_errors_are_one_line(refused, args, needles):
 def test_help_still_exits_zero(capsys):
     assert main(["data", "synth-scenes", "--help"]) == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_fetch_retries_must_be_a_small_whole_number(tmp_path, capsys):
+    from mtlkit.cli import main
+
+    assert main(["data", "fetch", "nyuv2", str(tmp_path / "d"), "--retries", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--retries" in err[0] and "from 0 to 100" in err[0], err
+    assert not (tmp_path / "d").exists()

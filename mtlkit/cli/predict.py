@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import int_range
+
 
 def register_commands(register) -> None:
     register("predict", predict_command, configure=_configure_predict,
@@ -49,7 +51,7 @@ def _configure_fetch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download-dir", metavar="DIR",
                    help="where downloads (and partial downloads, resumed later) go (default: ROOT.download)")
     p.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives after unpacking")
-    p.add_argument("--retries", type=int, default=3, help="resume an interrupted download this many times")
+    p.add_argument("--retries", type=int_range(0, 100), default=3, help="resume an interrupted download this many times")
 
 
 def fetch_command(args: argparse.Namespace) -> int:
