@@ -21,6 +21,11 @@ from typing import Any
 from .errors import CheckpointError, ConfigError, DataError
 from .atomic import atomic_write_text  # noqa: F401  (re-exported: the one atomic writer)
 
+# What mtlkit itself writes in a run folder: a logger's file or folder, or a compare table,
+# must not be one of them.
+RUN_FOLDER_ENTRIES = ("recipe.toml", "results.json", "log.jsonl", "checkpoints", "curves.png",
+                      "predictions.png", "attention.png", "submission.zip")
+
 
 def check_run_name(name: str, field: str, where: str) -> str:
     """A run name becomes one folder under the runs folder: no separators, no '..'."""

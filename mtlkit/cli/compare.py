@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ..errors import CheckpointError, ConfigError, MtlkitError, PluginError
 from ..atomic import atomic_write_text, promote, remove_quietly
-from ..rundir import check_run_dir, read_log
+from ..rundir import RUN_FOLDER_ENTRIES, check_run_dir, read_log
 from .output import console
 
 
@@ -227,14 +227,11 @@ def compare_runs(runs: Sequence[str | Path], last: int = 10, baselines: Sequence
 
 
 # -- the written files -----------------------------------------------------------------------
-RUN_FILES = ("recipe.toml", "log.jsonl", "results.json")
-
-
 def check_targets(targets: list[tuple[Path, str, str]], runs: Sequence[str | Path]) -> None:
     """Before any run is read: two outputs at one path, an output that is a folder or a run
     folder's own file, or one whose folder is missing, are one-line errors."""
     seen: dict[str, str] = {}
-    protected = {os.path.realpath(Path(r) / name) for r in runs for name in RUN_FILES}
+    protected = {os.path.realpath(Path(r) / name) for r in runs for name in RUN_FOLDER_ENTRIES}
     checkpoints = [Path(os.path.realpath(Path(r) / "checkpoints")) for r in runs]
     for path, _, flag in targets:
         real = os.path.realpath(path)

@@ -14,11 +14,9 @@ from pydantic import Field, field_validator
 
 from ..engine.config import OptimizerConfig, OutputConfig, ScheduleConfig, TrainingConfig
 from ..registry import Params
+from ..rundir import RUN_FOLDER_ENTRIES
 
 
-# What mtlkit itself writes in a run folder: a logger's own file or folder must not be one of them.
-RUN_FOLDER_ENTRIES = ("recipe.toml", "results.json", "log.jsonl", "checkpoints", "curves.png",
-                      "predictions.png", "attention.png", "submission.zip")
 
 
 def folder_name_problem(name: str) -> str | None:
