@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import ConfigError, did_you_mean
-from .schema import Recipe, folder_name_problem
+from ..rundir import folder_name_problem
+from .schema import Recipe
 
 
 def located(where: str, origin: Callable[[str], str | None], table: str, field: str, msg: str) -> str:

@@ -7,35 +7,13 @@ finite). Component ``params`` are checked later against the plugin's own params 
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Union
 
 from pydantic import Field, field_validator
 
 from ..engine.config import OptimizerConfig, OutputConfig, ScheduleConfig, TrainingConfig
 from ..registry import Params
-from ..rundir import RUN_FOLDER_ENTRIES
-
-
-
-
-def folder_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be one folder's name (a run's name), or None: no path separators, no '..'."""
-    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if not name.strip() or ".." in name or name == "." or "\0" in name or any(s in name for s in seps):
-        return (f"'{name}' must be a plain folder name (no path separators or '..'), "
-                f"it names the run's folder under the runs folder")
-    return None
-
-
-def run_folder_entry_problem(name: str, what: str = "name") -> str | None:
-    """Why ``name`` cannot be a logger's file or folder in the run folder, or None."""
-    if not name or name in (".", "..") or any(s in name for s in ("/", "\\", "\0")):
-        return f"'{name}' must be a plain {what} (it is made in the run folder)"
-    if name.casefold() in RUN_FOLDER_ENTRIES:
-        return (f"'{name}' is one of the run folder's own files or folders "
-                f"({', '.join(RUN_FOLDER_ENTRIES)}); choose another {what}")
-    return None
+from ..rundir import folder_name_problem
 
 
 class ComponentRef(Params):

@@ -19,8 +19,8 @@ from pydantic import Field, field_validator
 from mtlkit.atomic import atomic_write_text
 from mtlkit.engine.loggers import Logger, Position, kept, scalars
 from mtlkit.hookspecs import hookimpl
-from mtlkit.recipe.schema import run_folder_entry_problem
 from mtlkit.registry import Params
+from mtlkit.rundir import run_folder_entry_problem
 
 COLUMNS = ("type", "epoch", "global_step", "tag", "value")
 

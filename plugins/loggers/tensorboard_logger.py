@@ -21,8 +21,8 @@ from pydantic import Field, field_validator
 from mtlkit.engine.loggers import Logger, Position, scalars
 from mtlkit.errors import ConfigError
 from mtlkit.hookspecs import hookimpl
-from mtlkit.recipe.schema import run_folder_entry_problem
 from mtlkit.registry import Params
+from mtlkit.rundir import run_folder_entry_problem
 
 
 class TensorBoardParams(Params):
