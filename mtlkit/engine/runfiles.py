@@ -26,15 +26,17 @@ class JsonlLog(Logger):
     """``log.jsonl``: one JSON record a line, appended and flushed per batch of records.
     Every run writes it (the ``jsonl`` logger names it in recipes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, earlier: list[dict[str, Any]] | None = None) -> None:
         self._fh = None
+        self._earlier = earlier  # the log's records as already read and checked (a resume)
 
     def open(self, run_dir: Path, resume: Position | None) -> None:
         path = run_dir / "log.jsonl"
         if resume is not None and path.is_file():
             # the one log reader: a torn last line is dropped, any other bad line refused
             # (one line naming it) before the log is rewritten
-            keep = [json.dumps(r) for r in read_log(run_dir) if kept(r, resume)]
+            earlier, self._earlier = self._earlier, None
+            keep = [json.dumps(r) for r in (earlier if earlier is not None else read_log(run_dir)) if kept(r, resume)]
             atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
         if self._fh is None:
             self._fh = open(path, "a", encoding="utf-8")
@@ -56,14 +58,14 @@ class RunFiles:
 
     def __init__(self, run_dir: Path | None, writes: bool, loggers=None) -> None:
         self.run_dir, self.writes = run_dir, writes
-        self.run_log = JsonlLog()
+        # a log this run will continue (a resume) is read and checked now, before anything in
+        # the run folder is written (a damaged line is one error naming it, the folder as it
+        # was); the records are kept for the rewrite at open, so the log is read once
+        earlier = read_log(run_dir) if writes and run_dir is not None and (run_dir / "log.jsonl").is_file() else None
+        self.run_log = JsonlLog(earlier)
         # a jsonl logger from the recipe is this same log: one file, written once
         self.loggers = LoggerSet({n: lg for n, lg in named_loggers(loggers).items() if not isinstance(lg, JsonlLog)})
         self._resume: Position | None = None
-        if writes and run_dir is not None and (run_dir / "log.jsonl").is_file():
-            # a log this run will continue (a resume) is checked now, before anything in the
-            # run folder is written: a damaged line is one error naming it, the folder as it was
-            read_log(run_dir)
 
     def open(self) -> None:
         if self.writes:

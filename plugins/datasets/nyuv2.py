@@ -126,7 +126,7 @@ class DenseNpyDataset(Dataset):
             if extra:
                 raise DataError(f"{self.name}: '{folder / f'{extra[0]}.npy'}' has no image/{extra[0]}.npy "
                                 f"(folder '{folder}' holds {len(extra)} extra file(s); image/ holds 0..{n - 1})")
-        self.image_hw = check_image_headers([image_dir / f"{i}.npy" for i in range(n)])
+        check_image_headers([image_dir / f"{i}.npy" for i in range(n)])
         self.length = n if params.limit is None else min(n, params.limit)
 
     def choose_folders(self, split_dir: Path) -> None:
