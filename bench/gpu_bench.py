@@ -55,6 +55,27 @@ from step_time import build as build_segnet_zoo, count_flops  # noqa: E402
 H, W, BATCH = 288, 384, 2
 
 
+# --gpu-lock: rows measured by several processes at once (bench/gpu_rows.sh) compile side by
+# side on the host's CPUs and take turns on the card for their timed steps
+GPU_LOCK: Path | None = None
+
+
+@contextlib.contextmanager
+def card_to_itself():
+    """The timed steps alone on the card: an exclusive lock on GPU_LOCK (none when unset)."""
+    if GPU_LOCK is None:
+        yield
+        return
+    import fcntl
+
+    with open(GPU_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def timed(step, steps: int, warmup: int) -> dict:
     """Median and range (ms, CUDA events) of ``steps`` calls of ``step(i)`` after ``warmup``
     untimed ones; peak memory (GB) over the timed calls, and over the warm-up apart (it holds
@@ -62,19 +83,20 @@ def timed(step, steps: int, warmup: int) -> dict:
     dev = torch.device("cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(dev)
+    for i in range(warmup):
+        step(i)
+    torch.cuda.synchronize()  # steady state from here
+    warm_peak = torch.cuda.max_memory_allocated(dev) / 1e9
     times = []
-    for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        losses = step(i)
-        end.record()
-        if i >= warmup:
+    with card_to_itself():
+        torch.cuda.reset_peak_memory_stats(dev)
+        for i in range(warmup, warmup + steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses = step(i)
+            end.record()
             times.append((start, end))
-        if i == warmup - 1:  # steady state from here
-            torch.cuda.synchronize()
-            warm_peak = torch.cuda.max_memory_allocated(dev) / 1e9
-            torch.cuda.reset_peak_memory_stats(dev)
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
     ms = [s.elapsed_time(e) for s, e in times]
     return {"ms": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms),
             "peak_gb": torch.cuda.max_memory_allocated(dev) / 1e9, "peak_gb_warmup": warm_peak,
@@ -233,7 +255,13 @@ def main(argv=None) -> int:
     ap.add_argument("--core", action="store_true", help="only MTAN plain fp32/bf16, fast bf16 and Split Wide")
     ap.add_argument("--first", type=int, help="only the first N rows of PLAN")
     ap.add_argument("--warm", action="store_true", help="only compile the compiled rows once (see warm())")
+    ap.add_argument("--only", type=lambda v: [int(i) for i in v.split(",")],
+                    help="only these rows of PLAN (0-based, comma-separated), whatever the budget; no peak "
+                         "readings (bench/gpu_rows.sh: one process a row, merged by gpu_report.py --merge)")
+    ap.add_argument("--gpu-lock", type=Path, help="a file to lock while the timed steps run (see card_to_itself)")
     args = ap.parse_args(argv)
+    global GPU_LOCK
+    GPU_LOCK = args.gpu_lock
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -241,6 +269,8 @@ def main(argv=None) -> int:
     plan = [p for p in PLAN if args.rows == "all" or (p[4] is None) == (args.rows == "eager")]
     if args.core or args.first:
         plan = [p for p in plan if p in PLAN[:args.first or CORE]]
+    if args.only:
+        plan = [PLAN[i] for i in args.only]
     from step_time import ARCHS
 
     ARCHS["_fast"] = ("mtan", {"fast": True}, {})
@@ -251,6 +281,9 @@ def main(argv=None) -> int:
         return 0
     if args.rows == "compiled" and (out / "gpu_bench.json").exists():
         res = json.loads((out / "gpu_bench.json").read_text())
+    elif args.only:  # the peaks come from the run these rows are merged into
+        res = {"gpu": gpu_description(), "torch": torch.__version__, "cpu": cpu_description(), "rows": [],
+               "bf16_gemm_tflops": float("nan"), "fp32_gemm_tflops": float("nan")}
     else:
         res = {"gpu": gpu_description(), "torch": torch.__version__, "cpu": cpu_description(), "rows": []}
         res["bf16_gemm_tflops"] = gemm_peak(8192, 5, "cuda", torch.bfloat16)["median"] / 1e3
@@ -271,7 +304,7 @@ def main(argv=None) -> int:
                "baseline": variant == "plain" and prec == "fp32" and comp is None}
         if compiles(p):
             row["cache_warmed"] = row_key(p) in warmed
-        if not fits(expected_seconds(p, warmed)):
+        if not args.only and not fits(expected_seconds(p, warmed)):
             row["error"] = "skipped (time budget)"
         else:
             try:
@@ -282,7 +315,7 @@ def main(argv=None) -> int:
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         write_report(out, res)
-        if not args.core and comp is None and (model, variant, prec) == ("Split Wide SegNet", "plain", "bf16"):
+        if not (args.core or args.only) and comp is None and (model, variant, prec) == ("Split Wide SegNet", "plain", "bf16"):
             if not fits(EXPECTED_SECONDS["decathlon"]):
                 res["decathlon"] = [{"variant": "all", "error": "skipped (time budget)"}]
                 continue

@@ -45,7 +45,9 @@ def markdown(res: dict) -> str:
     peak = res["bf16_gemm_tflops"]
     lines = [f"GPU: {res['gpu']}; torch {res['torch']}; CPU: {res['cpu']}",
              f"bf16 dense GEMM peak measured in this run (8192^3 torch.mm, median): {peak:.0f} TFLOP/s; "
-             f"fp32 (no TF32): {res['fp32_gemm_tflops']:.1f} TFLOP/s", "",
+             f"fp32 (no TF32): {res['fp32_gemm_tflops']:.1f} TFLOP/s"
+             + (f" (read in the run of {res['peaks_from']}; these rows: one process each, compiling side by "
+                "side, their timed steps alone on the card)" if "peaks_from" in res else ""), "",
              "| model | variant | precision | compile | ms/step (median) | vs authors' fp32 | peak GB | TFLOP/s | of bf16 peak |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = {r["model"]: r for r in res["rows"] if r.get("baseline")}
@@ -68,6 +70,8 @@ def markdown(res: dict) -> str:
         lines.append(f"\nDecathlon JPEG loading, num_workers={d['workers']}: {d['images_per_s']:.0f} images/s")
     if "loading_error" in res:
         lines.append(f"\nDecathlon JPEG loading: {res['loading_error']}")
+    if res.get("missing"):
+        lines.append(f"\nno row written by: {', '.join(res['missing'])}")
     t = res.get("tests")
     if t:
         lines.append(f"\ngpu tests (pytest -m gpu): {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
@@ -86,6 +90,30 @@ def write_report(out: Path, res: dict) -> None:
     atomic_write_text(out / "gpu_bench.md", markdown(res))
 
 
+def merge(out: Path, parts: list[Path], peaks_from: Path) -> dict:
+    """The rows of several ``gpu_bench.py --only`` runs (each PART/gpu_bench.json) as one report
+    in OUT, in the order of PLAN, with the card's peaks from ``peaks_from`` (a whole run's
+    gpu_bench.json on the same card); a part whose process died before its first row is named."""
+    from gpu_plan import PLAN
+
+    order = {(p[0], p[2], p[3], p[4]): i for i, p in enumerate(PLAN)}
+    base = json.loads(peaks_from.read_text())
+    res = {k: base[k] for k in ("gpu", "torch", "cpu", "bf16_gemm_tflops", "fp32_gemm_tflops")}
+    res["peaks_from"] = peaks_from.name
+    res["rows"], res["missing"] = [], []
+    for part in parts:
+        path = part / "gpu_bench.json"
+        if not path.exists():
+            res["missing"].append(part.name)
+            continue
+        rows = json.loads(path.read_text())["rows"]
+        res["rows"] += rows
+        res["missing"] += [part.name] if not rows else []
+    res["rows"].sort(key=lambda r: order.get((r["model"], r["variant"], r["precision"], r["compile"]), len(order)))
+    write_report(out, res)
+    return res
+
+
 def fold_in_tests(out: Path) -> dict:
     """The bench's results in OUT (what a killed bench saved, or none) with the results of the
     test shards planned there (OUT/gpu_tests_shard<i>.txt), written back; returns them."""
@@ -100,7 +128,10 @@ def fold_in_tests(out: Path) -> dict:
     return res
 
 
-if __name__ == "__main__":  # bench/gpu_check.sh's last step: python bench/gpu_report.py OUT_DIR
+if __name__ == "__main__":
     import sys
 
-    print(markdown(fold_in_tests(Path(sys.argv[1]))))
+    if sys.argv[1] == "--merge":  # bench/gpu_rows.sh: --merge OUT PEAKS_JSON PART...
+        print(markdown(merge(Path(sys.argv[2]), [Path(a) for a in sys.argv[4:]], Path(sys.argv[3]))))
+    else:  # bench/gpu_check.sh's last step: python bench/gpu_report.py OUT_DIR
+        print(markdown(fold_in_tests(Path(sys.argv[1]))))
