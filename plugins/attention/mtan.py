@@ -151,9 +151,13 @@ class _BuffersRestored:
 
 def checkpointed(fn: Callable, modules: list[nn.Module], *args):
     """``fn(*args)`` under non-reentrant activation checkpointing; the recomputation in the
-    backward pass leaves the BatchNorm buffers of ``modules`` untouched."""
+    backward pass leaves the BatchNorm buffers of ``modules`` untouched. Under torch.compile
+    the plain checkpoint: dynamo cannot trace a custom ``context_fn``, and AOT autograd applies
+    buffer updates once whatever the partitioner recomputes."""
     if not torch.is_grad_enabled():
         return fn(*args)
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False)
     return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _BuffersRestored(modules)))
 
