@@ -259,7 +259,13 @@ def main(argv=None) -> int:
                     help="only these rows of PLAN (0-based, comma-separated), whatever the budget; no peak "
                          "readings (bench/gpu_rows.sh: one process a row, merged by gpu_report.py --merge)")
     ap.add_argument("--gpu-lock", type=Path, help="a file to lock while the timed steps run (see card_to_itself)")
+    ap.add_argument("--memory-fraction", type=float,
+                    help="this process's share of the card's memory (torch.cuda.set_per_process_memory_fraction): "
+                         "processes side by side, each with cuDNN's autotuner trying workspaces of tens of GB, "
+                         "filled an H200 without it")
     args = ap.parse_args(argv)
+    if args.memory_fraction and torch.cuda.is_available():  # (without CUDA each row reports the lack)
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     global GPU_LOCK
     GPU_LOCK = args.gpu_lock
     out = Path(args.out)
@@ -304,6 +310,8 @@ def main(argv=None) -> int:
                "baseline": variant == "plain" and prec == "fp32" and comp is None}
         if compiles(p):
             row["cache_warmed"] = row_key(p) in warmed
+        if args.memory_fraction:
+            row["memory_fraction"] = args.memory_fraction
         if not args.only and not fits(expected_seconds(p, warmed)):
             row["error"] = "skipped (time budget)"
         else:

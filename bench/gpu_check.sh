@@ -17,7 +17,7 @@
 #    --out DIR --budget 1200` measures them all in a longer session).
 # One test at most 100 s where pytest-timeout is installed (a test's own timeout mark wins).
 # Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md (the tests folded in, and those a time
-# limit left unrun), each shard's node ids, junit file and whole log.
+# limit left unrun), and OUT_DIR/gpu_tests.tgz: each shard's node ids, junit file and whole log.
 set -u
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
 PY=${PYTHON:-python3}
@@ -45,7 +45,7 @@ run_tests() {  # LIMIT NAME ARGS...: OUT_DIR/NAME.xml, the whole output in OUT_D
 
 # phase 1: the shards side by side; without a plan (collection failed), every gpu test in one.
 # Nothing of an earlier run in OUT_DIR may pass for this one's.
-rm -f "$OUT_DIR"/gpu_tests_shard* "$OUT_DIR"/gpu_bench.json "$OUT_DIR"/gpu_bench.md \
+rm -f "$OUT_DIR"/gpu_tests_shard* "$OUT_DIR"/gpu_tests.tgz "$OUT_DIR"/gpu_bench.json "$OUT_DIR"/gpu_bench.md \
     "$OUT_DIR"/gpu_bench_warm.json
 if ! $PY bench/gpu_shards.py --shards "$SHARDS" --first bench/gpu_first.txt --out "$OUT_DIR" \
         >"$OUT_DIR/gpu_shards.log" 2>&1; then
@@ -73,4 +73,7 @@ timeout -k 10 "$(left 460)" $PY bench/gpu_bench.py --out "$OUT_DIR" --rows all \
 
 # the report with the test results even when the bench was killed
 $PY bench/gpu_report.py "$OUT_DIR"
+# the shards' node ids, junit files and logs in one archive: a device's copy-back of OUT_DIR
+# takes a limited count of files (8 of 24 came back on 2026-11-28)
+(cd "$OUT_DIR" && tar czf gpu_tests.tgz gpu_tests_shard* && rm -f gpu_tests_shard*)
 echo "gpu_check: $(( $(date +%s) - START )) s"

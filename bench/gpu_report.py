@@ -59,7 +59,8 @@ def markdown(res: dict) -> str:
         b = base.get(r["model"])
         ratio = f"{b['ms'] / r['ms']:.2f}x" if b else ""
         tflops = r["tflop_per_step"] / (r["ms"] / 1e3)
-        lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile'] or 'eager'} | {r['ms']:.1f} "
+        cap = f", memory cap {r['memory_fraction']:.0%}" if r.get("memory_fraction") else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {r['precision']} | {r['compile'] or 'eager'}{cap} | {r['ms']:.1f} "
                      f"({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {ratio} | {r['peak_gb']:.2f} | {tflops:.1f} | "
                      f"{tflops / peak:.3f} |")
     for d in res.get("decathlon", []):

@@ -10,6 +10,9 @@ below against one eager run, as the largest relative gap of any task's loss at e
 - ``eager2``: the same eager run again (what deterministic algorithms leave);
 - ``side stream``: eager, the whole run on a non-default CUDA stream (cuBLAS keeps a
   workspace per stream, and its kernel choice may follow it);
+- ``no cast cache``: eager with autocast's cache of cast weights off, as the graphed run's
+  warm-up and capture have it (a weight used several times in one forward pass is then cast
+  once per use, and its gradient summed in fp32 rather than in bf16);
 - ``lr+1e-6``: eager with the learning rate 1e-6 larger (how training carries a tiny
   difference on).
 Every eager run takes ``capturable`` Adam, the graphed run's optimiser arithmetic.
@@ -40,8 +43,10 @@ def capturable(*args, capturable: bool = False, **kw):
     return build_optimizer(*args, capturable=True, **kw)
 
 
-def losses(recipe: Path, run_dir: Path, overrides: dict, side_stream: bool = False) -> list[dict]:
+def losses(recipe: Path, run_dir: Path, overrides: dict, side_stream: bool = False,
+           autocast_cache: bool = True) -> list[dict]:
     built = mtlkit.build_trainer(str(recipe), run_dir=run_dir, overrides=overrides)
+    built.trainer.train_step.precision.autocast_cache = autocast_cache
     if side_stream:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -83,6 +88,7 @@ def main(argv=None) -> int:
             runs = {"graph": graph,
                     "eager2": losses(recipe, tmp / name / "eager2", base),
                     "side stream": losses(recipe, tmp / name / "side", base, side_stream=cuda),
+                    "no cast cache": losses(recipe, tmp / name / "nocache", base, autocast_cache=False),
                     "lr+1e-6": losses(recipe, tmp / name / "lr", {**base, "optimizer.lr": 1e-3 * (1 + 1e-6)})}
             report[name] = {k: gaps(v, eager) for k, v in runs.items()}
             report[name]["eager losses"] = eager

@@ -199,7 +199,11 @@ def test_gpu_check_script_runs_every_gpu_test_in_its_shards_and_reports_without_
     res = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    plans = sorted(tmp_path.glob("gpu_tests_shard*.txt"))
+    assert not list(tmp_path.glob("gpu_tests_shard*"))  # packed, with the logs and junit files
+    (tmp_path / "x").mkdir()
+    subprocess.run(["tar", "xzf", str(tmp_path / "gpu_tests.tgz"), "-C", str(tmp_path / "x")], check=True)
+    plans = sorted((tmp_path / "x").glob("gpu_tests_shard*.txt"))
+    assert {p.with_suffix(".log").exists() and p.with_suffix(".xml").exists() for p in plans} == {True}
     nodes = [n for p in plans for n in p.read_text().splitlines()]
     assert len(plans) == 2 and len(nodes) == len(set(nodes))
     collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",

@@ -253,13 +253,17 @@ def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
-def train(tmp_path: Path, recipe: Path | str, graph: str, name: str, overrides=None):
+def train(tmp_path: Path, recipe: Path | str, graph: str, name: str, overrides=None, autocast_cache=True):
+    """``autocast_cache=False``: the eager step casts as a graphed run does (every step of one
+    is a warm-up, a capture or a replay, all with autocast's cache off)."""
     if not isinstance(recipe, Path):  # recipe text
         path = tmp_path / f"{name}.toml"
         path.write_text(recipe)
         recipe = path
     built = mtlkit.build_trainer(str(recipe), run_dir=tmp_path / f"{name}-{graph}",
                                  overrides={"training.cuda_graph": graph, **(overrides or {})})
+    if not autocast_cache:  # an eager run's own TrainStep
+        built.trainer.train_step.precision.autocast_cache = False
     built.trainer.fit()
     steps = [r for r in read_log(built.run_dir) if r["type"] == "step"]
     return built.trainer, [(r["domain"], r["losses"]) for r in steps]
@@ -286,12 +290,18 @@ def always_capturable(*args, capturable: bool = False, **kw) -> torch.optim.Opti
     return build_optimizer(*args, capturable=True, **kw)
 
 
-def test_always_capturable_reaches_the_trainers_optimizer(tmp_path, monkeypatch):
-    """The eager side of test_graphed_training_matches_eager really takes capturable Adam."""
+def test_the_eager_side_takes_the_graphed_runs_arithmetic(tmp_path, monkeypatch):
+    """The eager side of test_graphed_training_matches_eager really takes capturable Adam, and
+    its step's autocast runs with the cache off."""
     monkeypatch.setattr(stages, "build_optimizer", always_capturable)
     built = mtlkit.build_trainer(str(dense_recipe(tmp_path, "mtan")), run_dir=tmp_path / "run",
-                                 overrides={"training.device": "cpu", "optimizer.name": "adam"})
+                                 overrides={"training.device": "cpu", "optimizer.name": "adam",
+                                            "training.precision": "bf16"})
     assert built.trainer.optimizer.defaults["capturable"] and not built.trainer.graphs
+    step = built.trainer.train_step
+    assert isinstance(step.precision, Precision) and step.precision.autocast()._cache_enabled is True
+    step.precision.autocast_cache = False  # what train(..., autocast_cache=False) does
+    assert step.precision.autocast()._cache_enabled is False
 
 
 def largest_gap(a, b) -> float:
@@ -301,6 +311,7 @@ def largest_gap(a, b) -> float:
 @gpu
 @pytest.mark.parametrize("weighting_name,precision,optimizer", [
     ("equal", "fp32", "sgd"),
+    ("dwa", "fp32", "adam"),
     ("dwa", "bf16", "adam"),
 ])
 def test_graphed_training_matches_eager(tmp_path, monkeypatch, restore_determinism, weighting_name, precision,
@@ -309,20 +320,24 @@ def test_graphed_training_matches_eager(tmp_path, monkeypatch, restore_determini
     every epoch; DWA's weights move in epoch 3. Every step's losses as the eager run's, to
     within 10x the gap between two eager runs (nll_loss's atomics make those differ too).
 
-    The eager runs take the graphed run's optimiser arithmetic (``capturable`` Adam, its bias
-    correction in fp32 on the device, not in Python floats): training is chaotic, so any
-    rounding difference grows. On a CPU a 1e-6 change of the learning rate moved the losses
-    by 1-3 % within these 15 steps (bf16 Adam, fp32 Adam and fp32 SGD alike), and on an H200
-    (2026-11-28) graphed capturable Adam against eager plain Adam differed by 8 % by then."""
+    The eager runs do the graphed run's arithmetic: ``capturable`` Adam (its bias correction
+    in fp32 on the device) and autocast's cache off. Training is chaotic, so any rounding
+    difference grows: on an H200 (2026-11-28, bench/graph_drift.py) a 1e-6 larger learning
+    rate moved bf16 Adam's losses by 0.3 % at step 3 and 2 % by step 15. With the cache on,
+    a weight used several times in one forward pass (MTAN's shared f convs, once per task)
+    has its gradient summed in bf16 instead of fp32: 4e-5 apart at step 2, 6 % by step 13,
+    the same on that H200's graphs and on a CPU's eager run with the cache off. With the
+    same arithmetic, fp32 graphs stayed within 3.4e-6 of eager (two eager runs: the same)."""
     recipe = dense_recipe(tmp_path, "mtan", weighting_name)  # tests/test_gpu.py's tiny MTAN, 32x32
     overrides = {"data.params.num_train": 18, "training.epochs": 3, "training.deterministic": True,
                  "training.log_interval": 1, "training.precision": precision, "optimizer.name": optimizer,
                  "optimizer.lr": 1e-3, "schedule.name": "step", "schedule.step_size": 1, "schedule.gamma": 0.5}
     trainer, graphed = train(tmp_path, recipe, "on", "graph", overrides)
     monkeypatch.setattr(stages, "build_optimizer", always_capturable)
-    eager_trainer, eager = train(tmp_path, recipe, "off", "eager", overrides)
-    _, eager2 = train(tmp_path, recipe, "off", "eager2", overrides)
+    eager_trainer, eager = train(tmp_path, recipe, "off", "eager", overrides, autocast_cache=False)
+    _, eager2 = train(tmp_path, recipe, "off", "eager2", overrides, autocast_cache=False)
     assert optimizer == "sgd" or eager_trainer.optimizer.defaults["capturable"]
+    assert not eager_trainer.train_step.precision.autocast_cache
     same_losses(graphed, eager, rtol=max(1e-3, 10 * largest_gap(eager2, eager)))
     step = trainer.train_step
     assert isinstance(step, GraphedStep)
