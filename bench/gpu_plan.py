@@ -28,6 +28,11 @@ PLAN = [
     ("MTAN SegNet", "engine", "mtlkit step", "bf16", "cuda-graph", False),
     ("Split Wide SegNet", "split-wide", "plain", "fp32", None, False),
     ("Split Wide SegNet", "split-wide", "plain", "bf16", None, False),  # then the Decathlon and loading rows
+    # not yet measured on a GPU (2026-11-28: the first failed in dynamo, since fixed; the other
+    # two ran out of memory beside eleven other processes)
+    ("MTAN SegNet", "_lean", "memory_efficient", "bf16", "reduce-overhead", False),
+    ("MTAN SegNet", "mtan", "plain", "bf16", "reduce-overhead", False),
+    ("MTAN SegNet", "_fast", "fast", "bf16", "default", False),
     ("MTAN SegNet", "engine-fast-cl-compile", "mtlkit step, fast + channels-last + inductor", "bf16", None, True),
     ("MTAN SegNet", "engine-compile", "mtlkit step, inductor", "bf16", "cuda-graph", False),
     ("MTAN SegNet", "_fast", "fast", "bf16", "reduce-overhead", False),
@@ -42,12 +47,9 @@ PLAN = [
     ("MTAN SegNet", "_lean", "memory_efficient", "bf16", None, False),
     ("MTAN SegNet", "_fast", "fast", "fp32", None, False),
     ("MTAN SegNet", "_fast", "fast + channels-last", "bf16", None, True),
-    ("MTAN SegNet", "mtan", "plain", "bf16", "reduce-overhead", False),
     ("MTAN SegNet", "mtan", "plain", "fp32", "reduce-overhead", False),
     ("Split Wide SegNet", "split-wide", "plain", "bf16", "reduce-overhead", False),
     ("MTAN SegNet", "mtan", "plain", "bf16", "default", False),
-    ("MTAN SegNet", "_fast", "fast", "bf16", "default", False),
-    ("MTAN SegNet", "_lean", "memory_efficient", "bf16", "reduce-overhead", False),
     ("Split Wide SegNet", "split-wide", "plain", "fp32", "reduce-overhead", False),
 ]
 CORE = 12  # --core: the first rows of PLAN

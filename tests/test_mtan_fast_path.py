@@ -211,3 +211,30 @@ def test_memory_efficient_under_torch_compile_matches_the_loop():
     assert_same(plain.train(), eff, torch.randn(2, 3, 32, 64), run_fast=compiled)
     nb = {n: int(b) for n, b in eff.named_buffers() if n.endswith("num_batches_tracked")}
     assert nb["shared_f.0.1.num_batches_tracked"] == 6  # two steps, once per task each
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)  # inductor compiles forward and backward first
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_memory_efficient_compiles_with_inductor_on_cuda():
+    """The H200 bench's memory_efficient + torch.compile row failed in dynamo (2026-11-28):
+    the same in train mode with inductor on CUDA (fp32, no TF32), two steps against the plain
+    loop: outputs, gradients, running statistics and batch counts."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        plain, eff = twin({"memory_efficient": True})
+        plain, eff = plain.cuda().train(), eff.cuda().train()
+        compiled = torch.compile(eff)
+        x = torch.randn(2, 3, 32, 64, device="cuda")
+        for _ in range(2):
+            a, b = step(plain, x), step(compiled, x)
+            for t in a:
+                assert ((a[t] - b[t]).norm() / a[t].norm()) < 1e-4, t
+        ga = torch.cat([p.grad.reshape(-1) for p in plain.parameters() if p.grad is not None])
+        gb = torch.cat([p.grad.reshape(-1) for p in eff.parameters() if p.grad is not None])
+        assert ((ga - gb).norm() / ga.norm()) < 1e-3
+        ba, bb = dict(plain.named_buffers()), dict(eff.named_buffers())
+        for name in ba:
+            assert torch.allclose(ba[name].float(), bb[name].float(), rtol=1e-3, atol=1e-5), name
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
