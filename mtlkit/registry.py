@@ -8,7 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError, MtlkitError, PluginError, UnknownComponentError, did_you_mean
 
@@ -18,6 +19,9 @@ KINDS: tuple[str, ...] = ("backbone", "head", "attention", "weighting", "task", 
 class Params(BaseModel):
     """Base of every params model and recipe section: unknown keys are errors, and no float
     field takes NaN or +-inf (they pass every bound but fail, or silently diverge, at run time).
+    A number field takes no true/false and no text, a true/false field no number and no text:
+    TOML values carry their type, and pydantic's lax mode would read ``batch_size = true`` as
+    1 and ``epochs = "3"`` as 3 (see :func:`scalar_mismatch`).
 
     A registered params model that does not subclass this one gets the finite rule anyway
     (see :func:`finite_params`), so third-party plugins follow it too.
@@ -25,9 +29,62 @@ class Params(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _typed_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        field_info = cls.model_fields.get(info.field_name) if info.field_name else None
+        problem = scalar_mismatch(field_info.annotation, value) if field_info is not None else None
+        if problem:
+            raise PydanticCustomError("scalar_type", problem)
+        return value
+
 
 class NoParams(Params):
     """The params model of a component that takes no parameters."""
+
+
+_NUMBERS, _BOOL = frozenset({int, float}), frozenset({bool})
+
+
+def _scalar_leaves(annotation: Any) -> set[type] | None:
+    """The scalar types a field's annotation admits (Literal values by their type), or None
+    when it admits anything else too (text-like types, models, containers, Any)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _scalar_leaves(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return {type(v) for v in typing.get_args(annotation)}
+    if origin is typing.Union or (origin is None and type(annotation).__name__ == "UnionType"):
+        leaves: set[type] = set()
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                continue
+            sub = _scalar_leaves(arg)
+            if sub is None:
+                return None
+            leaves |= sub
+        return leaves
+    if annotation in (int, float, bool, str):
+        return {annotation}
+    return None
+
+
+def scalar_mismatch(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` may not fill a field of ``annotation``, or None: true/false where only
+    numbers (or text) go, text where only numbers or true/false go, a number where only
+    true/false go. Fields that admit other types (paths, models, lists, Any) are not judged."""
+    leaves = _scalar_leaves(annotation)
+    if not leaves:
+        return None
+    admits = " or ".join(sorted({"a number" if t in _NUMBERS else "true/false" if t is bool else "text"
+                                 for t in leaves}))
+    if isinstance(value, bool):
+        return None if bool in leaves else f"expected {admits}, got {str(value).lower()}"
+    if isinstance(value, str):
+        return None if str in leaves else f"expected {admits}, got the text {value!r}"
+    if isinstance(value, (int, float)) and bool in leaves and not leaves & _NUMBERS:
+        return f"expected {admits}, got the number {value!r}"  # lax mode reads 0 and 1 as false and true
+    return None
 
 
 def finite_params(model: type[BaseModel]) -> type[BaseModel]:

@@ -15,7 +15,7 @@ from mtlkit.cli import main
 from mtlkit.plugin_manager import get_registry
 from mtlkit.recipe.loader import load_recipe
 from mtlkit.recipe.schema import Recipe
-from mtlkit.registry import Params, Registry
+from mtlkit.registry import Params, Registry, _scalar_leaves, scalar_mismatch
 
 ONE_TO_MANY = """
 [model.backbone]
@@ -137,13 +137,52 @@ def test_every_float_field_refuses_nan_and_inf():
             ("NashMTLParams", "ridge")} <= fields, sorted(fields)
 
 
+def test_every_number_and_switch_field_refuses_values_of_another_type():
+    """TOML values carry their type: no field reads true as 1, 1 as true or "3" as 3 (pydantic's
+    lax mode would); every section and built-in params model, each field by its annotation."""
+    models: set = set()
+    _models(Recipe, models)
+    for component in get_registry().list():
+        _models(component.params, models)
+    checked, accepted = set(), []
+    for model in models:
+        for name, info in model.model_fields.items():
+            leaves = _scalar_leaves(info.annotation)
+            if not leaves or str in leaves:
+                continue
+            wrong = ([True, False, "1", "0.5"] if not leaves - {int, float} else
+                     [1, 0, "true"] if leaves == {bool} else [])
+            for value in wrong:
+                checked.add((model.__name__, name))
+                errors = _field_errors(model, name, value)
+                if not errors:
+                    accepted.append(f"{model.__name__}.{name} = {value!r}")
+                elif isinstance(value, bool) or isinstance(value, str):
+                    assert errors[0]["type"] in ("scalar_type", "literal_error"), errors
+    assert not accepted, accepted
+    assert {("TrainingConfig", "batch_size"), ("TrainingConfig", "deterministic"), ("OptimizerConfig", "lr"),
+            ("SegNetParams", "width"), ("DWAParams", "temperature")} <= checked, sorted(checked)
+
+
+def test_the_scalar_rule_names_what_the_field_takes():
+    from typing import Literal, Optional
+
+    assert scalar_mismatch(int, True) == "expected a number, got true"
+    assert scalar_mismatch(Optional[float], "3") == "expected a number, got the text '3'"
+    assert scalar_mismatch(bool, 1) == "expected true/false, got the number 1"
+    assert scalar_mismatch(bool | Literal["auto"], 0) == "expected text or true/false, got the number 0"
+    for annotation, value in ((float | Literal["auto"], "auto"), (int, 3), (float, 2), (bool, False),
+                              (Path, "x"), (list[int], True), (typing.Any, "x"), (bool | Literal["auto"], True)):
+        assert scalar_mismatch(annotation, value) is None, (annotation, value)
+
+
 def test_every_section_and_builtin_params_model_is_a_params():
     models: set = set()
     _models(Recipe, models)
     for component in get_registry().list():
         _models(component.params, models)
     assert all(m.model_config.get("allow_inf_nan") is False for m in models)
-    assert all(issubclass(m, Params) for m in models if m.__module__.startswith("mtlkit.recipe"))
+    assert all(issubclass(m, Params) for m in models if m.__module__.startswith("mtlkit."))
 
 
 def test_a_third_party_params_model_gets_the_rule():

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
 from mtlkit import hookimpl
 from mtlkit.contracts import Backbone, MetricState, MultiTaskNetwork, Tap, Task, Weighting
+from mtlkit.registry import Params
 
 
 # -- a backbone: two convolutions, honouring the feature contract ---------------------------
-class TinyConvParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TinyConvParams(Params):  # unknown keys, NaN and mistyped values are errors
     width: int = Field(8, ge=1, description="channels of both convolutions")
 
 
@@ -82,8 +82,7 @@ class MSEState(MetricState):
         return {"mse": float(self.state["sq"] / self.state["n"])}
 
 
-class RegressionParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RegressionParams(Params):
     target: str = "brightness"
 
 
@@ -118,8 +117,7 @@ class LossShare(Weighting):
 
 
 # -- a data set: random images; targets are per-pixel brightness and its negative -----------
-class NoiseParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NoiseParams(Params):
     size: int = Field(8, ge=2)
     n: int = Field(16, ge=1)
 

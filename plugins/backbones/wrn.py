@@ -29,17 +29,17 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from mtlkit.contracts import StagedBackbone, Tap
 from mtlkit.domains import domain_specific_or_shared
 from mtlkit.hookspecs import hookimpl
 from mtlkit.init import xavier_init
+from mtlkit.registry import Params
 
 
-class WRNParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WRNParams(Params):
     depth: int = Field(28, ge=10, description="total depth; (depth - 4) must divide by 6")
     widen_factor: int = Field(4, ge=1)
     in_channels: int = Field(3, ge=1)
