@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from .errors import os_reason
+
 
 def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: a whole number from ``low`` to ``high`` (None: no upper bound)."""
@@ -55,7 +57,7 @@ def new_folder(text: str) -> str:
         try:
             empty = not any(path.iterdir())
         except OSError as exc:
-            raise argparse.ArgumentTypeError(f"'{text}': cannot read the folder ({exc.strerror or exc})") from None
+            raise argparse.ArgumentTypeError(f"'{text}': cannot read the folder ({os_reason(exc)})") from None
         if not empty:
             raise argparse.ArgumentTypeError(f"'{text}' is a folder that is not empty; give a new or empty folder")
     elif path.exists() or path.is_symlink():

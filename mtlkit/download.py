@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .atomic import promote, remove_quietly
-from .errors import DataError
+from .errors import DataError, os_reason
 
 CHUNK = 1 << 20
 LOCAL_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)  # file:// URLs
@@ -110,7 +110,7 @@ def download(url: str, dest: str | os.PathLike, size: int | None = None, sha256:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"{dest.parent}: cannot create the download folder ({exc.strerror or exc})") from None
+        raise DataError(f"{dest.parent}: cannot create the download folder ({os_reason(exc)})") from None
     part = dest.with_name(dest.name + ".part")
     if part.exists() and size is not None and part.stat().st_size > size:
         remove_quietly(part)  # longer than the published file: not a prefix of it
@@ -138,7 +138,7 @@ def download(url: str, dest: str | os.PathLike, size: int | None = None, sha256:
             log(f"{dest.name}: interrupted at byte {got} ({reason}); resuming ({failures}/{retries})" if got else
                 f"{dest.name}: download failed ({reason}); trying again ({failures}/{retries})")
         except OSError as exc:  # the disk, not the network
-            raise DataError(f"{part}: cannot write the download ({exc.strerror or exc})") from None
+            raise DataError(f"{part}: cannot write the download ({os_reason(exc)})") from None
     if not part.exists():
         raise DataError(f"{url}: the server sent nothing")
     _verified_or_removed(part, size, sha256, url)

@@ -39,6 +39,12 @@ class TrainingError(MtlkitError):
     """Training cannot go on (for example a NaN or Inf loss)."""
 
 
+def os_reason(exc: OSError) -> str:
+    """An OS error's reason for a one-line message ("Permission denied"): its strerror,
+    else its text, else its type (errors raised without an errno have no strerror)."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ", did you mean 'x'?" for the closest choice, or "" when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

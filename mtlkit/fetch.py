@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 from .atomic import atomic_folder, promote, scratch_folder
 from .download import download, verify
-from .errors import ConfigError, DataError, MtlkitError, PluginError, did_you_mean
+from .errors import ConfigError, DataError, MtlkitError, PluginError, did_you_mean, os_reason
 
 FORMATS = ("zip", "tar", "tar.gz")
 MAX_MARKER_DEPTH = 4  # how deep in an unpacked archive a declared folder is looked for
@@ -292,7 +292,7 @@ def fetch(dataset: str | DataSource, root: str | os.PathLike, urls: Sequence[str
                     verify(local[a.name], a.size, a.sha256, str(local[a.name]))
                 except OSError as exc:
                     raise DataError(f"--from-archive {a.name}: cannot read '{local[a.name]}' "
-                                    f"({exc.strerror or exc})") from None
+                                    f"({os_reason(exc)})") from None
                 continue
             url = url_for.get(a.name, a.url)
             name = PurePosixPath(urlparse(url).path).name if a.name in url_for else ""
@@ -312,7 +312,7 @@ def fetch(dataset: str | DataSource, root: str | os.PathLike, urls: Sequence[str
             try:
                 atomic_folder(root, fill)
             except OSError as exc:  # the disk (a read-only or full folder), not the data
-                raise DataError(f"{root}: cannot create the folder ({exc.strerror or exc})") from None
+                raise DataError(f"{root}: cannot create the folder ({os_reason(exc)})") from None
         except MtlkitError as exc:
             if not downloaded:
                 raise

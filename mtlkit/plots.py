@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 from .atomic import atomic_write_bytes  # noqa: E402
 from .attention_masks import capture_attention_masks, first_samples as _first_samples  # noqa: E402,F401
-from .errors import CheckpointError, ConfigError  # noqa: E402
+from .errors import CheckpointError, ConfigError, os_reason  # noqa: E402
 from .rundir import read_log  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def _save(fig, path: Path) -> Path:
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise CheckpointError(f"{path}: cannot write ({os_reason(exc)})") from None
     return path
 
 

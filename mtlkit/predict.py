@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from .contracts import apply_activation
-from .errors import ConfigError, DataError, PluginError, did_you_mean
+from .errors import ConfigError, DataError, PluginError, did_you_mean, os_reason
 from .loaded_run import LoadedRun, load_run
 
 NPY = ".npy"
@@ -258,7 +258,7 @@ def _make_out(out_dir: Path) -> Path | None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+        raise DataError(f"{out_dir}: cannot create the output folder ({os_reason(exc)})") from None
     return top
 
 

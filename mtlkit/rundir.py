@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, os_reason
 from .atomic import atomic_write_text  # noqa: F401  (re-exported: the one atomic writer)
 
 # What mtlkit itself writes in a run folder: a logger's file or folder, or a compare table,
@@ -122,7 +122,7 @@ def create_run_dir(path: Path) -> Path:
     except FileExistsError:
         raise CheckpointError(f"run folder {path}: already exists") from None
     except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
         raise CheckpointError(f"run folder {path}: cannot be created ({reason})") from None
     return top
 
@@ -160,7 +160,7 @@ def write_text_file(path: Path, text: str) -> None:
     try:
         atomic_write_text(path, text)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise CheckpointError(f"{path}: cannot write ({os_reason(exc)})") from None
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -194,7 +194,7 @@ def read_log(run: Path) -> list[dict[str, Any]]:
     try:
         data = log.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"{log}: cannot read: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{log}: cannot read: {os_reason(exc)}") from None
     lines = data.split(b"\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records = []

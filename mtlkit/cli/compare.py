@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from rich.table import Table
 
-from ..errors import CheckpointError, ConfigError, MtlkitError, PluginError
+from ..errors import CheckpointError, ConfigError, MtlkitError, PluginError, os_reason
 from ..atomic import atomic_write_text, promote, remove_quietly
 from ..rundir import RUN_FOLDER_ENTRIES, check_run_dir, read_log
 from .output import console
@@ -258,7 +258,7 @@ def write_all(files: list[tuple[Path, str]]) -> None:
             try:
                 atomic_write_text(tmp, text)
             except OSError as exc:
-                raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
+                raise CheckpointError(f"{path}: cannot write ({os_reason(exc)})") from None
         for tmp, path in staged:
             promote(tmp, path)
     except BaseException:

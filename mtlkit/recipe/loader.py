@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from ..errors import ConfigError, MtlkitError, did_you_mean
+from ..errors import ConfigError, MtlkitError, did_you_mean, os_reason
 from ..plugin_manager import get_plugin_manager
 from .errors import format_validation_errors
 from .paper import paper_checks
@@ -103,7 +103,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {os_reason(exc)}") from None
     except UnicodeDecodeError as exc:  # e.g. a binary file, or a run folder's damaged recipe.toml
         raise ConfigError(f"{path}: not a TOML text file (not UTF-8 at byte {exc.start})") from None
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
-from mtlkit.errors import DataError
+from mtlkit.errors import DataError, os_reason
 
 INDEX_FILE = re.compile(r"^(\d+)\.npy$")
 ZIP_MAGIC = b"PK\x03\x04"
@@ -27,16 +27,12 @@ UNIT_OUTLIER_TOL = 0.1
 UNIT_OUTLIER_SHARE = 0.05
 
 
-def _why(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
-
-
 def is_dir(path: Path) -> bool:
     """``path.is_dir()``, with an OS error (permissions) as a DataError naming the path."""
     try:
         return path.is_dir()
     except OSError as exc:
-        raise DataError(f"cannot access '{path}' ({_why(exc)}; check the permissions of it and its parents)") from None
+        raise DataError(f"cannot access '{path}' ({os_reason(exc)}; check the permissions of it and its parents)") from None
 
 
 def list_indices(folder: Path) -> set[int]:
@@ -44,7 +40,7 @@ def list_indices(folder: Path) -> set[int]:
     try:
         names = os.listdir(folder)
     except OSError as exc:
-        raise DataError(f"cannot list folder '{folder}' ({_why(exc)})") from None
+        raise DataError(f"cannot list folder '{folder}' ({os_reason(exc)})") from None
     return {int(m.group(1)) for name in names if (m := INDEX_FILE.match(name))}
 
 

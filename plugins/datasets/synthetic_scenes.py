@@ -217,7 +217,7 @@ def _class_count(text: str) -> int:
 
 
 def synth_scenes_command(args) -> int:
-    from mtlkit.errors import ConfigError, DataError
+    from mtlkit.errors import ConfigError, DataError, os_reason
 
     n_val = args.n_val if args.n_val is not None else max(1, args.n // 4)
     classes = args.num_classes
@@ -234,7 +234,7 @@ def synth_scenes_command(args) -> int:
         else:
             write_cityscapes_layout(args.out, args.n, n_val, height=h, width=w, seed=args.seed)
     except OSError as exc:
-        raise DataError(f"{args.out}: cannot write the output folder ({exc.strerror or exc})") from None
+        raise DataError(f"{args.out}: cannot write the output folder ({os_reason(exc)})") from None
     print(f"wrote {args.n} train + {n_val} val scenes ({h}x{w}, {args.layout} layout) to {args.out}")
     return 0
 

@@ -11,7 +11,7 @@ import math
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mtlkit.errors import DataError
+from mtlkit.errors import DataError, os_reason
 
 from .domains import DOMAINS, category_offset
 
@@ -19,7 +19,7 @@ from .domains import DOMAINS, category_offset
 # ------------------------------------------------------------------------------ file system probes
 def unreadable(path: Path, exc: OSError, what: str = "") -> DataError:
     """A one-line error for an ``OSError`` met while probing or listing ``path``."""
-    return DataError(f"{what}{path}: cannot be read ({exc.strerror or type(exc).__name__})")
+    return DataError(f"{what}{path}: cannot be read ({os_reason(exc)})")
 
 
 def is_file(path: Path, what: str = "") -> bool:
@@ -51,7 +51,7 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise DataError(f"{path}: annotation file does not exist") from None
     except OSError as exc:
-        raise DataError(f"{path}: annotation file cannot be read ({exc.strerror or type(exc).__name__})") from None
+        raise DataError(f"{path}: annotation file cannot be read ({os_reason(exc)})") from None
     except RecursionError:
         raise DataError(f"{path}: not readable JSON (nested too deeply)") from None
     except ValueError as exc:

@@ -22,7 +22,7 @@ def _configure_synth(p) -> None:
 
 
 def synth_decathlon_command(args) -> int:
-    from mtlkit.errors import DataError
+    from mtlkit.errors import DataError, os_reason
 
     from .synthetic import write_decathlon_layout
 
@@ -30,7 +30,7 @@ def synth_decathlon_command(args) -> int:
         write_decathlon_layout(args.out, args.n_train, args.n_val, args.n_test, image_size=args.image_size,
                                seed=args.seed)
     except OSError as exc:
-        raise DataError(f"{args.out}: cannot write the output folder ({exc.strerror or exc})") from None
+        raise DataError(f"{args.out}: cannot write the output folder ({os_reason(exc)})") from None
     print(f"wrote ten synthetic domains (official layout) to {args.out}")
     return 0
 
