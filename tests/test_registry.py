@@ -147,12 +147,3 @@ def test_top_level_plugins_import_is_refused(monkeypatch):
         __import__("plugins")
     sys.modules.pop("plugins", None)
 
-
-def test_os_reason_gives_one_short_reason_for_any_os_error():
-    import errno
-
-    from mtlkit.errors import os_reason
-
-    assert os_reason(PermissionError(errno.EACCES, "Permission denied", "/x")) == "Permission denied"
-    assert os_reason(OSError("disk quota reached")) == "disk quota reached"  # no errno: its text
-    assert os_reason(IsADirectoryError()) == "IsADirectoryError"  # nothing else: its type

@@ -27,14 +27,6 @@ UNIT_OUTLIER_TOL = 0.1
 UNIT_OUTLIER_SHARE = 0.05
 
 
-def is_dir(path: Path) -> bool:
-    """``path.is_dir()``, with an OS error (permissions) as a DataError naming the path."""
-    try:
-        return path.is_dir()
-    except OSError as exc:
-        raise DataError(f"cannot access '{path}' ({os_reason(exc)}; check the permissions of it and its parents)") from None
-
-
 def list_indices(folder: Path) -> set[int]:
     """The ``i`` of every ``{i}.npy`` file in ``folder``."""
     try:

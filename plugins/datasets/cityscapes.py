@@ -34,8 +34,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
+from mtlkit.fsprobe import is_dir
 from mtlkit.hookspecs import hookimpl
-from mtlkit.plugins.datasets._npy_checks import is_dir
 from mtlkit.plugins.datasets.nyuv2 import DenseNpyDataset
 from mtlkit.registry import Params
 

@@ -39,12 +39,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mtlkit.errors import DataError
+from mtlkit.fsprobe import is_dir
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from ._npy_checks import (
-    check_image_headers, check_unit_normals, is_dir, list_indices, load_npy, to_float32,
-)
+from ._npy_checks import check_image_headers, check_unit_normals, list_indices, load_npy, to_float32
 
 SCALES = (1.0, 1.2, 1.5)
 # The 13-class NYUv2 labels (class 0 "void" of the 13-class release is -1 here), in label order.

@@ -1,8 +1,7 @@
 """The official release's COCO-style annotation files, read for :mod:`.dataset`: one split's
 image files, labels, ids and classes. Every defect is refused with one line naming the file:
 bad JSON, ids that are not integers, an image listed or annotated twice, file names outside
-the data root, category ids of another domain. Also the file system probes both layouts use,
-which turn an unreadable file or folder into a :class:`DataError` naming it."""
+the data root, category ids of another domain. Also the folder listing both layouts use."""
 
 from __future__ import annotations
 
@@ -12,30 +11,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mtlkit.errors import DataError, os_reason
+from mtlkit.fsprobe import is_file, unreadable
 
 from .domains import DOMAINS, category_offset
 
 
 # ------------------------------------------------------------------------------ file system probes
-def unreadable(path: Path, exc: OSError, what: str = "") -> DataError:
-    """A one-line error for an ``OSError`` met while probing or listing ``path``."""
-    return DataError(f"{what}{path}: cannot be read ({os_reason(exc)})")
-
-
-def is_file(path: Path, what: str = "") -> bool:
-    try:
-        return path.is_file()
-    except OSError as exc:  # e.g. PermissionError from a folder above it
-        raise unreadable(path, exc, what) from None
-
-
-def is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError as exc:
-        raise unreadable(path, exc) from None
-
-
 def entries(folder: Path, folders: bool) -> list[Path]:
     """The sub-folders (``folders``) or the files of ``folder``."""
     try:

@@ -50,7 +50,9 @@ from mtlkit.errors import DataError
 from mtlkit.hookspecs import hookimpl
 from mtlkit.registry import Params
 
-from .annotations import entries, is_dir, read_official_index
+from mtlkit.fsprobe import is_dir
+
+from .annotations import entries, read_official_index
 from .domains import DOMAINS, DomainName, category_offset
 from .geometry import augments, centre_crop, decode_image, fit_image, flips, random_crop
 from .stats import load_stats
