@@ -33,6 +33,10 @@ PLAN = [
     ("MTAN SegNet", "_lean", "memory_efficient", "bf16", "reduce-overhead", False),
     ("MTAN SegNet", "mtan", "plain", "bf16", "reduce-overhead", False),
     ("MTAN SegNet", "_fast", "fast", "bf16", "default", False),
+    # fp32 under torch.compile for the two variants that had it in bf16 only (issue 11: each
+    # variant in fp32 and bf16, with and without compile)
+    ("MTAN SegNet", "_fast", "fast", "fp32", "reduce-overhead", False),
+    ("MTAN SegNet", "_lean", "memory_efficient", "fp32", "reduce-overhead", False),
     ("MTAN SegNet", "engine-fast-cl-compile", "mtlkit step, fast + channels-last + inductor", "bf16", None, True),
     ("MTAN SegNet", "engine-compile", "mtlkit step, inductor", "bf16", "cuda-graph", False),
     ("MTAN SegNet", "_fast", "fast", "bf16", "reduce-overhead", False),
