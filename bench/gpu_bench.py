@@ -16,8 +16,8 @@ Rows (training steps: forward, loss, backward, Adam step):
 - Split, Wide on SegNet at the same shapes, fp32 / bf16, eager / compiled.
 - Visual Decathlon: WRN-28-4 + MTAN, 10 domains, 72x72, batch 128, one domain per step:
   training images/s in fp32 and in bf16 + channels-last.
-- Data loading: decathlon JPEGs through the data set's DataLoader, images/s with 0 workers
-  and with the engine's CUDA default.
+- Data loading (bench/loading_rate.py): decathlon JPEGs through the data set's DataLoader,
+  images/s in steady state with 0 workers, the engine's CUDA default and one per CPU but one.
 
 Step time is the median of ``--steps`` steps timed with CUDA events after 3 warm-up steps
 (compilation and cuDNN's autotuning happen in the warm-up). Peak memory is
@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE))
 from gpu_plan import (CORE, ENGINE, EXPECTED_SECONDS, PLAN, compiles, expected_seconds,  # noqa: E402
                       row_key)
 from gpu_report import markdown, write_report  # noqa: E402
+from loading_rate import loading_rows  # noqa: E402
 from machine import cpu_description, gemm_peak, gpu_description  # noqa: E402
 from step_time import build as build_segnet_zoo, count_flops  # noqa: E402
 
@@ -185,34 +186,6 @@ def decathlon_row(precision: str, channels_last: bool, steps: int, batch: int = 
                      device=device)
     row["images_per_s"] = batch / (row["ms"] / 1e3)
     return row
-
-
-def loading_rows(images: int = 2048, device: str = "cuda") -> list[dict]:
-    """The decathlon data set's train split (JPEG decode, crop, flip, normalise) through a
-    pinned DataLoader at batch 128 onto ``device``: with 0 workers and the engine's default."""
-    from torch.utils.data import DataLoader
-
-    from mtlkit.engine.precision import loader_workers
-    from mtlkit.plugin_manager import get_registry
-    from mtlkit.plugins.decathlon.synthetic import write_decathlon_layout
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "decathlon"
-        write_decathlon_layout(root, images, 1, 1, image_size=72, domains=["cifar100"])
-        ds = get_registry().get("dataset", "decathlon").build({"root": str(root), "domain": "cifar100"},
-                                                              split="train")
-        on_cuda = torch.device(device).type == "cuda"
-        for workers in sorted({0, loader_workers(None, torch.device(device))}):
-            loader = DataLoader(ds, batch_size=128, shuffle=True, num_workers=workers, pin_memory=on_cuda)
-            t, n = time.perf_counter(), 0
-            for b in loader:
-                b["image"].to(device, non_blocking=True)
-                n += b["image"].shape[0]
-            if on_cuda:
-                torch.cuda.synchronize()
-            rows.append({"workers": workers, "images": n, "images_per_s": n / (time.perf_counter() - t)})
-    return rows
 
 
 def measure(row: tuple, steps: int) -> dict:
