@@ -323,7 +323,7 @@ def test_graphed_training_matches_eager(tmp_path, monkeypatch, restore_determini
     The eager runs do the graphed run's arithmetic: ``capturable`` Adam (its bias correction
     in fp32 on the device) and autocast's cache off. Training is chaotic, so any rounding
     difference grows: on an H200 (2026-11-28, bench/graph_drift.py) a 1e-6 larger learning
-    rate moved bf16 Adam's losses by 0.3 % at step 3 and 2 % by step 15. With the cache on,
+    rate moved bf16 Adam's losses by 0.3 % at step 3 and up to 2 % by step 15. With the cache on,
     a weight used several times in one forward pass (MTAN's shared f convs, once per task)
     has its gradient summed in bf16 instead of fp32: 4e-5 apart at step 2, 6 % by step 13,
     the same on that H200's graphs and on a CPU's eager run with the cache off. With the
