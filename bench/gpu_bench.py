@@ -260,14 +260,13 @@ def main(argv=None) -> int:
         return 0
     if args.rows == "compiled" and (out / "gpu_bench.json").exists():
         res = json.loads((out / "gpu_bench.json").read_text())
-    elif args.only:  # the peaks come from the run these rows are merged into
+    else:
         res = {"gpu": gpu_description(), "torch": torch.__version__, "cpu": cpu_description(), "rows": [],
                "bf16_gemm_tflops": float("nan"), "fp32_gemm_tflops": float("nan")}
-    else:
-        res = {"gpu": gpu_description(), "torch": torch.__version__, "cpu": cpu_description(), "rows": []}
-        res["bf16_gemm_tflops"] = gemm_peak(8192, 5, "cuda", torch.bfloat16)["median"] / 1e3
-        torch.backends.cuda.matmul.allow_tf32 = False
-        res["fp32_gemm_tflops"] = gemm_peak(8192, 3, "cuda", torch.float32)["median"] / 1e3
+        if not args.only:  # --only: the peaks come from the run these rows are merged into
+            res["bf16_gemm_tflops"] = gemm_peak(8192, 5, "cuda", torch.bfloat16)["median"] / 1e3
+            torch.backends.cuda.matmul.allow_tf32 = False
+            res["fp32_gemm_tflops"] = gemm_peak(8192, 3, "cuda", torch.float32)["median"] / 1e3
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32 (cuDNN convs: torch's default)
     warm_file = out / "gpu_bench_warm.json"
     warmed = set(json.loads(warm_file.read_text())) if warm_file.exists() else set()

@@ -33,14 +33,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import mtlkit  # noqa: E402
 from mtlkit.engine import stages  # noqa: E402
-from mtlkit.engine.optim import build_optimizer  # noqa: E402
 from mtlkit.rundir import read_log  # noqa: E402
 
 SETTINGS = [("dwa", "bf16", "adam"), ("dwa", "fp32", "adam"), ("equal", "bf16", "sgd")]
-
-
-def capturable(*args, capturable: bool = False, **kw):
-    return build_optimizer(*args, capturable=True, **kw)
 
 
 def losses(recipe: Path, run_dir: Path, overrides: dict, side_stream: bool = False,
@@ -64,6 +59,7 @@ def gaps(a: list[dict], b: list[dict]) -> list[float]:
 
 def main(argv=None) -> int:
     from test_gpu import dense_recipe
+    from test_graph_step import always_capturable, graph_run_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -77,13 +73,11 @@ def main(argv=None) -> int:
             name = f"{weighting}-{precision}-{optimizer}"
             (tmp / name).mkdir()
             recipe = dense_recipe(tmp / name, "mtan", weighting)
-            base = {"data.params.num_train": 18, "training.epochs": 3, "training.deterministic": True,
-                    "training.log_interval": 1, "training.precision": precision, "optimizer.name": optimizer,
-                    "optimizer.lr": 1e-3, "schedule.name": "step", "schedule.step_size": 1, "schedule.gamma": 0.5,
-                    "training.cuda_graph": "off", "training.device": "cuda" if cuda else "cpu"}
+            base = {**graph_run_overrides(precision, optimizer), "training.cuda_graph": "off",
+                    "training.device": "cuda" if cuda else "cpu"}
             stages.build_optimizer = original
             graph = losses(recipe, tmp / name / "graph", {**base, "training.cuda_graph": "on"}) if cuda else []
-            stages.build_optimizer = capturable if cuda else original
+            stages.build_optimizer = always_capturable if cuda else original
             eager = losses(recipe, tmp / name / "eager", base)
             runs = {"graph": graph,
                     "eager2": losses(recipe, tmp / name / "eager2", base),

@@ -43,7 +43,7 @@ class NoParams(Params):
     """The params model of a component that takes no parameters."""
 
 
-_NUMBERS, _BOOL = frozenset({int, float}), frozenset({bool})
+_NUMBERS = frozenset({int, float})
 
 
 def _scalar_leaves(annotation: Any) -> set[type] | None:

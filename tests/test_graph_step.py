@@ -290,6 +290,14 @@ def always_capturable(*args, capturable: bool = False, **kw) -> torch.optim.Opti
     return build_optimizer(*args, capturable=True, **kw)
 
 
+def graph_run_overrides(precision: str, optimizer: str) -> dict:
+    """test_graphed_training_matches_eager's run (bench/graph_drift.py trains it too): 3 epochs
+    of 5 steps (num_train 18, batch 4), the lr halved every epoch, deterministic algorithms."""
+    return {"data.params.num_train": 18, "training.epochs": 3, "training.deterministic": True,
+            "training.log_interval": 1, "training.precision": precision, "optimizer.name": optimizer,
+            "optimizer.lr": 1e-3, "schedule.name": "step", "schedule.step_size": 1, "schedule.gamma": 0.5}
+
+
 def test_the_eager_side_takes_the_graphed_runs_arithmetic(tmp_path, monkeypatch):
     """The eager side of test_graphed_training_matches_eager really takes capturable Adam, and
     its step's autocast runs with the cache off."""
@@ -329,9 +337,7 @@ def test_graphed_training_matches_eager(tmp_path, monkeypatch, restore_determini
     the same on that H200's graphs and on a CPU's eager run with the cache off. With the
     same arithmetic, fp32 graphs stayed within 3.4e-6 of eager (two eager runs: the same)."""
     recipe = dense_recipe(tmp_path, "mtan", weighting_name)  # tests/test_gpu.py's tiny MTAN, 32x32
-    overrides = {"data.params.num_train": 18, "training.epochs": 3, "training.deterministic": True,
-                 "training.log_interval": 1, "training.precision": precision, "optimizer.name": optimizer,
-                 "optimizer.lr": 1e-3, "schedule.name": "step", "schedule.step_size": 1, "schedule.gamma": 0.5}
+    overrides = graph_run_overrides(precision, optimizer)
     trainer, graphed = train(tmp_path, recipe, "on", "graph", overrides)
     monkeypatch.setattr(stages, "build_optimizer", always_capturable)
     eager_trainer, eager = train(tmp_path, recipe, "off", "eager", overrides, autocast_cache=False)
