@@ -263,7 +263,7 @@ def check_parts(recipe: Recipe, parts: Parts) -> None:
             _check_class_counts(parts, ds, names, describe)
             if len(ds) == 0:
                 continue  # the Trainer reports an empty data set
-            batch = torch.utils.data.default_collate([_sample_keeping_rng(ds, 0)])
+            batch = torch.utils.data.default_collate([sample_keeping_rng(ds, 0)])
             for key, t in [("image", None)] + [(parts.tasks[t].target, t) for t in names]:
                 if key not in batch:  # the Trainer's wording
                     raise DataError(f"train_data: samples have no '{key}'"
@@ -319,7 +319,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
-def _sample_keeping_rng(ds, index: int):
+def sample_keeping_rng(ds, index: int):
     """``ds[index]`` without drawing from the global RNGs (augmentations do): a check must
     not change what the run then does."""
     import random

@@ -239,12 +239,8 @@ def check_layout(source: DataSource, root: Path, shown: Path | None = None) -> N
         raise PluginError(f"data source '{source.dataset}' (plugin '{source.plugin}'): recipe '{source.recipe}' "
                           f"reads no '{source.dataset}' data set")
     try:
-        parts, _ = prepare(load_recipe(source.recipe, overrides=overrides), meta=True, init=False,
-                           synthetic_hint=False)
-        for data in (parts.train_data, parts.val_data):
-            for ds in (data.values() if isinstance(data, dict) else [data] if data is not None else []):
-                if len(ds):
-                    ds[0]
+        prepare(load_recipe(source.recipe, overrides=overrides), meta=True, init=False,
+                synthetic_hint=False)  # it reads each split's first sample
     except MtlkitError as exc:
         text = str(exc).replace(str(root), str(shown or root))
         raise type(exc)(f"{shown or root}: the unpacked data fail the check: {text}") from None

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .build import Parts, build_data, build_loggers, build_model, build_weighting, check_parts
+from .build import (Parts, build_data, build_loggers, build_model, build_weighting, check_parts,
+                    sample_keeping_rng)
 from .earlier_runs import init_from, resolve_baselines
-from .engine.checks import check_best_metric, check_data, check_samples, check_weighting
-from .engine.distributed import env_world, resolve_device
+from .engine.checks import check_best_metric, check_data, check_precision, check_samples, check_weighting
+from .engine.distributed import env_world, launched, resolve_device
+from .engine.graph_step import wants_graphs
+from .engine.precision import resolve as resolve_auto
+from .engine.stages import Stages
 from .errors import ConfigError, DataError, MtlkitError
 from .recipe.loader import LoadedRecipe
 
@@ -23,8 +27,9 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
     """Build the parts and check them as the Trainer will: ``(parts, baselines)``.
 
     Checks: the model, tasks, weighting and data sets build (a missing data set gets the
-    ``--synthetic`` hint); the Trainer's data, weighting and best-metric checks; the first
-    sample of every split carries the image and its tasks' targets; the device exists; the
+    ``--synthetic`` hint); the Trainer's data, stage, weighting and best-metric checks; the
+    first sample of every split is read and carries the image and its tasks' targets; the
+    device exists; the weighting suits the precision and ``training.cuda_graph``; the
     baselines resolve; ``model.init_from`` loads into the model (when ``init``); the loggers
     build (into ``parts.loggers``).
     ``meta`` builds the model and weighting on the meta device (no memory, no weight
@@ -76,8 +81,17 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
             n = len(errors)
             attempt(check_data, tasks, train, val, recipe.training, prefix=trainer)
             if len(errors) == n:
+                attempt(Stages, recipe.training, recipe.optimizer, recipe.schedule, train, prefix=trainer)
+            if len(errors) == n:
                 attempt(check_samples, tasks, train, val, prefix=trainer)
-    attempt(lambda: resolve_device(recipe.training.device, env_world()[2]), prefix=trainer)
+            if len(errors) == n:
+                attempt(read_first_samples, train, val)
+    device = attempt(lambda: resolve_device(recipe.training.device, env_world()[2]), prefix=trainer)
+    if weighting is not None:
+        attempt(check_precision, weighting, recipe.training.precision, prefix=trainer)
+        if device is not None:  # training.cuda_graph = "on" where graphs cannot run
+            attempt(wants_graphs, resolve_auto(recipe.training, device), weighting, device, launched(),
+                    recipe.many_to_many, prefix=trainer)
     baselines = attempt(resolve_baselines, recipe.baselines, loaded.path)
     loggers = attempt(build_loggers, recipe, prefix=f"{where} ")
     if errors:
@@ -86,6 +100,15 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
     if probe and not meta:
         check_parts(recipe, parts)
     return parts, baselines
+
+
+def read_first_samples(train: Any, val: Any) -> None:
+    """Read the first sample of every split (and domain), so that a file the data set's own
+    checks refuse (a value range, a shape) fails now, not at the first evaluation."""
+    for data in (train, val):
+        for ds in (data.values() if isinstance(data, Mapping) else [data] if data is not None else []):
+            if len(ds):
+                sample_keeping_rng(ds, 0)
 
 
 def data_hint(loaded: LoadedRecipe, exc: MtlkitError) -> MtlkitError:

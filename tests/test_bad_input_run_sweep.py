@@ -79,7 +79,8 @@ def test_sweep_refuses_a_grid_key_that_overwrites_a_set(work, capsys):
 
 # 3. every combination is checked before the first run trains (and by --dry-run)
 @pytest.mark.parametrize("dry", [False, True])
-@pytest.mark.parametrize("case", ["same_name", "fails_to_build", "last_0", "out_under_file", "run_folder_taken"])
+@pytest.mark.parametrize("case", ["same_name", "fails_to_build", "last_0", "out_under_file", "run_folder_taken",
+                                  "fp16_owned_backward"])
 def test_sweep_finds_every_error_before_training(work, capsys, case, dry):
     grid = "weighting.name=equal,dwa"
     extra, needles = {
@@ -90,6 +91,9 @@ def test_sweep_finds_every_error_before_training(work, capsys, case, dry):
         "last_0": (["--grid", grid, "--last", "0"], ("--last", "0")),
         "out_under_file": (["--grid", grid, "--out", "afile/tables/t"], ("--out", "afile")),
         "run_folder_taken": (["--grid", grid], ("runs/sweep/quickstart-dwa", "already exists")),
+        # the first combination trains under fp16, the second's weighting owns its backward
+        "fp16_owned_backward": (["--grid", "weighting.name=equal,famo", "--set", "training.precision='fp16'"],
+                                ("quickstart-famo", "FAMO owns its backward step")),
     }[case]
     (work / "afile").write_text("x")
     if case == "run_folder_taken":  # a sweep run before into the same --runs-dir

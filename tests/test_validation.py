@@ -8,6 +8,7 @@ import types
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import BaseModel, ValidationError
 
@@ -293,12 +294,37 @@ def test_inf(tmp_path, monkeypatch, capsys, setting):
     (MANY_TO_MANY, ["weighting.name='mgda'"], ["r.toml: weighting:", "gradient-level"]),
     (MANY_TO_MANY, ["training.domain_batch_size.svn=4"], ["domain_batch_size: 'svn'", "did you mean 'svhn'?"]),
     (ONE_TO_MANY, ["model.init_from.path='nowhere'"], ["r.toml [model.init_from] path:", "nowhere"]),
+    # the Trainer's own checks of the weighting against the precision and the CUDA graphs
+    (ONE_TO_MANY, ["training.precision='fp16'", "weighting.name='famo'"],
+     ["r.toml: weighting: FAMO owns its backward step, which fp16 loss scaling does not cover"]),
+    (ONE_TO_MANY, ["training.cuda_graph='on'"],
+     ['r.toml: training.cuda_graph = "on": it needs a CUDA device (training runs on cpu)']),
 ], ids=["decathlon_domain", "best_metric_task", "best_metric_metric", "target", "target_m2m",
-        "weighting_task_count", "gradient_weighting_m2m", "domain_batch_size", "init_from"])
+        "weighting_task_count", "gradient_weighting_m2m", "domain_batch_size", "init_from", "fp16_famo",
+        "cuda_graph_on_cpu"])
 def test_run_and_validate_refuse_alike(tmp_path, monkeypatch, capsys, text, sets, needles):
     line = refused_alike(tmp_path, monkeypatch, capsys, text, *sets)
     for needle in needles:
         assert needle in line, (needle, line)
+
+
+def test_a_bad_first_validation_sample_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """The first sample of every split is read: a validation image in 0..255 (the training one
+    is fine) fails now, in one line naming the file, not at the first evaluation."""
+    root = tmp_path / "scenes"
+    assert main(["data", "synth-scenes", str(root), "--n", "2", "--n-val", "2", "--height", "32", "--width", "32",
+                 "--num-classes", "7"]) == 0
+    capsys.readouterr()
+    text = SEGNET.replace('name = "synthetic_scenes"', 'name = "nyuv2"').replace(
+        "params = { height = 16, width = 16, num_train = 2, num_val = 2, num_classes = 7, noise = 0.01 }",
+        f"params = {{ root = '{root}', num_classes = 7 }}")
+    (tmp_path / "r.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert _cli(capsys, "validate", "r.toml") == (0, [])
+    image = root / "val" / "image" / "0.npy"
+    np.save(image, np.load(image) * 255)
+    line = refused_alike(tmp_path, monkeypatch, capsys, text)
+    assert line.startswith(f"error: {image}: image must be float in [0, 1]"), line
 
 
 def test_several_problems_at_once(tmp_path, monkeypatch, capsys):

@@ -68,11 +68,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def launched() -> bool:
+    """Whether this process is one of a torchrun group (of any size): it joins a process group."""
+    return env_world()[1] > 1 or dist.is_torchelastic_launched()
+
+
 def setup(device_name: str) -> DistContext:
     """Pick the device and, under torchrun (any number of processes), join the process group."""
     rank, world, local = env_world()
     device = resolve_device(device_name, local)
-    if (world > 1 or dist.is_torchelastic_launched()) and not dist.is_initialized():
+    if launched() and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
