@@ -15,6 +15,7 @@ PAPER = """
 architecture = "Tiny CNN"
 params_ratio = 1.5
 protocol = "per_image_2019"
+weighting = "equal"
 metrics.shape = { accuracy = 12.34 }
 """
 
@@ -23,7 +24,9 @@ metrics.shape = { accuracy = 12.34 }
 def finished(tmp_path_factory):
     base = tmp_path_factory.mktemp("paper")
     (base / "tiny.toml").write_text(GOOD + PAPER)
-    assert main(["run", str(base / "tiny.toml"), "--quiet", "--run-dir", str(base / "run")]) == 0
+    # trained with another weighting than the one behind the quoted numbers
+    assert main(["run", str(base / "tiny.toml"), "--set", "weighting.name='dwa'", "--quiet",
+                 "--run-dir", str(base / "run")]) == 0
     return base / "run"
 
 
@@ -31,13 +34,27 @@ def test_compare_prints_the_papers_numbers_next_to_the_runs(finished, tmp_path, 
     assert main(["compare", str(finished), "--csv", str(tmp_path / "t.csv")]) == 0
     out = capsys.readouterr().out
     assert "12.34" in out and "(paper" in out
+    assert "the recipe's [paper] block quotes" in " ".join(out.split())  # not eaten as rich markup
     header, run_row, paper_row = (tmp_path / "t.csv").read_text().splitlines()
     cols = header.split(",")
     paper = dict(zip(cols, paper_row.split(",")))
     assert paper["run"] == "run (paper; per_image_2019)"
     assert paper["shape/accuracy"] == "12.34" and paper["#P"] == "1.500" and paper["evals"] == "-"
     assert paper["architecture"] == "Tiny CNN"
-    assert dict(zip(cols, run_row.split(",")))["shape/accuracy"] != "12.34"
+    run = dict(zip(cols, run_row.split(",")))
+    assert run["shape/accuracy"] != "12.34"
+    assert (run["weighting"], paper["weighting"]) == ("dwa", "equal")  # each row names its own
+
+
+def test_quoted_metrics_must_name_their_weighting(tmp_path):
+    from mtlkit.errors import ConfigError
+
+    path = tmp_path / "r.toml"
+    path.write_text(GOOD + PAPER.replace('weighting = "equal"\n', ""))
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(path)
+    assert str(exc.value).count("\n") == 0 and str(path) in str(exc.value)
+    assert "[paper]" in str(exc.value) and "the weighting the quoted metrics were trained with" in str(exc.value)
 
 
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import CheckpointError, ConfigError, MtlkitError, PluginError, os_reason
@@ -278,7 +279,7 @@ def _paper_row(s: dict[str, Any], metric_columns: list[tuple[str, str]], extra: 
         ", ".join(f"{t}: {p}" for t, p in paper.protocol.items())
     name = f"{s['name']} (paper{'; ' + protocol if protocol else ''})"
     ratio = f"{paper.params_ratio:.3f}" if paper.params_ratio is not None else "-"
-    row = [name, paper.architecture or s["architecture"], s["weighting"], ratio, "-"]
+    row = [name, paper.architecture or s["architecture"], paper.weighting or s["weighting"], ratio, "-"]
     row += [_fmt(paper.metrics.get(t, {}).get(m)) for t, m in metric_columns]
     quoted = {**s, "metrics": {t: dict(v) for t, v in paper.metrics.items()}}
     row += [c.cell(quoted) or "-" for c in extra]
@@ -286,13 +287,14 @@ def _paper_row(s: dict[str, Any], metric_columns: list[tuple[str, str]], extra: 
 
 
 def _print(title: str, header: list[str], rows: list[list[str]], hidden: set[str]) -> None:
-    table = Table(title=title)
+    # rich would read '[paper]' (or a run named '[x]') as markup and drop it
+    table = Table(title=escape(title))
     shown = [i for i, h in enumerate(header) if h not in hidden]
     for i in shown:
         h = header[i]
-        table.add_column(h, justify="left" if h in ("run", "architecture", "weighting") else "right")
+        table.add_column(escape(h), justify="left" if h in ("run", "architecture", "weighting") else "right")
     for row in rows:
-        table.add_row(*(row[i] for i in shown))
+        table.add_row(*(escape(row[i]) for i in shown))
     console().print(table)
 
 

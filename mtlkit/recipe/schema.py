@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..engine.config import OptimizerConfig, OutputConfig, ScheduleConfig, TrainingConfig
 from ..registry import Params
@@ -79,11 +79,22 @@ class PaperReference(Params):
     params_runs: int = Field(
         1, ge=1, description="how many runs of this recipe the paper's #P counts (Finetune: one per domain, 10)")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict, description="{task: {metric: value}}")
+    # A run may swap the weighting (--set weighting.name=dwa); the quoted row keeps its own.
+    weighting: str = Field("", validate_default=True, description="the weighting the quoted `metrics` were trained with, e.g. 'equal' "
+                           "(needed with `metrics`; `mtlkit compare` labels the paper's row with it)")
     # The paper's numbers are only comparable under the evaluation rules that produced them
     # (e.g. the MTAN paper's NYUv2 mIoU is per image, 2019 code), so the block says which.
     protocol: Union[str, dict[str, str]] = Field(
         "", description="the evaluation protocol behind `metrics`: one name for every task, or {task: name} "
         "(the task plugins' protocol names, e.g. segmentation = 'per_image_2019')")
+
+
+    @field_validator("weighting")
+    @classmethod
+    def _metrics_name_their_weighting(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("metrics") and not value:
+            raise ValueError("give the weighting the quoted metrics were trained with (e.g. 'equal')")
+        return value
 
 
 class Recipe(Params):
