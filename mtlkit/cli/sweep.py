@@ -37,7 +37,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--last", type=int, default=10, help="average the last N evaluations in the table")
     p.add_argument("--baseline", action="append", default=[], metavar="RUN_DIR",
                    help="single-task runs giving the table's Delta_m baselines (as mtlkit compare --baseline)")
-    p.add_argument("--out", default=None, help="table prefix (default: RUNS_DIR/sweep)")
+    p.add_argument("--out", default=None, help="table prefix (default: RUNS_DIR/sweep/compare)")
     p.add_argument("--dry-run", action="store_true", help="print the runs without training")
 
 

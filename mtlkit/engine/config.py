@@ -104,7 +104,8 @@ class TrainingConfig(Params):
                                 "autotuning: bit-identical runs and resumes on CUDA, at some speed. "
                                 "Off: cuDNN picks its fastest kernels (cudnn.benchmark).")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cap on batches per epoch (quick runs).")
-    best_metric: Optional[str] = Field(None, description="\"task/metric\" that selects checkpoints/best "
+    best_metric: Optional[str] = Field(None, description="\"task/metric\" that selects the best checkpoint "
+                                       "(checkpoints/best.json) "
                                        "(direction from the metric's higher_is_better).")
     domain_order: Literal["sequential", "round_robin", "proportional", "mixed"] = Field(
         "sequential", description="Many-to-many only. sequential: a full pass over each domain in turn; "
@@ -128,7 +129,7 @@ class TrainingConfig(Params):
     train_on: Literal["train", "train+val"] = Field(
         "train", description="train+val: train on each data set's train and val splits joined (the "
         "Decathlon test-server protocol; the data set must take the joined split name). There is then "
-        "no validation data: no evaluation, no checkpoints/best (`decathlon submit` takes the last).")
+        "no validation data: no evaluation, no best checkpoint (`decathlon submit` takes the last).")
     domain_bn_stats: bool = Field(True, description="Many-to-many, with BatchNorm layers shared by several "
                                   "domains: before evaluating a domain (and in `decathlon submit`), recompute "
                                   "the shared layers' running statistics on its training data (one pass in "
@@ -168,7 +169,8 @@ class OutputConfig(Params):
     """Where runs go (the caller creates the run folder)."""
 
     dir: str = Field("runs", description="Parent folder of run folders.")
-    name: Optional[str] = Field(None, description="Run folder name (default: recipe name + time stamp).")
+    name: Optional[str] = Field(None, description="Folder under `dir` that holds this recipe's time-stamped "
+                                "run folders (default: the recipe name).")
 
 
 def coerce(model: type[BaseModel], value, section: str) -> BaseModel:
