@@ -49,3 +49,11 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ", did you mean 'x'?" for the closest choice, or "" when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f", did you mean '{close[0]}'?" if close else ""
+
+
+def prefixed(prefix: str, exc: MtlkitError) -> MtlkitError:
+    """``exc`` of the same type, its message after ``prefix`` (where it happened)."""
+    try:
+        return type(exc)(f"{prefix}{exc}")
+    except TypeError:  # a subclass with another constructor
+        return ConfigError(f"{prefix}{exc}")

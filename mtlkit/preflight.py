@@ -18,7 +18,7 @@ from .engine.distributed import env_world, launched, resolve_device
 from .engine.graph_step import wants_graphs
 from .engine.precision import resolve as resolve_auto
 from .engine.stages import Stages
-from .errors import ConfigError, DataError, MtlkitError
+from .errors import ConfigError, DataError, MtlkitError, prefixed
 from .recipe.loader import LoadedRecipe
 
 
@@ -45,7 +45,7 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
         try:
             return fn(*args)
         except MtlkitError as exc:
-            errors.append(_prefixed(prefix, exc) if prefix else exc)
+            errors.append(prefixed(prefix, exc) if prefix else exc)
             return None
 
     trainer = f"{where}: "  # the Trainer's own messages name the setting (training.best_metric: ...)
@@ -128,11 +128,3 @@ def _meta_device():
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "copying from a non-meta parameter ... is a no-op"
         yield
-
-
-def _prefixed(prefix: str, exc: MtlkitError) -> MtlkitError:
-    """``exc`` of the same type, its message after ``prefix`` (the recipe file and location)."""
-    try:
-        return type(exc)(f"{prefix}{exc}")
-    except TypeError:  # a subclass with another constructor
-        return ConfigError(f"{prefix}{exc}")

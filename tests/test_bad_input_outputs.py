@@ -169,3 +169,19 @@ def test_compare_failing_on_the_last_file_writes_none(trained, work, capsys, mon
     monkeypatch.setattr(compare, "atomic_write_text", real)
     assert main(["compare", str(trained), "--out", "t"]) == 0
     assert sorted(p.name for p in work.iterdir()) == ["t.csv", "t.md"]
+
+
+@pytest.mark.parametrize("out", [".", "..", "tables/", "existing"])
+def test_an_out_prefix_that_names_a_folder_is_refused(trained, work, capsys, out):
+    (work / "tables").mkdir()
+    (work / "existing").mkdir()
+    refused(capsys, ["compare", str(trained), "--out", out], f"--out {out}", "names a folder", folder=work)
+    refused(capsys, ["sweep", str(trained / "recipe.toml"), "--grid", "training.seed=0,1", "--out", out,
+                     "--dry-run"], f"--out {out}", "names a folder", folder=work)
+
+
+def test_the_out_prefix_keeps_its_dots(trained, work, capsys):
+    """--out t.v2 writes t.v2.md and t.v2.csv (a suffix is appended, never swapped in)."""
+    assert main(["compare", str(trained), "--out", "t.v2"]) == 0
+    assert main(["compare", str(trained), "--out", "u.md"]) == 0  # a given .md is the prefix's own
+    assert sorted(p.name for p in work.iterdir() if p.is_file()) == ["t.v2.csv", "t.v2.md", "u.csv", "u.md"]

@@ -189,3 +189,13 @@ def test_a_folder_given_as_the_recipe_is_named_a_folder(tmp_path, capsys):
     assert main(["validate", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: recipe '{tmp_path}' is a folder: give a recipe file (.toml) or a built-in recipe's name"]
+
+
+def test_a_run_that_fails_midway_names_its_combination(work, capsys):
+    """The second combination diverges: the error names it and its --grid values."""
+    rc = main(["sweep", "shapes", *SHAPES, "--grid", "optimizer.lr=0.003,1e30", "--runs-dir", "runs", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: sweep run shapes-1e30 (shapes --grid optimizer.lr=1e30): task '"), err
+    assert "loss is nan" in err and err.endswith("no checkpoint had been saved yet")
+    assert (work / "runs" / "sweep" / "shapes-0.003" / "results.json").is_file()

@@ -152,7 +152,8 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
 
     tasks["colour"].loss = loss
     trainer, model, _ = build(tmp_path, tasks=tasks)
-    with pytest.raises(TrainingError, match=r"task 'colour'.*nan.*epoch 2 step 2 \(global step 6\)"):
+    with pytest.raises(TrainingError, match=r"task 'colour'.*nan.*epoch 2 step 2 \(global step 6\); "
+                                            r"the last good checkpoint \(global step 4\) is kept$"):
         trainer.fit()
     meta, tensors, _ = load_checkpoint(tmp_path)
     assert meta["global_step"] == 4  # the end of epoch 1, not overwritten
@@ -161,6 +162,37 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
     # error still names step 6, and the log holds the good steps before it
     logged = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in logged if r["type"] == "step"] == [1, 2, 3, 4, 5]
+
+
+def test_nan_loss_before_the_first_checkpoint_says_there_is_none(tmp_path):
+    tasks = make_tasks()
+    original = tasks["colour"].loss
+    tasks["colour"].loss = lambda p, t: original(p, t) * float("nan")
+    trainer, _, _ = build(tmp_path, tasks=tasks)
+    with pytest.raises(TrainingError, match=r"global step 1\); no checkpoint had been saved yet$"):
+        trainer.fit()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_the_one_kept(tmp_path, monkeypatch):
+    import errno
+
+    import mtlkit.engine.snapshot as snapshot
+
+    real, saves = snapshot.save_checkpoint, []
+
+    def full_disk(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "save_checkpoint", full_disk)
+    trainer, _, _ = build(tmp_path)
+    with pytest.raises(CheckpointError) as exc:
+        trainer.fit()
+    assert str(exc.value) == (f"{tmp_path / 'checkpoints'}: saving the checkpoint of global step 8 failed "
+                              f"(No space left on device); the last good checkpoint (global step 4) is kept")
+    assert load_checkpoint(tmp_path)[0]["global_step"] == 4
 
 
 def test_resume_refuses_non_runs_and_bad_files(tmp_path):

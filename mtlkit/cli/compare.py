@@ -170,7 +170,8 @@ def compare_runs(runs: Sequence[str | Path], last: int = 10, baselines: Sequence
     # Files only where asked: a table printed in a folder must not leave files behind.
     targets = []
     if out:
-        targets += [(Path(out).with_suffix(".md"), "md", "--out"), (Path(out).with_suffix(".csv"), "csv", "--out")]
+        md, csv_file = table_files(out)
+        targets += [(md, "md", "--out"), (csv_file, "csv", "--out")]
     if markdown_path:
         targets.append((Path(markdown_path), "md", "--markdown"))
     if csv_path:
@@ -228,6 +229,20 @@ def compare_runs(runs: Sequence[str | Path], last: int = 10, baselines: Sequence
 
 
 # -- the written files -----------------------------------------------------------------------
+def table_files(out: str | os.PathLike) -> tuple[Path, Path]:
+    """PREFIX.md and PREFIX.csv of the table prefix ``out`` (--out): the suffixes are appended
+    (``t.v2`` gives ``t.v2.md``, not ``t.md``; a given ``.md`` or ``.csv`` is taken off first).
+    A prefix that names a folder (``.``, ``..``, ``dir/``, an existing folder) is refused."""
+    text = os.fspath(out)
+    prefix = Path(text)
+    if text.endswith(("/", os.sep)) or prefix.name in ("", ".", "..") or prefix.is_dir():
+        raise ConfigError(f"--out {text}: names a folder; give a file name prefix (the table is written to "
+                          f"PREFIX.md and PREFIX.csv), e.g. {Path(text, 'table')}")
+    if prefix.suffix in (".md", ".csv"):
+        prefix = prefix.with_suffix("")
+    return prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".csv")
+
+
 def check_targets(targets: list[tuple[Path, str, str]], runs: Sequence[str | Path]) -> None:
     """Before any run is read: two outputs at one path, an output that is a folder or a run
     folder's own file, or one whose folder is missing, are one-line errors."""

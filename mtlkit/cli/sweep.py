@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import ConfigError, MtlkitError
+from ..errors import ConfigError, MtlkitError, prefixed
 from ..rundir import check_run_dir, precheck_new_run_dir
 
 
@@ -86,13 +86,15 @@ def _tag(overrides: list[str]) -> str:
     return re.sub(r"\.\.+", "_", re.sub(r"[^\w.+=-]+", "_", tag))
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: str | Path) -> None:
     """The table's files (``out``.md, ``out``.csv) can be written: not folders, and their
     folder exists or can be made (the sweep makes it once the runs are done)."""
-    for path in (out.with_suffix(".md"), out.with_suffix(".csv")):
+    from .compare import table_files
+
+    for path in table_files(out):
         if path.is_dir():
             raise ConfigError(f"--out {out}: {path} is a folder")
-    anc = Path(os.path.abspath(out.parent))
+    anc = Path(os.path.abspath(Path(out).parent))
     while not os.path.lexists(anc):
         anc = anc.parent
     if not anc.is_dir():
@@ -132,7 +134,7 @@ def plan_sweep(args: argparse.Namespace, runs_dir: Path) -> list[tuple[str, list
             plan.append((spec, list(args.set) + overrides, name, loaded))
     if errors:
         raise ConfigError("\n".join(errors))
-    _check_out(Path(args.out) if args.out else runs_dir / "sweep" / "compare")
+    _check_out(args.out if args.out else runs_dir / "sweep" / "compare")
     return plan
 
 
@@ -148,7 +150,11 @@ def sweep_command(args: argparse.Namespace) -> int:
         return 0
     finished = []
     for spec, sets, name, loaded in plan:
-        result = run_recipe(loaded, run_dir=runs_dir / "sweep" / name, quiet=args.quiet)
+        try:
+            result = run_recipe(loaded, run_dir=runs_dir / "sweep" / name, quiet=args.quiet)
+        except MtlkitError as exc:  # which combination failed (the finished ones were printed)
+            given = f"{spec}{''.join(' --grid ' + o for o in sets[len(args.set):])}"  # as the checks name it
+            raise prefixed(f"sweep run {name} ({given}): ", exc) from None
         print(f"run folder: {result.run_dir}")
         finished.append(result.run_dir)
     out = Path(args.out) if args.out else runs_dir / "sweep" / "compare"

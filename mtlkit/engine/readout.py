@@ -86,7 +86,7 @@ class StepValues:
             if first < len(rec["losses"]):
                 task = list(rec["losses"])[first]
                 error = (f"task '{task}': loss is {rec['losses'][task]} at epoch {rec['epoch']} step {rec['step']} "
-                         f"(global step {rec['global_step']}); the last good checkpoint is kept")
+                         f"(global step {rec['global_step']})")  # the trainer adds what is kept
                 return records[:n], stop, error
             first -= len(rec["losses"])
         raise AssertionError("unreachable: a bad flag beyond the pending losses")

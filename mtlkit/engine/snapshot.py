@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointError, TrainingError, os_reason
 from . import distributed as D
 from .checkpoint import (check_recipe, clean_checkpoints, load_checkpoint, remove_temp_files, rng_to_json,
                          save_checkpoint, set_rng_state)
@@ -36,8 +36,8 @@ def save_trainer(trainer: Trainer, stems: list[str], rng: dict[str, Any]) -> boo
     finite = torch.stack([torch.isfinite(p).all() for _, p in params]).tolist() if params else []
     if not all(finite):  # one read for all parameters; the name only when one is bad
         name = params[finite.index(False)][0]
-        raise TrainingError(f"weights became non-finite ('{name}') by global step {t.global_step}; "
-                            f"the last good checkpoint is kept")
+        raise TrainingError(f"weights became non-finite ('{name}') by global step {t.global_step}"
+                            f"{kept_note(t)}")
     rngs: list[Any] = [rng_to_json(rng)]
     if t.ctx.enabled:
         import torch.distributed as dist
@@ -60,8 +60,21 @@ def save_trainer(trainer: Trainer, stems: list[str], rng: dict[str, Any]) -> boo
         "best": t.best, "history": t.history, "elapsed": t.elapsed,
         "torch_version": torch.__version__, "scaler": t.precision.state(),
     }
-    save_checkpoint(t.run_dir / "checkpoints", tensors, meta, names=stems)  # one commit for all
+    try:
+        save_checkpoint(t.run_dir / "checkpoints", tensors, meta, names=stems)  # one commit for all
+    except OSError as exc:  # a full disk, a folder gone: the pointers still name the last whole one
+        raise CheckpointError(f"{t.run_dir / 'checkpoints'}: saving the checkpoint of global step "
+                              f"{t.global_step} failed ({os_reason(exc)}){kept_note(t)}") from None
     return True
+
+
+def kept_note(trainer: Trainer) -> str:
+    """The end of a failure's one-line error: the checkpoint a resume would start from."""
+    if trainer.run_dir is None:
+        return ""
+    if trainer._saved_at is None:
+        return "; no checkpoint had been saved yet"
+    return f"; the last good checkpoint (global step {trainer._saved_at[1]}) is kept"
 
 
 def restore_trainer(trainer: Trainer, path: str | os.PathLike) -> None:

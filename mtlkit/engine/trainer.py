@@ -66,7 +66,7 @@ from .runfiles import RunFiles
 from .sampling import (Seeds, Stream, collate_by_domain, loader_batches, seed_everything, set_data_epoch,
                        train_dataset)
 from .signals import StopSignals
-from .snapshot import restore_trainer, save_trainer
+from .snapshot import kept_note, restore_trainer, save_trainer
 from .stages import Stages
 from .step import TrainStep
 
@@ -308,7 +308,7 @@ class Trainer:
         self.files.log(records)
         if error is not None:
             self._torn = True  # the weights took the non-finite step: never save them
-            raise TrainingError(error)
+            raise TrainingError(error + kept_note(self))
         return records[-1]["losses"] if records else None
 
     def _weights_now(self) -> dict[str, float]:
