@@ -84,6 +84,9 @@ def scalar_mismatch(annotation: Any, value: Any) -> str | None:
         return None if str in leaves else f"expected {admits}, got the text {value!r}"
     if isinstance(value, (int, float)) and bool in leaves and not leaves & _NUMBERS:
         return f"expected {admits}, got the number {value!r}"  # lax mode reads 0 and 1 as false and true
+    if isinstance(value, int) and int in leaves and not -2 ** 63 <= value < 2 ** 63:
+        # TOML integers are unbounded; torch and numpy take seeds and sizes as 64-bit integers
+        return f"{value} is beyond a 64-bit integer (at most {2 ** 63 - 1})"
     return None
 
 

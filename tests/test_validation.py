@@ -368,3 +368,34 @@ def test_bad_param_after_a_switch_names_the_set(capsys):
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: --set weighting.params.temperature=3: [weighting.params] temperature: "
                                "unknown field"), lines[0]
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("data.params.seed=-1", "[data.params] seed: Input should be greater than or equal to 0"),
+    ("training.seed=99999999999999999999999", "[training] seed: 99999999999999999999999 is beyond a 64-bit integer"),
+    ("training.batch_size=9223372036854775808", "[training] batch_size: 9223372036854775808 is beyond a 64-bit"),
+    ("data.params.seed=9223372036854775808", "[data.params] seed: 9223372036854775808 is beyond a 64-bit integer"),
+])
+def test_seeds_and_sizes_torch_cannot_take_are_one_line(tmp_path, monkeypatch, capsys, setting, needle):
+    """TOML integers are unbounded and seeds were unchecked: numpy and torch failed deep inside."""
+    line = refused_alike(tmp_path, monkeypatch, capsys, ONE_TO_MANY, setting)
+    assert f"--set {setting}: {needle}" in line, line
+
+
+def test_every_seed_of_a_built_in_plugin_is_at_least_0():
+    """numpy's generators refuse negative seeds: each plugin's seed field says so up front."""
+    registry = get_registry()
+    seeds = {(kind, name) for kind in ("dataset", "weighting") for name in registry.names(kind)
+             if registry.get(kind, name).params is not None and "seed" in registry.get(kind, name).params.model_fields}
+    assert {("dataset", "nyuv2"), ("weighting", "pcgrad")} <= seeds
+    for kind, name in seeds:
+        with pytest.raises(ValidationError, match="greater than or equal to 0"):
+            registry.get(kind, name).params.model_validate({"seed": -1})
+
+
+def test_a_worker_count_far_beyond_the_cpus_is_refused(tmp_path, monkeypatch, capsys):
+    import os
+
+    many = 8 * (os.cpu_count() or 1) + 1
+    line = refused_alike(tmp_path, monkeypatch, capsys, ONE_TO_MANY, f"training.num_workers={many}")
+    assert f"training.num_workers = {many}: more than 8 loader processes per CPU" in line

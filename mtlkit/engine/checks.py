@@ -7,6 +7,7 @@ commands refuse the same recipes with the same messages.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +16,16 @@ from ..errors import ConfigError, DataError, did_you_mean
 from .config import TrainingConfig
 
 
+WORKERS_PER_CPU = 8  # well past any speed-up; beyond it a typo forks thousands of processes
+
+
 def check_data(tasks: Mapping[str, Task], train_data: Any, val_data: Any, cfg: TrainingConfig) -> None:
-    """Training data: non-empty; many-to-many domains are tasks; per-domain settings fit the data."""
+    """Training data: non-empty; many-to-many domains are tasks; per-domain settings fit the data;
+    a loader worker count this machine can run (each worker is a process)."""
+    cpus = os.cpu_count() or 1
+    if cfg.num_workers is not None and cfg.num_workers > WORKERS_PER_CPU * cpus:
+        raise ConfigError(f"training.num_workers = {cfg.num_workers}: more than {WORKERS_PER_CPU} loader processes "
+                          f"per CPU of this machine ({cpus} CPUs)")
     if isinstance(train_data, Mapping):
         if not train_data:
             raise ConfigError("train_data: no domains")

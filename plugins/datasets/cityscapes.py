@@ -56,7 +56,7 @@ class CityScapesParams(Params):
     augment: bool = False
     reference_disparity_scaling: bool = False
     limit: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
 
     @field_validator("targets")
     @classmethod

@@ -58,7 +58,7 @@ class NYUv2Params(Params):
     augment: bool = False
     limit: int | None = Field(None, ge=1, description="use only the first `limit` samples")
     num_classes: int = Field(13, ge=2)
-    seed: int | None = Field(None, description="None: global torch RNG; int: per-sample, per-epoch seeded augmentation")
+    seed: int | None = Field(None, ge=0, description="None: global torch RNG; int: per-sample, per-epoch seeded augmentation")
 
     @field_validator("targets")
     @classmethod

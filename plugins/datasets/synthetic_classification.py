@@ -30,7 +30,7 @@ class SyntheticClassificationParams(Params):
     num_colours: int = Field(4, ge=2, le=len(COLOURS))
     num_sizes: int = Field(3, ge=2, le=4)
     noise: float = Field(0.1, ge=0.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class SyntheticClassification(Dataset):

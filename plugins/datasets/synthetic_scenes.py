@@ -56,7 +56,7 @@ class SyntheticScenesParams(Params):
     num_val: int = Field(654, ge=1)
     num_classes: int = Field(13, ge=2, description="4 room classes + object classes (shape x colour family); "
                              "or 2: room structure (floor, wall, ceiling, picture) vs objects")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     noise: float = Field(0.02, ge=0.0, description="std of Gaussian pixel noise")
     targets: list[str] = Field(default_factory=lambda: list(TARGETS))
 

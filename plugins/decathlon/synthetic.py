@@ -68,7 +68,7 @@ def write_decathlon_layout(
     n_val: int,
     n_test: int,
     image_size: int = 72,
-    seed: int = 0,
+    seed: int = Field(0, ge=0),
     domains: list[str] | None = None,
     quality: int = 95,
 ) -> dict[str, dict[str, int]]:
@@ -133,7 +133,7 @@ class SyntheticDecathlonParams(Params):
     domain: DomainName = Field(..., description="one of the ten Decathlon domain names")
     size: int = Field(72, ge=16, description="image side in pixels")
     n: int = Field(256, ge=1, description="images per split")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class SyntheticDecathlon(Dataset):

@@ -41,7 +41,7 @@ from ._common import generator_state, require_tasks, set_generator_state
 
 class GradDropParams(Params):
     leak: float = Field(0.0, ge=0, le=1)  # the share of every gradient that always passes
-    seed: int = 0  # seeds the draws U (same on every DDP rank)
+    seed: int = Field(0, ge=0)  # seeds the draws U (same on every DDP rank)
 
 
 def sign_dropout(grads: torch.Tensor, signs: torch.Tensor, batch_sizes: list[int], sizes: list[int],

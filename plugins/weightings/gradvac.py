@@ -33,7 +33,7 @@ from ._common import GradTargetParams, check_grads, generator_state, gram, requi
 
 class GradVacParams(GradTargetParams):
     beta: float = Field(0.01, gt=0, le=1)  # EMA rate of the target cosines
-    seed: int = 0  # seeds the visiting order (same on every DDP rank)
+    seed: int = Field(0, ge=0)  # seeds the visiting order (same on every DDP rank)
 
 
 class GradVac(Weighting):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
@@ -27,7 +28,7 @@ from ._common import GradTargetParams, check_grads, generator_state, gram, requi
 
 class PCGradParams(GradTargetParams):
     reduction: Literal["sum", "mean"] = "sum"  # how the projected gradients are combined
-    seed: int = 0  # seeds the generator of the projection order (same on every DDP rank)
+    seed: int = Field(0, ge=0)  # seeds the generator of the projection order (same on every DDP rank)
 
 
 class PCGrad(Weighting):

@@ -12,6 +12,7 @@ stay tensors (the log reads them with the losses, once per interval).
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from mtlkit.contracts import Weighting
 from mtlkit.hookspecs import hookimpl
@@ -29,7 +30,7 @@ def scalar_times(weight: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
 
 
 class RLWParams(Params):
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class RLW(Weighting):
