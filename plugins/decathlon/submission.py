@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtlkit.errors import ConfigError, DataError, did_you_mean
+from mtlkit.errors import ConfigError, DataError, did_you_mean, os_reason
 
-from mtlkit.atomic import atomic_write
+from mtlkit.atomic import atomic_write, remove_quietly
 from mtlkit.hookspecs import hookimpl
+from mtlkit.rundir import RUN_FOLDER_ENTRIES
 
 from .domains import DOMAINS, TEST_SIZES, default_category_offsets
 
@@ -61,9 +63,71 @@ def write_submission(
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(SUBMISSION_MEMBER, data)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, write)
+    made = _missing_folders(out.parent)  # deepest first
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, write)  # removes its temp file when it fails
+    except OSError as exc:
+        for folder in made:  # a failed write leaves no folder it made either
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise DataError(f"{out}: cannot write the submission zip ({os_reason(exc)})") from None
     return out
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+# what submit may replace in the run folder: its own earlier submission (the default --out)
+_REPLACEABLE = "submission.zip"
+
+
+def check_submission_out(run: str | os.PathLike, out: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before anything is predicted, a zip path ``out`` that would replace one of the
+    run folder's own files (recipe.toml, results.json, ...) or write under its checkpoints/
+    (symlinks and '..' resolved; RUN/submission.zip, the default, is allowed), that is a
+    folder, whose parent is a file, or whose folder cannot be created or written."""
+    out = Path(out)
+    real_run = Path(os.path.realpath(run))
+    for real in {Path(os.path.realpath(out)), Path(os.path.realpath(out.parent)) / out.name}:
+        try:
+            rel = real.relative_to(real_run)
+        except ValueError:
+            continue
+        if not rel.parts:
+            raise ConfigError(f"{flag} {out}: that is the run folder {run} itself; give the zip file's path")
+        first = rel.parts[0].casefold()
+        if first in RUN_FOLDER_ENTRIES and first != _REPLACEABLE:
+            what = (f"the run folder's own {rel.parts[0]}" if len(rel.parts) == 1 else
+                    f"inside the run folder's {rel.parts[0]}/")
+            raise ConfigError(f"{flag} {out}: that is {what} ({run}); refusing to overwrite the run, give a "
+                              f"path outside it (default: {Path(run) / _REPLACEABLE})")
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out}: is a folder; give the path of the zip file to write")
+    anc = Path(os.path.abspath(out.parent))
+    while not os.path.lexists(anc) and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{flag} {out}: cannot write there, {anc} is a file")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise DataError(f"{flag} {out}: cannot write there, {anc} is not writable")
+    try:  # what os.access cannot tell (root, a read-only mount, /proc): try it
+        if anc == Path(os.path.abspath(out.parent)):
+            fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=anc)
+            os.close(fd)
+            remove_quietly(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".submit-probe.", suffix=".tmp", dir=anc))
+    except OSError as exc:
+        raise DataError(f"{flag} {out}: cannot write in {anc} ({os_reason(exc)})") from None
 
 
 def predict_domain(model, dataset, domain: str, batch_size: int = 64) -> list[tuple[int, int]]:
@@ -127,10 +191,11 @@ def write_results(run, split: str, out_dir: Path) -> list[Path]:
 
 def submit_run(run: Path, out: Path, checkpoint: str = "best") -> dict[str, int]:
     """Predict the test split of every domain of the run's recipe with its ``checkpoint``
-    (``best``, else ``last``) and write the submission zip ``out``; returns the number of
-    predictions per domain."""
+    (``best``, else ``last``) and write the submission zip ``out`` (checked first, see
+    :func:`check_submission_out`); returns the number of predictions per domain."""
     from mtlkit.loaded_run import load_run
 
+    check_submission_out(run, out)  # before the run is loaded and predicted
     predictions, offsets = split_predictions(load_run(run, checkpoint), "test")
     write_submission(predictions, offsets, out)
     return {domain: len(rows) for domain, rows in predictions.items()}
