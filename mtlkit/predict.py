@@ -2,7 +2,8 @@
 
 :func:`predict_files` loads the run's best (else last) checkpoint (:func:`mtlkit.loaded_run.load_run`),
 reads every input first (an unreadable one is a one-line error before anything is
-written), and writes per input ``NAME``:
+written), refuses output files that already exist (unless ``overwrite``), and writes per
+input ``NAME``:
 
 - ``NAME.safetensors``: each task's raw output at the input's own size (class scores,
   depth, normals, as the task's activation gives them);
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,48 +37,7 @@ from .atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from .contracts import apply_activation
 from .errors import ConfigError, DataError, PluginError, did_you_mean, os_reason
 from .loaded_run import LoadedRun, load_run
-
-NPY = ".npy"
-
-
-# -- inputs ----------------------------------------------------------------------------------
-def read_input(path: str | os.PathLike) -> torch.Tensor:
-    """An image file (PNG, JPEG, ... through PIL) or a ``.npy`` array (H x W, H x W x 3 or
-    3 x H x W; floats in [0, 1] or uint8) as a 3 x H x W float tensor in [0, 1]."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: input {'is not a file' if p.exists() else 'file does not exist'}")
-    if p.suffix.lower() == NPY:
-        try:
-            a = np.load(p, allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001 - truncated, pickled, not an .npy
-            raise DataError(f"{p}: cannot read as .npy ({type(exc).__name__}: {exc})") from None
-        if a.size == 0:
-            raise DataError(f"{p}: the input array is empty (shape {a.shape})")
-        if a.ndim == 2:
-            a = np.repeat(a[:, :, None], 3, axis=2)
-        elif a.ndim == 3 and a.shape[0] == 3 and a.shape[2] != 3:
-            a = a.transpose(1, 2, 0)
-        if a.ndim != 3 or a.shape[2] != 3:
-            raise DataError(f"{p}: an input array must be H x W, H x W x 3 or 3 x H x W, got shape {a.shape}")
-        if a.dtype == np.uint8:
-            a = a / 255.0
-        elif not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
-            raise DataError(f"{p}: an input array must hold finite floats in [0, 1] or uint8, got {a.dtype}")
-        elif a.min() < 0 or a.max() > 1:
-            raise DataError(f"{p}: an input array of floats must lie in [0, 1], got [{a.min():.4g}, {a.max():.4g}]")
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(p) as im:
-            a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{p}: cannot read as an image ({type(exc).__name__}: {exc})") from None
-    if a.size == 0:
-        raise DataError(f"{p}: the image is empty ({a.shape[1]} x {a.shape[0]} pixels)")
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-
+from .predict_inputs import read_input
 
 # -- running the model -----------------------------------------------------------------------
 @dataclass
@@ -198,13 +157,22 @@ def _stems(inputs: Sequence[Path]) -> list[str]:
     return out
 
 
-def _refuse_inputs_as_outputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
-    """An output file that is one of the inputs would replace it: refused before any write."""
+def _refuse_overwrites(inputs: Sequence[Path], outputs: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
+    """Before any prediction: an output path that is an input or a folder is refused, and one
+    that exists unless ``overwrite``."""
     real = {os.path.realpath(p): p for p in inputs}
     for o in outputs:
         if os.path.realpath(o) in real:
             raise DataError(f"{real[os.path.realpath(o)]}: predict would overwrite this input with its output "
                             f"{o}; choose another --out folder")
+        if o.is_dir():
+            raise DataError(f"{o}: a folder lies at this output's path; choose another --out folder")
+    existing = [o for o in outputs if os.path.lexists(o)]
+    if existing and not overwrite:
+        n = len(existing)
+        many = f"{n} output {'file already exists' if n == 1 else 'files already exist'} in {out_dir}"
+        raise DataError(f"{existing[0]}: already exists ({many}); pass --overwrite to replace "
+                        f"{'it' if n == 1 else 'them'}, or choose another --out folder")
 
 
 def _check_out(out: Path) -> None:
@@ -216,15 +184,17 @@ def _check_out(out: Path) -> None:
 
 
 def predict_files(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                  which: str = "best", tile: bool = False) -> list[Path]:
-    """Predict every input with the run's model; returns the files written (see the module)."""
+                  which: str = "best", tile: bool = False, overwrite: bool = False) -> list[Path]:
+    """Predict every input with the run's model; returns the files written (see the module).
+    An output file that exists is refused, before anything is computed, unless ``overwrite``."""
     paths = [Path(p) for p in inputs]
     if not paths:
         raise ConfigError("predict: give at least one input file (or --split)")
     out_dir = Path(out)
     _check_out(out_dir)
     stems = _stems(paths)
-    _refuse_inputs_as_outputs(paths, [out_dir / f"{s}{ext}" for s in stems for ext in OUTPUTS])
+    outputs = [out_dir / f"{s}{ext}" for s in stems for ext in OUTPUTS]  # in writing order
+    _refuse_overwrites(paths, outputs, out_dir, overwrite)
     run = load_run(run_dir, which)
     ckpts = Path(os.path.realpath(Path(run.run_dir) / "checkpoints"))
     if ckpts == Path(os.path.realpath(out_dir)) or ckpts in Path(os.path.realpath(out_dir)).parents:

@@ -22,6 +22,8 @@ def _configure_predict(p: argparse.ArgumentParser) -> None:
                    help="best (else last, the default) or last")
     p.add_argument("--tile", action="store_true",
                    help="cut dense inputs into tiles of the training size instead of resizing them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that already exist in --out (default: refuse, writing nothing)")
     p.add_argument("--split", metavar="SPLIT",
                    help="instead of INPUTs: the data set's official results file for this whole split")
 
@@ -33,9 +35,12 @@ def predict_command(args: argparse.Namespace) -> int:
     if args.split is not None:
         if args.inputs:
             raise ConfigError("predict: give INPUT files or --split, not both")
+        if args.overwrite:
+            raise ConfigError("predict: --overwrite is for INPUT files; --split replaces its results file anyway")
         written = predict_split(args.run, args.split, args.out, which=args.checkpoint)
     else:
-        written = predict_files(args.run, args.inputs, args.out, which=args.checkpoint, tile=args.tile)
+        written = predict_files(args.run, args.inputs, args.out, which=args.checkpoint, tile=args.tile,
+                                overwrite=args.overwrite)
     for path in written:
         print(path)
     return 0
