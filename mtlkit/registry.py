@@ -199,6 +199,13 @@ class Component:
         except (ValueError, TypeError) as exc:
             table = where or _TABLES.get(self.kind) or self.kind
             raise ConfigError(f"[{table}] {self.kind} '{self.name}': {exc}") from exc
+        except (MemoryError, RuntimeError) as exc:  # sizes beyond the machine: torch's allocator says so
+            if not isinstance(exc, MemoryError) and "alloc" not in str(exc):
+                raise
+            table = where or _TABLES.get(self.kind) or self.kind
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"[{table}] {self.kind} '{self.name}': too large to build on this machine "
+                              f"({first})") from exc
         if self.kind == "head" and "task" in context:
             from .contracts import attach_output_activation
 

@@ -399,3 +399,9 @@ def test_a_worker_count_far_beyond_the_cpus_is_refused(tmp_path, monkeypatch, ca
     many = 8 * (os.cpu_count() or 1) + 1
     line = refused_alike(tmp_path, monkeypatch, capsys, ONE_TO_MANY, f"training.num_workers={many}")
     assert f"training.num_workers = {many}: more than 8 loader processes per CPU" in line
+
+
+def test_a_model_too_large_for_the_machine_is_one_line(tmp_path, monkeypatch, capsys):
+    """36 TB of weights: the allocator's error names the plugin and its table, no traceback."""
+    line = refused_alike(tmp_path, monkeypatch, capsys, ONE_TO_MANY, "model.backbone.params.widths=[1000000, 1000000]")
+    assert "[model.backbone] backbone 'small_cnn': too large to build on this machine (" in line, line
