@@ -5,7 +5,6 @@ inputs that are no .npy file, hold Python objects or hold NaN/inf each get their
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 from mtlkit.cli import main
 from mtlkit.testing import TINY_CLASSIFICATION_RECIPE
-from test_cli_bad_input import one_line_error
+from test_bad_input_outputs import refused
 
 USER = b"the user's own file, not a prediction\n"
 
@@ -39,19 +38,6 @@ def work(tmp_path, monkeypatch) -> Path:
     image.save("photos/cat.jpg")
     image.save("in/dog.png")
     return tmp_path
-
-
-def digest(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (hidden temp files included) and its content."""
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, args, *needles: str, folder: Path) -> str:
-    before = digest(folder)
-    line = one_line_error(capsys, args, *needles)
-    assert digest(folder) == before, "the command wrote, changed or removed files"
-    return line
 
 
 # -- outputs that already exist ------------------------------------------------------------------
