@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from pathlib import Path
 
-from .errors import ConfigError
+from .delta_m import NOT_METRICS
+from .errors import ConfigError, MtlkitError
+from .rundir import read_results
 
 
 def resolve_baselines(baselines: dict, recipe_path: Path | None) -> dict[str, dict[str, float]]:
@@ -28,15 +31,27 @@ def resolve_baselines(baselines: dict, recipe_path: Path | None) -> dict[str, di
         results = path / "results.json" if path.is_dir() else path
         if not results.is_file():
             raise ConfigError(f"[baselines] {task}: '{spec}' is not a run folder with a results.json")
-        try:
-            data = json.loads(results.read_text())
-            table = (data.get("last_n_mean") or {}).get("metrics") or data.get("final") or {}
-        except (json.JSONDecodeError, AttributeError):
-            raise ConfigError(f"[baselines] {task}: {results} is not a results.json") from None
-        if task not in table:
-            raise ConfigError(f"[baselines] {task}: {results} has no results for task '{task}'")
-        out[task] = table[task]
+        out[task] = baseline_from(results, task)
     return out
+
+
+def baseline_from(results: Path, task: str) -> dict[str, float]:
+    """``task``'s metrics in a results.json: the mean of its last n evaluations if recorded,
+    else its final one; each metric Delta_m uses must be a finite number."""
+    try:
+        data = read_results(results)  # the one reader: not UTF-8, not JSON, not a results table
+    except MtlkitError as exc:
+        raise ConfigError(f"[baselines] {task}: {exc}") from None
+    field, table = "final", data.get("final") or {}
+    if (data.get("last_n_mean") or {}).get("metrics"):
+        field, table = "last_n_mean.metrics", data["last_n_mean"]["metrics"]
+    if task not in table:
+        raise ConfigError(f"[baselines] {task}: {results} has no results for task '{task}'")
+    for metric, value in table[task].items():
+        if metric not in NOT_METRICS and (value is None or not math.isfinite(value)):
+            raise ConfigError(f"[baselines] {task}: {results}: field '{field}.{task}.{metric}' is "
+                              f"{json.dumps(value)}, not a finite number")
+    return table[task]
 
 
 def init_from(model, spec) -> None:

@@ -136,6 +136,17 @@ def check_run_dir(path: Path) -> Path:
     return path
 
 
+def check_run_files(run: Path) -> None:
+    """Refuse a run folder whose recipe.toml, log.jsonl or results.json is there but is not
+    a regular file (a folder, a broken link): a run rewrites or appends to them, and would
+    fail only at that write, after the run folder was changed."""
+    for name in ("recipe.toml", "log.jsonl", "results.json"):
+        p = run / name
+        if os.path.lexists(p) and not p.is_file():
+            kind = "a folder" if p.is_dir() else "a broken link" if p.is_symlink() else "not a file"
+            raise CheckpointError(f"{p}: not a regular file ({kind}); the run writes its {name} there")
+
+
 def is_rank_zero() -> bool:
     """Rank 0 of a torchrun job (or a single process): the one that writes run folders."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -246,7 +257,60 @@ def check_record(rec: Any) -> str | None:
         metrics = rec.get("metrics")
         if not isinstance(metrics, dict):
             return "an 'eval' record needs field 'metrics', an object {task: {metric: number}}"
-        for task, values in metrics.items():
-            if not isinstance(values, dict) or not all(_number(v) or v is None for v in values.values()):
-                return f"field 'metrics.{task}' must map metric names to numbers, got {json.dumps(values)[:40]}"
+        return table_problem(metrics, "metrics")
+    return None
+
+
+def table_problem(table: Any, field: str) -> str | None:
+    """What is wrong with the metrics table in ``field`` (of a log record or results.json),
+    or None: a JSON object mapping each task to {metric: number or null}."""
+    if not isinstance(table, dict):
+        return f"field '{field}' must be a table {{task: {{metric: number}}}}, got {json.dumps(table)[:40]}"
+    for task, values in table.items():
+        if not isinstance(values, dict) or not all(_number(v) or v is None for v in values.values()):
+            return f"field '{field}.{task}' must map metric names to numbers, got {json.dumps(values)[:40]}"
+    return None
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A run's ``results.json`` (the one reader), checked to have the shape its readers rely
+    on (:func:`results_problem`); anything else is one line naming the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {os_reason(exc)}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from None
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not JSON (nested too deeply)") from None
+    problem = results_problem(results)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return results
+
+
+def results_problem(results: Any) -> str | None:
+    """What is wrong with a results.json's content, or None: a JSON object whose
+    ``epochs_done`` and ``global_step`` are integers, whose ``final`` (null before the first
+    evaluation) and ``last_n_mean.metrics`` are metrics tables (:func:`table_problem`)."""
+    if not isinstance(results, dict):
+        return f"a results table must be a JSON object, got {type(results).__name__} {json.dumps(results)[:40]}"
+    for key in ("epochs_done", "global_step"):
+        if key in results and (not isinstance(results[key], int) or isinstance(results[key], bool)):
+            return f"field '{key}' must be an integer, got {json.dumps(results[key])[:40]}"
+    if results.get("final") is not None:
+        problem = table_problem(results["final"], "final")
+        if problem:
+            return problem
+    last = results.get("last_n_mean")
+    if last is not None:
+        if not isinstance(last, dict) or "metrics" not in last:
+            return f"field 'last_n_mean' must be an object {{n, metrics}}, got {json.dumps(last)[:40]}"
+        return table_problem(last["metrics"], "last_n_mean.metrics")
     return None

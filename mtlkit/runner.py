@@ -20,7 +20,6 @@ its first checkpoint, so a folder under ``runs/`` is always a run that can be re
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from .errors import CheckpointError, ConfigError
-from .rundir import (agree_on_run_dir, check_run_dir, create_run_dir, discard_unfinished,
-                     is_rank_zero, new_run_dir, pin_for_run_folder, precheck_new_run_dir, run_name,
-                     write_text_file)
+from .rundir import (agree_on_run_dir, check_run_dir, check_run_files, create_run_dir, discard_unfinished,
+                     is_rank_zero, new_run_dir, pin_for_run_folder, precheck_new_run_dir, read_results,
+                     run_name, write_text_file)
 
 if TYPE_CHECKING:  # the engine imports torch: only when a run is built
     from .engine import Trainer
@@ -52,7 +51,7 @@ class RunResult:
     def results(self) -> dict[str, Any] | None:
         """The run's ``results.json`` (written by rank 0), or None where there is none."""
         path = self.run_dir / "results.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return read_results(path) if path.is_file() else None
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -224,12 +223,24 @@ def _load(recipe: RecipeLike, overrides: list[str], synthetic: bool, resume: str
     meta, meta_path = checkpoint_meta(resume_dir)  # missing, truncated or foreign: refused
     loaded = load_recipe(resume_dir / "recipe.toml", overrides=overrides, loggers=loggers)
     check_recipe(meta, recipe_sha256(recipe_identity(loaded.resolved)), str(meta_path))
+    check_epochs(meta, loaded.recipe.training.epochs, meta_path)
     check_writable(resume_dir)
     return loaded, resume_dir
 
 
+def check_epochs(meta: dict, epochs: int, meta_path: Path) -> None:
+    """A resume may extend ``training.epochs`` (or keep it), never cut it below the epochs
+    its checkpoint has already trained (the recipe.toml would then disagree with the run)."""
+    done = meta.get("epoch")
+    if isinstance(done, int) and not isinstance(done, bool) and epochs < done:
+        raise ConfigError(f"{meta_path}: training.epochs = {epochs}: the run has already trained {done} "
+                          f"epochs; give {done} or more")
+
+
 def check_writable(run: Path) -> None:
-    """A resumed run replaces files in the run and checkpoints folders and appends to the log."""
+    """A resumed run replaces files in the run and checkpoints folders and appends to the
+    log: each must be what it should be (:func:`~mtlkit.rundir.check_run_files`) and writable."""
+    check_run_files(run)
     for p in (run, run / "checkpoints", run / "log.jsonl"):
         if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
             raise CheckpointError(f"{p}: not writable (resuming writes checkpoints and logs there)")

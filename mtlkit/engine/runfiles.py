@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..rundir import read_log
+from ..rundir import check_run_files, read_log
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .loggers import Logger, LoggerSet, Position, kept, named_loggers
 
@@ -60,7 +60,10 @@ class RunFiles:
         self.run_dir, self.writes = run_dir, writes
         # a log this run will continue (a resume) is read and checked now, before anything in
         # the run folder is written (a damaged line is one error naming it, the folder as it
-        # was); the records are kept for the rewrite at open, so the log is read once
+        # was); the records are kept for the rewrite at open, so the log is read once. A log
+        # or results.json that is there but no regular file (a folder) is refused now too.
+        if writes and run_dir is not None:
+            check_run_files(run_dir)
         earlier = read_log(run_dir) if writes and run_dir is not None and (run_dir / "log.jsonl").is_file() else None
         self.run_log = JsonlLog(earlier)
         # a jsonl logger from the recipe is this same log: one file, written once
