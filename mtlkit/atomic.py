@@ -110,6 +110,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a temp file in ``folder``: what ``os.access`` cannot tell (running as
+    root, a read-only mount, /proc). Raises the OSError."""
+    fd, name = tempfile.mkstemp(prefix=".mtlkit-probe.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    remove_quietly(name)
+
+
 def remove_quietly(path: str | os.PathLike) -> None:
     try:
         os.remove(path)

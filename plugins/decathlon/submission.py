@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 from mtlkit.errors import ConfigError, DataError, did_you_mean, os_reason
 
-from mtlkit.atomic import atomic_write, remove_quietly
+from mtlkit.atomic import atomic_write, probe_writable
 from mtlkit.hookspecs import hookimpl
 from mtlkit.rundir import RUN_FOLDER_ENTRIES
 
@@ -120,12 +119,7 @@ def check_submission_out(run: str | os.PathLike, out: str | os.PathLike, flag: s
     if not os.access(anc, os.W_OK | os.X_OK):
         raise DataError(f"{flag} {out}: cannot write there, {anc} is not writable")
     try:  # what os.access cannot tell (root, a read-only mount, /proc): try it
-        if anc == Path(os.path.abspath(out.parent)):
-            fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=anc)
-            os.close(fd)
-            remove_quietly(probe)
-        else:
-            os.rmdir(tempfile.mkdtemp(prefix=".submit-probe.", suffix=".tmp", dir=anc))
+        probe_writable(anc)
     except OSError as exc:
         raise DataError(f"{flag} {out}: cannot write in {anc} ({os_reason(exc)})") from None
 

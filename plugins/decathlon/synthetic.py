@@ -68,7 +68,7 @@ def write_decathlon_layout(
     n_val: int,
     n_test: int,
     image_size: int = 72,
-    seed: int = Field(0, ge=0),
+    seed: int = 0,
     domains: list[str] | None = None,
     quality: int = 95,
 ) -> dict[str, dict[str, int]]:
