@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from .contracts import apply_activation
 from .errors import ConfigError, DataError, PluginError, did_you_mean, os_reason
+from .fsprobe import creation_obstacle, topmost_missing
 from .loaded_run import LoadedRun, load_run
 from .predict_inputs import read_input
 
@@ -178,9 +179,9 @@ def _refuse_overwrites(inputs: Sequence[Path], outputs: Sequence[Path], out_dir:
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: the output folder is a file")
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DataError(f"{out}: cannot write there ({probe} is not writable)")
+    obstacle = creation_obstacle(out)
+    if obstacle is not None:
+        raise DataError(f"{out}: cannot write there ({obstacle})")
 
 
 def predict_files(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -220,11 +221,7 @@ OUTPUTS = (".safetensors", ".png", ".top5.json")
 
 def _make_out(out_dir: Path) -> Path | None:
     """Create ``out_dir``; return the top-most folder this created (None: it existed)."""
-    if out_dir.is_dir():
-        return None
-    top = Path(os.path.abspath(out_dir))
-    while not os.path.lexists(top.parent):
-        top = top.parent
+    top = topmost_missing(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

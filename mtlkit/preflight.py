@@ -85,7 +85,8 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
             if len(errors) == n:
                 attempt(check_samples, tasks, train, val, prefix=trainer)
             if len(errors) == n:
-                attempt(read_first_samples, train, val)
+                # check_parts (probe) runs the model on the first training sample: read it once
+                attempt(read_first_samples, None if probe and not meta else train, val)
     device = attempt(lambda: resolve_device(recipe.training.device, env_world()[2]), prefix=trainer)
     if weighting is not None:
         attempt(check_precision, weighting, recipe.training.precision, prefix=trainer)

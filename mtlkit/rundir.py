@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, ConfigError, DataError, os_reason
+from .fsprobe import creation_obstacle, topmost_missing
 from .atomic import atomic_write_text  # noqa: F401  (re-exported: the one atomic writer)
 
 # What mtlkit itself writes in a run folder: a logger's file or folder, or a compare table,
@@ -90,13 +91,6 @@ def pin_for_run_folder(loaded) -> None:
         loaded.resolved["name"] = loaded.name
 
 
-def _first_existing(path: Path) -> Path:
-    p = Path(os.path.abspath(path))
-    while not os.path.lexists(p):
-        p = p.parent
-    return p
-
-
 def precheck_new_run_dir(path: Path) -> None:
     """Refuse, before anything is built, a run folder that cannot be made (cheap checks
     only: creating the folder is left until the run is known to start)."""
@@ -104,19 +98,15 @@ def precheck_new_run_dir(path: Path) -> None:
         kind = "folder" if path.is_dir() else "file"
         raise CheckpointError(f"run folder {path}: a {kind} of that name already exists "
                               f"(choose a new --run-dir, or --resume a run folder)")
-    anc = _first_existing(path)
-    if not anc.is_dir():
-        raise CheckpointError(f"run folder {path}: cannot be created, {anc} is a file")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise CheckpointError(f"run folder {path}: cannot be created, {anc} is not writable")
+    obstacle = creation_obstacle(path)
+    if obstacle is not None:
+        raise CheckpointError(f"run folder {path}: cannot be created, {obstacle}")
 
 
 def create_run_dir(path: Path) -> Path:
     """Make ``path`` (and missing parents); return the top-most folder this created, which
     :func:`discard_unfinished` removes again if the run never saves a checkpoint."""
-    top = Path(os.path.abspath(path))
-    while not os.path.lexists(top.parent):
-        top = top.parent
+    top = topmost_missing(path)
     try:
         path.mkdir(parents=True, exist_ok=False)
     except FileExistsError:

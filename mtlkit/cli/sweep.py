@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
 from pathlib import Path
 
 from ..errors import ConfigError, MtlkitError, prefixed
+from ..fsprobe import creation_obstacle
 from ..rundir import check_run_dir, precheck_new_run_dir
 
 
@@ -94,13 +94,9 @@ def _check_out(out: str | Path) -> None:
     for path in table_files(out):
         if path.is_dir():
             raise ConfigError(f"--out {out}: {path} is a folder")
-    anc = Path(os.path.abspath(Path(out).parent))
-    while not os.path.lexists(anc):
-        anc = anc.parent
-    if not anc.is_dir():
-        raise ConfigError(f"--out {out}: cannot write there, {anc} is a file")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot write there, {anc} is not writable")
+    obstacle = creation_obstacle(Path(out).parent)
+    if obstacle is not None:
+        raise ConfigError(f"--out {out}: cannot write there, {obstacle}")
 
 
 def plan_sweep(args: argparse.Namespace, runs_dir: Path) -> list[tuple[str, list[str], str, object]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from mtlkit.errors import ConfigError, DataError, did_you_mean, os_reason
 
 from mtlkit.atomic import atomic_write, probe_writable
 from mtlkit.hookspecs import hookimpl
+from mtlkit.fsprobe import creation_obstacle, nearest_existing, topmost_missing
 from mtlkit.rundir import RUN_FOLDER_ENTRIES
 
 from .domains import DOMAINS, TEST_SIZES, default_category_offsets
@@ -62,27 +64,15 @@ def write_submission(
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(SUBMISSION_MEMBER, data)
 
-    made = _missing_folders(out.parent)  # deepest first
+    made = topmost_missing(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, write)  # removes its temp file when it fails
     except OSError as exc:
-        for folder in made:  # a failed write leaves no folder it made either
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        if made is not None:  # a failed write leaves no folder it made either
+            shutil.rmtree(made, ignore_errors=True)
         raise DataError(f"{out}: cannot write the submission zip ({os_reason(exc)})") from None
     return out
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and its parents that do not exist yet, deepest first."""
-    missing = []
-    while not os.path.lexists(folder) and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
 
 
 # what submit may replace in the run folder: its own earlier submission (the default --out)
@@ -111,13 +101,10 @@ def check_submission_out(run: str | os.PathLike, out: str | os.PathLike, flag: s
                               f"path outside it (default: {Path(run) / _REPLACEABLE})")
     if out.is_dir():
         raise ConfigError(f"{flag} {out}: is a folder; give the path of the zip file to write")
-    anc = Path(os.path.abspath(out.parent))
-    while not os.path.lexists(anc) and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise ConfigError(f"{flag} {out}: cannot write there, {anc} is a file")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise DataError(f"{flag} {out}: cannot write there, {anc} is not writable")
+    obstacle = creation_obstacle(out.parent)
+    if obstacle is not None:
+        raise ConfigError(f"{flag} {out}: cannot write there, {obstacle}")
+    anc = nearest_existing(out.parent)
     try:  # what os.access cannot tell (root, a read-only mount, /proc): try it
         probe_writable(anc)
     except OSError as exc:
