@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from .delta_m import NOT_METRICS
-from .errors import ConfigError, MtlkitError
+from .errors import ConfigError, MtlkitError, did_you_mean
 from .rundir import read_results
 
 
@@ -52,6 +52,26 @@ def baseline_from(results: Path, task: str) -> dict[str, float]:
             raise ConfigError(f"[baselines] {task}: {results}: field '{field}.{task}.{metric}' is "
                               f"{json.dumps(value)}, not a finite number")
     return table[task]
+
+
+def check_baselines(baselines: dict[str, dict[str, float]], tasks: dict) -> None:
+    """Each baseline is one Delta_m can use: at least one metric besides the loss, each
+    metric one its task's evaluation reports (its metric state's ``higher_is_better``), each
+    value a usable divisor. Delta_m itself would refuse these only after the first epoch."""
+    for task, table in baselines.items():
+        if task not in tasks:
+            continue  # the Trainer's own check names it
+        known = list(tasks[task].metrics().higher_is_better)
+        metrics = {m: v for m, v in table.items() if m not in NOT_METRICS}
+        if not metrics:
+            raise ConfigError(f"[baselines] {task}: no metric besides {', '.join(sorted(NOT_METRICS))} "
+                              f"(task '{task}' reports: {', '.join(known)})")
+        for metric, value in metrics.items():
+            if known and metric not in known:
+                raise ConfigError(f"[baselines] {task}: '{metric}' is not a metric of task '{task}'"
+                                  f"{did_you_mean(metric, known)} (it reports: {', '.join(known)})")
+            if value == 0:
+                raise ConfigError(f"[baselines] {task}: {metric} = 0 cannot be a baseline (Delta_m divides by it)")
 
 
 def init_from(model, spec) -> None:

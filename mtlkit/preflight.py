@@ -12,7 +12,7 @@ import torch
 
 from .build import (Parts, build_data, build_loggers, build_model, build_weighting, check_parts,
                     sample_keeping_rng)
-from .earlier_runs import init_from, resolve_baselines
+from .earlier_runs import check_baselines, init_from, resolve_baselines
 from .engine.checks import check_best_metric, check_data, check_precision, check_samples, check_weighting
 from .engine.distributed import env_world, launched, resolve_device
 from .engine.graph_step import wants_graphs
@@ -94,6 +94,8 @@ def prepare(loaded: LoadedRecipe, meta: bool = False, init: bool = True,
             attempt(wants_graphs, resolve_auto(recipe.training, device), weighting, device, launched(),
                     recipe.many_to_many, prefix=trainer)
     baselines = attempt(resolve_baselines, recipe.baselines, loaded.path)
+    if baselines and tasks is not None:
+        attempt(check_baselines, baselines, tasks)
     loggers = attempt(build_loggers, recipe, prefix=f"{where} ")
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigError("\n".join(str(e) for e in errors))

@@ -405,3 +405,15 @@ def test_a_model_too_large_for_the_machine_is_one_line(tmp_path, monkeypatch, ca
     """36 TB of weights: the allocator's error names the plugin and its table, no traceback."""
     line = refused_alike(tmp_path, monkeypatch, capsys, ONE_TO_MANY, "model.backbone.params.widths=[1000000, 1000000]")
     assert "[model.backbone] backbone 'small_cnn': too large to build on this machine (" in line, line
+
+
+@pytest.mark.parametrize("table, needle", [
+    ("{nosuch = 1.0}", "[baselines] shape: 'nosuch' is not a metric of task 'shape' (it reports: accuracy, loss)"),
+    ("{acuracy = 50.0}", "'acuracy' is not a metric of task 'shape', did you mean 'accuracy'?"),
+    ("{accuracy = 0.0}", "[baselines] shape: accuracy = 0 cannot be a baseline (Delta_m divides by it)"),
+    ("{loss = 1.0}", "[baselines] shape: no metric besides loss (task 'shape' reports: accuracy, loss)"),
+])
+def test_a_baseline_delta_m_cannot_use_is_refused_before_training(tmp_path, monkeypatch, capsys, table, needle):
+    """Delta_m refused these only after the first epoch, once a run folder was written."""
+    line = refused_alike(tmp_path, monkeypatch, capsys, ONE_TO_MANY, f"baselines.shape={table}")
+    assert needle in line, line
